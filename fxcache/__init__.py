@@ -1,0 +1,58 @@
+"""fxcache: caching for diffusion transformers, done at compile time.
+
+Example::
+
+    import fxcache
+    from fxcache.passes import FirstBlockCache
+
+    pipe.transformer = fxcache.transform(pipe.transformer, passes=[FirstBlockCache(threshold=0.08)])
+    image = pipe(prompt, num_inference_steps=28).images[0]
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .capture import CaptureError
+from .passes.base import CachePass, ConfigError
+from .regions import RegionError
+from .runtime import CachedModel
+
+__all__ = ["CachedModel", "CaptureError", "ConfigError", "RegionError", "transform"]
+__version__ = "0.1.0"
+
+
+def transform(model: torch.nn.Module, passes: Sequence[CachePass], *, backend: str | Callable = "inductor",
+              mode: str | None = None, options: dict | None = None, scheduler=None) -> CachedModel:
+    """Apply caching ``passes`` to a denoiser and compile it; the module itself is not modified.
+
+    ``backend``, ``mode`` and ``options`` mean what they mean in ``torch.compile``. ``scheduler`` (a
+    diffusers scheduler, e.g. ``pipe.scheduler``) tells the step index and timesteps without a
+    device->host sync. The graph is captured on the first call of each input signature.
+
+    Example::
+
+        cached = fxcache.transform(transformer, passes=[FirstBlockCache(threshold=0.08)],
+                                   backend="eager")
+        with cached.cache_context("cond"):
+            out = cached(hidden_states=x, encoder_hidden_states=c, timestep=t, return_dict=False)
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"transform() takes an nn.Module, got {type(model).__name__}")
+    if isinstance(model, CachedModel):
+        raise TypeError("this module is already transformed; transform its .original with all passes at once")
+    passes = list(passes) if not isinstance(passes, CachePass) else [passes]
+    if not passes:
+        raise ValueError("transform() needs at least one pass, e.g. passes=[FirstBlockCache()]")
+    for p in passes:
+        if not isinstance(p, CachePass):
+            raise TypeError(f"passes must be fxcache.passes objects, got {type(p).__name__}; "
+                            "e.g. fxcache.passes.FirstBlockCache(threshold=0.08)")
+    if len(passes) > 1:
+        raise ValueError(f"{len(passes)} passes were given; combining passes in one transform is not "
+                         "supported yet, so pass one")
+    if scheduler is not None and not hasattr(scheduler, "step_index"):
+        raise TypeError("scheduler must be a diffusers scheduler (it has step_index and timesteps)")
+    return CachedModel(model, passes, backend=backend, mode=mode, options=options, scheduler=scheduler)

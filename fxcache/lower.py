@@ -1,0 +1,103 @@
+"""Lowering: the rewritten program through ``torch.compile``.
+
+Static decisions arrive as Python booleans, so dynamo specialises on them: each distinct tuple of
+flags is one graph (and, under ``mode="reduce-overhead"``, one CUDA graph); the step index never
+enters as an int, which would recompile per step. A dynamic decision lowered on the host reads one
+scalar (``.item()``), which splits the program into a head graph and one graph per branch; lowered
+with ``torch.cond`` it stays one graph. Cache state enters as inputs updated in place.
+
+Example::
+
+    program = Program.build(builder, passes, backend="eager")
+    flat_outputs = program(inputs, program.state_for("cond"), scalars=[], flags=(True,))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from .capture import CapturedGraph
+from .rewrite import ProgramBuilder, ScalarSlot, StateSlot
+
+__all__ = ["Program", "make_backend"]
+
+
+def make_backend(backend: str | Callable, mode: str | None, options: dict | None) -> Callable:
+    """The callable ``torch.compile`` would build from ``backend``/``mode``/``options``."""
+    if callable(backend):
+        if mode is not None or options:
+            raise ValueError("mode and options go with a named backend (e.g. backend='inductor'), "
+                             "not with a backend callable")
+        return backend
+    if backend == "inductor":
+        return torch._TorchCompileInductorWrapper(mode, options, False)
+    if mode is not None or options:
+        return torch._TorchCompileWrapper(backend, mode, options, False)
+    return torch._dynamo.lookup_backend(backend)
+
+
+@dataclass
+class Program:
+    """One captured input signature, rewritten by the passes and compiled.
+
+    Holds the per-context cache state (one list of tensors per context name, created on first use)
+    and counts the graphs its compiler was handed.
+    """
+
+    captured: CapturedGraph
+    graph_module: fx.GraphModule
+    state_slots: list[StateSlot]
+    scalar_slots: list[ScalarSlot]
+    flag_names: list[str]
+    fullgraph: bool
+    backend: Callable
+    compiles: int = 0
+    states: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    _compiled: Any = None
+
+    @classmethod
+    def build(cls, builder: ProgramBuilder, *, backend, mode=None, options=None,
+              fullgraph: bool = True) -> "Program":
+        gm = builder.finish()
+        program = cls(builder.captured, gm, list(builder.state), list(builder.scalars),
+                      list(builder.flags), fullgraph, make_backend(backend, mode, options))
+
+        def counting_backend(graph_module, example_inputs):
+            program.compiles += 1
+            return program.backend(graph_module, example_inputs)
+
+        program._compiled = torch.compile(gm, backend=counting_backend, fullgraph=fullgraph,
+                                          dynamic=False)
+        return program
+
+    # -- state --------------------------------------------------------------------------------------
+    def state_for(self, context: str) -> list[torch.Tensor]:
+        if context not in self.states:
+            self.states[context] = [slot.new() for slot in self.state_slots]
+        return self.states[context]
+
+    def reset(self, context: str | None = None) -> None:
+        """Zero the state of one context (or all): the next call starts as a fresh generation."""
+        for name, tensors in self.states.items():
+            if context is None or name == context:
+                for slot, t in zip(self.state_slots, tensors):
+                    if not slot.counter:
+                        t.zero_()
+
+    def counters(self, context: str) -> dict[str, int]:
+        tensors = self.states.get(context, [])
+        return {s.name: int(t) for s, t in zip(self.state_slots, tensors) if s.counter}
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(slot.nbytes for slot in self.state_slots)
+
+    # -- call ---------------------------------------------------------------------------------------
+    def __call__(self, inputs, state, scalars, flags) -> tuple:
+        # the recompile limit counts graphs per code object: allow one per distinct decision tuple
+        with torch._dynamo.config.patch(recompile_limit=max(64, 2 ** min(len(flags), 10))):
+            return self._compiled(*inputs, *state, *scalars, *flags)

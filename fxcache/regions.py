@@ -1,0 +1,350 @@
+"""Regions: transformer blocks, their streams and their attention modules, read off a captured graph.
+
+Nothing here knows a model class. Blocks are the elements of the outermost ``nn.ModuleList``s whose
+elements run attention, in the order the graph executes them (Flux: ``transformer_blocks`` then
+``single_transformer_blocks``). The *streams* are the values one block hands to the next: the one that
+descends from the model's ``hidden_states`` input is the hidden stream, the other the encoder stream.
+Attention is an ``scaled_dot_product_attention`` call; its module is the innermost module around it, and
+its kind follows from where its keys come from (cross: from the encoder, not the hidden stream) and the
+length it attends over (temporal: fewer positions than the hidden stream has tokens, folded into batch).
+
+Example::
+
+    regions = find_regions(captured)
+    print(regions.describe())
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .capture import MODULE_STACK, CapturedGraph
+
+__all__ = ["Attention", "Block", "ModelRegions", "Region", "RegionError", "find_regions"]
+
+HIDDEN, ENCODER = "hidden", "encoder"
+
+_SDPA_TARGETS = {
+    F.scaled_dot_product_attention,
+    torch._C._nn.scaled_dot_product_attention,
+    torch.ops.aten.scaled_dot_product_attention.default,
+}
+_INDEXED = re.compile(r"^(.*)\.(\d+)$")
+
+
+class RegionError(ValueError):
+    """The graph does not have the structure a pass needs; the message says what was found."""
+
+
+def example_value(node: fx.Node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def _is_value(node: fx.Node) -> bool:
+    """A node that computes an activation (parameters are get_attr nodes, inputs placeholders)."""
+    return node.op not in ("placeholder", "get_attr", "output")
+
+
+@dataclass
+class Region:
+    """A set of graph nodes with the values flowing in and out of it.
+
+    ``inputs`` are nodes outside the region that it reads (parameters excluded: they travel with the
+    region); ``outputs`` are region nodes read outside it, in graph order.
+    """
+
+    name: str
+    nodes: list[fx.Node]
+    inputs: list[fx.Node] = field(init=False)
+    outputs: list[fx.Node] = field(init=False)
+
+    def __post_init__(self):
+        members = set(self.nodes)
+        inputs: dict[fx.Node, None] = {}
+        for node in self.nodes:
+            for arg in node.all_input_nodes:
+                if arg not in members and arg.op != "get_attr":
+                    inputs[arg] = None
+        self.inputs = list(inputs)
+        self.outputs = [n for n in self.nodes if any(user not in members for user in n.users)]
+
+    @classmethod
+    def closure(cls, name: str, graph: fx.Graph, owned: set[fx.Node]) -> "Region":
+        """The owned nodes plus every node between the first and the last of them that depends on
+        one of them (glue without module metadata belongs to the region that consumes it)."""
+        nodes = list(graph.nodes)
+        where = {n: i for i, n in enumerate(nodes)}
+        lo, hi = min(where[n] for n in owned), max(where[n] for n in owned)
+        members = set(owned)
+        for node in nodes[lo: hi + 1]:
+            if node not in members and _is_value(node) and any(a in members for a in node.all_input_nodes):
+                members.add(node)
+        return cls(name, [n for n in nodes[lo: hi + 1] if n in members])
+
+
+@dataclass
+class Block(Region):
+    """One transformer block; ``stream_inputs``/``stream_outputs`` map a stream name to its node."""
+
+    index: int = 0
+    module_type: type | None = None
+    stream_inputs: dict[str, fx.Node] = field(default_factory=dict)
+    stream_outputs: dict[str, fx.Node] = field(default_factory=dict)
+
+
+@dataclass
+class Attention(Region):
+    """One attention module inside a block: ``kind`` is "spatial", "temporal" or "cross"."""
+
+    block: Block | None = None
+    kind: str = "spatial"
+
+
+@dataclass
+class ModelRegions:
+    graph_module: fx.GraphModule
+    blocks: list[Block]
+    attentions: list[Attention]
+    input_names: list[str]
+
+    def describe(self) -> str:
+        lines = [f"{len(self.blocks)} transformer blocks, {len(self.attentions)} attention modules"]
+        for block in self.blocks:
+            streams = ", ".join(f"{k}={tuple(example_value(v).shape)}" for k, v in block.stream_outputs.items())
+            lines.append(f"  {block.name}: {len(block.nodes)} nodes; streams out: {streams or '-'}")
+            for attn in self.attentions:
+                if attn.block is block:
+                    lines.append(f"    {attn.name}: {attn.kind} attention, {len(attn.nodes)} nodes")
+        return "\n".join(lines)
+
+
+def _stack(node: fx.Node) -> tuple[str, ...]:
+    return node.meta.get(MODULE_STACK, ())
+
+
+def _block_path(stack: tuple[str, ...], block_lists: set[str]) -> str | None:
+    for path in stack:
+        match = _INDEXED.match(path)
+        if match and match.group(1) in block_lists:
+            return path
+    return None
+
+
+def _module_lists(model: torch.nn.Module) -> set[str]:
+    return {name for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)}
+
+
+def _ancestors(node: fx.Node, stop: set[fx.Node]) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                if a not in stop:
+                    todo.append(a)
+    return seen
+
+
+def _distance(src: fx.Node, dst: fx.Node, limit: int = 64) -> int:
+    """Backward hops from ``src`` to ``dst`` (residual connections are short paths)."""
+    frontier, seen = deque([(src, 0)]), {src}
+    while frontier:
+        n, d = frontier.popleft()
+        if n is dst:
+            return d
+        if d < limit:
+            for a in n.all_input_nodes:
+                if a not in seen:
+                    seen.add(a)
+                    frontier.append((a, d + 1))
+    return limit + 1
+
+
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = example_value(a), example_value(b)
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape \
+        and va.dtype == vb.dtype
+
+
+def _continued_input(output: fx.Node, block: Block) -> fx.Node | None:
+    """The stream input of ``block`` that ``output`` continues: same shape, nearest in the dataflow."""
+    candidates = [i for i in block.inputs if _same_shape(i, output)]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda i: _distance(output, i))
+
+
+def _feeds(output: fx.Node, block: Block, owner: dict[fx.Node, str]) -> fx.Node | None:
+    """The input node of ``block`` that ``output`` reaches, directly or through glue between blocks."""
+    members = set(block.inputs)
+    seen, todo = set(), [output]
+    while todo:
+        n = todo.pop()
+        if n in members:
+            return n
+        for user in n.users:
+            if user not in seen and owner.get(user) is None and user.op != "output":
+                seen.add(user)
+                todo.append(user)
+    return None
+
+
+def find_regions(captured: CapturedGraph) -> ModelRegions:
+    """Find blocks, streams and attention modules; raise :class:`RegionError` naming what was found."""
+    gm = captured.graph_module
+    graph = gm.graph
+    model_name = type(gm.model).__name__
+    lists = _module_lists(gm.model)
+    sdpa = [n for n in graph.nodes if n.op == "call_function" and n.target in _SDPA_TARGETS]
+    if not sdpa:
+        raise RegionError(
+            f"{model_name}: no scaled_dot_product_attention call in the captured graph "
+            f"({len(graph.nodes)} nodes). fxcache caches transformer blocks built around attention; "
+            "this module has none."
+        )
+    # block lists are the ModuleLists whose elements run attention
+    attention_lists = {m.group(1) for n in sdpa for p in _stack(n)
+                       if (m := _INDEXED.match(p)) and m.group(1) in lists}
+    # keep the outermost: a list nested inside a block of another list is part of that block
+    outer = {p for p in attention_lists
+             if not any(p != q and p.startswith(q + ".") for q in attention_lists)}
+    if not outer:
+        found = sorted({_stack(n)[-1] if _stack(n) else "<top level>" for n in sdpa})
+        raise RegionError(
+            f"{model_name}: attention runs in {found}, but not inside the elements of an nn.ModuleList. "
+            "fxcache needs the transformer blocks held in a ModuleList (e.g. self.blocks)."
+        )
+    owner: dict[fx.Node, str] = {}
+    for node in graph.nodes:
+        if _is_value(node) and (path := _block_path(_stack(node), outer)):
+            owner[node] = path
+    order: list[str] = []
+    for node, path in owner.items():
+        if path not in order:
+            order.append(path)
+    blocks: list[Block] = []
+    nodes = list(graph.nodes)
+    where = {n: i for i, n in enumerate(nodes)}
+    for index, path in enumerate(order):
+        owned = {n for n, p in owner.items() if p == path}
+        region = Region.closure(path, graph, owned)
+        blocks.append(Block(path, region.nodes, index=index, module_type=captured.module_types.get(path)))
+    for a, b in zip(blocks, blocks[1:]):
+        if where[a.nodes[-1]] > where[b.nodes[0]]:
+            raise RegionError(f"{model_name}: blocks {a.name} and {b.name} interleave in the graph; "
+                              "fxcache needs blocks that run one after another")
+    if len(blocks) < 2:
+        raise RegionError(f"{model_name}: found {len(blocks)} transformer block ({order}); block caches "
+                          "need at least two")
+    _assign_streams(blocks, owner, captured.input_names, graph, model_name)
+    attentions = _find_attentions(blocks, sdpa, captured.module_types)
+    return ModelRegions(gm, blocks, attentions, captured.input_names)
+
+
+def _assign_streams(blocks, owner, input_names, graph, model_name):
+    placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
+    # streams carried from block k to block k+1
+    for block, successor in zip(blocks, blocks[1:]):
+        carried = {}
+        for out in block.outputs:
+            target = _feeds(out, successor, owner)
+            if target is not None:
+                carried[out] = target
+        if not carried:
+            raise RegionError(f"{model_name}: no output of {block.name} reaches {successor.name}")
+        if block.index == 0:
+            roles = _name_streams(block, carried, placeholders, model_name)
+        else:
+            roles = {}
+            for out in carried:
+                # a stream output continues the stream input it was computed from
+                source = _continued_input(out, block)
+                role = next((r for r, n in block.stream_inputs.items() if n is source), None)
+                if role is None:
+                    raise RegionError(f"{model_name}: cannot tell which stream {block.name} output "
+                                      f"{out.name} continues")
+                roles[out] = role
+        block.stream_outputs = {role: out for out, role in roles.items()}
+        successor.stream_inputs = {roles[out]: target for out, target in carried.items()}
+    last = blocks[-1]
+    for out in last.outputs:
+        source = _continued_input(out, last)
+        role = next((r for r, n in last.stream_inputs.items() if n is source), None)
+        if role is not None and role not in last.stream_outputs:
+            last.stream_outputs[role] = out
+    for block in blocks:
+        block.stream_outputs = dict(sorted(block.stream_outputs.items(), key=lambda kv: kv[0] != HIDDEN))
+
+
+def _name_streams(block, carried, placeholders, model_name):
+    """Name the streams block 0 carries: the hidden one descends from the ``hidden_states`` input
+    (or the first input) alone; where both descend from it (CogVideoX embeds text and video together),
+    the source's variable names, then the token count, decide."""
+    hidden_input = placeholders.get("hidden_states") or next(iter(placeholders.values()), None)
+    others = {p for name, p in placeholders.items() if p is not hidden_input}
+    sources = {}
+    for out in carried:
+        source = _continued_input(out, block)
+        if source is None:
+            raise RegionError(f"{model_name}: {block.name} output {out.name} has the shape of none of "
+                              "its inputs, so it is not a residual stream")
+        sources[out] = source
+
+    def hidden_score(out):
+        ancestry = _ancestors(sources[out], set()) | {sources[out]}
+        exclusive = hidden_input in ancestry and not (others & ancestry)
+        value = example_value(out)
+        return (exclusive, "encoder" not in out.name, value.numel() if value is not None else 0)
+
+    if len(carried) > 2:
+        raise RegionError(f"{model_name}: {block.name} carries {len(carried)} values to the next block "
+                          f"({[o.name for o in carried]}); fxcache handles a hidden and an encoder stream")
+    ranked = sorted(carried, key=hidden_score, reverse=True)
+    if len(ranked) == 2 and hidden_score(ranked[0]) == hidden_score(ranked[1]):
+        raise RegionError(f"{model_name}: cannot tell the hidden from the encoder stream among "
+                          f"{[o.name for o in ranked]} carried by {block.name}")
+    roles = dict(zip(ranked, (HIDDEN, ENCODER)))
+    block.stream_inputs = {roles[out]: sources[out] for out in ranked}
+    return roles
+
+
+def _find_attentions(blocks, sdpa, module_types):
+    by_path: dict[str, list[fx.Node]] = {}
+    for node in sdpa:
+        stack = _stack(node)
+        block = next((b for b in blocks if b.name in stack), None)
+        if block is None or stack[-1] == block.name:
+            continue  # attention written inline in the block: no module to cache on its own
+        by_path.setdefault(stack[-1], []).append(node)
+    block_of = {b.name: b for b in blocks}
+    attentions = []
+    for path, calls in by_path.items():
+        block = next(b for name, b in block_of.items() if path.startswith(name + "."))
+        members = set(block.nodes)
+        owned = {n for n in block.nodes if path in _stack(n)}
+        region = Region.closure(path, block.nodes[0].graph, owned)
+        kind = _attention_kind(calls[0], block, members)
+        attentions.append(Attention(path, region.nodes, block=block, kind=kind))
+    attentions.sort(key=lambda a: (a.block.index, a.nodes and list(a.block.nodes).index(a.nodes[0])))
+    return attentions
+
+
+def _attention_kind(call: fx.Node, block: Block, members: set[fx.Node]) -> str:
+    operands = list(call.args) + [call.kwargs.get(k) for k in ("query", "key")]
+    query, key = [n for n in operands if isinstance(n, fx.Node)][:2]
+    hidden = block.stream_inputs.get(HIDDEN)
+    stop = set(block.inputs)
+    if hidden is not None and hidden not in _ancestors(key, stop) and hidden in _ancestors(query, stop):
+        return "cross"
+    q, h = example_value(query), example_value(hidden) if hidden is not None else None
+    if isinstance(q, torch.Tensor) and isinstance(h, torch.Tensor) and h.dim() == 3 and q.dim() == 4:
+        if q.shape[-2] < h.shape[1] and q.shape[0] > h.shape[0]:
+            return "temporal"
+    return "spatial"
