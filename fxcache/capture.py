@@ -172,7 +172,9 @@ def _standalone(model, recorded, args, kwargs, result) -> CapturedGraph:
         if not isinstance(example, torch.Tensor):
             raise CaptureError(f"graph input {node.name} is not a tensor ({type(example).__name__})")
         if id(example) in leaf_index:
-            name = re.sub(r"^l_(kwargs|args)_", "", node.name).rstrip("_") or node.name
+            name = re.sub(r"^l_(kwargs|args)_", "", node.name).rstrip("_")
+            if not name.isidentifier():  # positional arguments: l_args_0_ -> input_0
+                name = f"input_{name}"
             new = graph.placeholder(name)
             input_leaves.append(leaf_index[id(example)])
             input_names.append(name)

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -24,6 +25,20 @@ from .capture import CapturedGraph
 from .rewrite import ProgramBuilder, ScalarSlot, StateSlot
 
 __all__ = ["Program", "make_backend"]
+
+
+class _PlannedBreakFilter(logging.Filter):
+    """The host lowering breaks the graph at ``.item()`` on purpose; dynamo's warning that suggests
+    ``capture_scalar_outputs`` is noise for our programs (and still shown for the user's own code)."""
+
+    active = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.active and "Tensor.item()" in record.getMessage())
+
+
+_planned_break = _PlannedBreakFilter()
+logging.getLogger("torch._dynamo.variables.tensor").addFilter(_planned_break)
 
 
 def make_backend(backend: str | Callable, mode: str | None, options: dict | None) -> Callable:
@@ -99,5 +114,9 @@ class Program:
     # -- call ---------------------------------------------------------------------------------------
     def __call__(self, inputs, state, scalars, flags) -> tuple:
         # the recompile limit counts graphs per code object: allow one per distinct decision tuple
-        with torch._dynamo.config.patch(recompile_limit=max(64, 2 ** min(len(flags), 10))):
-            return self._compiled(*inputs, *state, *scalars, *flags)
+        _planned_break.active = not self.fullgraph
+        try:
+            with torch._dynamo.config.patch(recompile_limit=max(64, 2 ** min(len(flags), 10))):
+                return self._compiled(*inputs, *state, *scalars, *flags)
+        finally:
+            _planned_break.active = False

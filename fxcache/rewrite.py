@@ -97,7 +97,9 @@ class ProgramBuilder:
         # placeholders keep the order inputs, state, scalars, flags
         order = ["state", "scalar", "flag"]
         earlier = [n for k in order[: order.index(kind) + 1] for n in self._placeholders[k]]
-        anchor = earlier[-1] if earlier else [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+        ours = {n for nodes in self._placeholders.values() for n in nodes}
+        inputs = [n for n in self.graph.nodes if n.op == "placeholder" and n not in ours]
+        anchor = earlier[-1] if earlier else inputs[-1]
         with self.graph.inserting_after(anchor):
             node = self.graph.placeholder(f"{kind}_{name}")
         self._placeholders[kind].append(node)

@@ -139,7 +139,7 @@ def euler_sample(model: Callable, tiny: TinyDenoiser, latents: torch.Tensor, num
                  contexts: tuple[str, ...] = ("cond",), guidance: float = 3.0) -> torch.Tensor:
     """A flow-matching Euler loop from sigma 1 to 0. With two contexts it runs true CFG: the first is
     the conditional call, the second the unconditional one (condition 1), each in its own context."""
-    sigmas = torch.linspace(1.0, 0.0, num_steps + 1).tolist()
+    sigmas = [1.0 - i / num_steps for i in range(num_steps + 1)]
     x = latents
     for i in range(num_steps):
         velocities = []

@@ -2,5 +2,9 @@
 
 from .base import CachePass, ConfigError, Step
 from .first_block_cache import FirstBlockCache
+from .mag_cache import MagCache
+from .pyramid_attention_broadcast import PyramidAttentionBroadcast
+from .taylorseer import TaylorSeer
 
-__all__ = ["CachePass", "ConfigError", "FirstBlockCache", "Step"]
+__all__ = ["CachePass", "ConfigError", "FirstBlockCache", "MagCache", "PyramidAttentionBroadcast", "Step",
+           "TaylorSeer"]

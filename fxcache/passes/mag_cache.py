@@ -1,0 +1,334 @@
+"""MagCache: skip the whole block stack on steps where the residual's magnitude is predicted to
+change little, and add the last computed residual instead.
+
+Behaviour of diffusers' ``MagCacheConfig`` hook (diffusers 0.42.1). ``mag_ratios[s]`` is the measured
+ratio of the stack residual's norm at step ``s`` to that at step ``s - 1``. From step
+``int(retention_ratio * num_inference_steps + 0.5)`` on, each step multiplies an accumulated ratio by
+``mag_ratios[s]`` and adds ``|1 - accumulated ratio|`` to an accumulated error; the stack is skipped
+while that error is ``<= threshold`` and at most ``max_skip_steps`` steps have been skipped in a row,
+and a computing step resets the accumulators. A skipped step returns ``hidden input + residual`` (the
+residual of the last computed step) on the hidden stream and the unchanged input on the encoder
+stream. The step counter wraps at ``num_inference_steps``, starting a fresh generation.
+
+The decision depends on the ratios and the step index alone: the schedule is computed on the host
+once, with diffusers' arithmetic in the ratios' dtype (so decisions at the threshold boundary agree),
+and reaches the compiled code as one host boolean (two specialised graphs, no sync).
+
+``mag_ratios`` are checkpoint-specific: :data:`FLUX_MAG_RATIOS` ships FLUX.1's (28 steps), and
+:meth:`MagCache.calibrate` measures them for any model by running it. Ratios for another step count
+are nearest-interpolated as diffusers does. ``calibrate=True`` is accepted for parity: it never skips
+(call ``MagCache.calibrate(...)`` to get the ratios instead of reading them from stdout).
+
+Example::
+
+    from fxcache.passes.mag_cache import FLUX_MAG_RATIOS
+    cached = fxcache.transform(transformer, passes=[MagCache(mag_ratios=FLUX_MAG_RATIOS,
+                                                             num_inference_steps=28)])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..capture import capture, input_signature
+from ..regions import HIDDEN, ModelRegions, Region, RegionError, find_regions
+from ..rewrite import INPUTS, REGION, ProgramBuilder, copy_into
+from .base import CachePass, ConfigError, Step
+
+__all__ = ["FLUX_MAG_RATIOS", "MagCache", "measure_mag_ratios", "nearest_interp"]
+
+logger = logging.getLogger(__name__)
+
+# FLUX.1 (dev/schnell) ratios for 28 steps, as diffusers.hooks.mag_cache.FLUX_MAG_RATIOS (float32)
+FLUX_MAG_RATIOS = torch.tensor([
+    1.0, 1.21094, 1.11719, 1.07812, 1.0625, 1.03906, 1.03125, 1.03906, 1.02344, 1.03125, 1.02344, 0.98047,
+    1.01562, 1.00781, 1.0, 1.00781, 1.0, 1.00781, 1.0, 1.0, 0.99609, 0.99609, 0.98047, 0.98828, 0.96484,
+    0.95703, 0.93359, 0.89062,
+])
+
+
+def nearest_interp(ratios: torch.Tensor, length: int) -> torch.Tensor:
+    """Resample ``ratios`` to ``length`` entries by nearest neighbour, exactly as diffusers does
+    (float32 grid, round half to even; one entry takes the last ratio).
+
+    Example::
+
+        nearest_interp(FLUX_MAG_RATIOS, 8)     # ratios for an 8-step run
+    """
+    if length == 1:
+        return ratios[-1:]
+    scale = (len(ratios) - 1) / (length - 1)
+    grid = torch.arange(length, device=ratios.device, dtype=torch.float32)
+    return ratios[torch.round(grid * scale).long()]
+
+
+@dataclass(frozen=True, eq=False)
+class MagCache(CachePass):
+    """Fields, defaults and meaning of diffusers' ``MagCacheConfig``.
+
+    ``threshold``: budget of accumulated error. ``max_skip_steps``: most consecutive skipped steps.
+    ``retention_ratio``: the first ``int(retention_ratio * num_inference_steps + 0.5)`` steps always
+    compute. ``num_inference_steps``: length of a generation (ratios are resampled to it).
+    ``mag_ratios``: per-step magnitude ratios (tensor or list; a list becomes float32).
+    ``calibrate``: never skip (parity with diffusers; use :meth:`MagCache.calibrate` to measure).
+
+    Example::
+
+        MagCache(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=20, threshold=0.06)
+    """
+
+    threshold: float = 0.06
+    max_skip_steps: int = 3
+    retention_ratio: float = 0.2
+    num_inference_steps: int = 28
+    mag_ratios: Any = None
+    calibrate: bool = False
+
+    def __post_init__(self):
+        self._require_number("threshold", minimum=0.0)
+        for field in ("max_skip_steps", "num_inference_steps"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if field == "max_skip_steps" else 1):
+                self._fail(field, "must be an integer >= " + ("0" if field == "max_skip_steps" else "1"))
+        self._require_number("retention_ratio", minimum=0.0)
+        if not isinstance(self.calibrate, bool):
+            self._fail("calibrate", "must be True or False")
+        if self.mag_ratios is None and not self.calibrate:
+            self._fail("mag_ratios", "is required (ratios are model-specific): measure them with "
+                       "MagCache.calibrate(model, generate), or use fxcache.passes.mag_cache.FLUX_MAG_RATIOS "
+                       "for FLUX.1")
+        if self.mag_ratios is not None and not self.calibrate:
+            ratios = self.mag_ratios
+            if not torch.is_tensor(ratios):
+                try:
+                    ratios = torch.tensor(ratios)
+                except (TypeError, ValueError, RuntimeError) as error:
+                    self._fail("mag_ratios", f"must be a 1-d tensor or a list of numbers ({error})")
+            if ratios.dim() != 1 or len(ratios) == 0 or not ratios.is_floating_point():
+                self._fail("mag_ratios", "must be a non-empty 1-d floating-point tensor or list of numbers")
+            if not bool(torch.isfinite(ratios).all()):
+                self._fail("mag_ratios", "must be finite")
+            if len(ratios) != self.num_inference_steps:
+                ratios = nearest_interp(ratios, self.num_inference_steps)
+            object.__setattr__(self, "mag_ratios", ratios.detach().cpu())
+        object.__setattr__(self, "_schedule", self._simulate())
+
+    def describe(self) -> str:
+        ratios = "None" if self.mag_ratios is None else f"<{len(self.mag_ratios)} ratios, {self.mag_ratios.dtype}>"
+        return (f"MagCache(threshold={self.threshold}, max_skip_steps={self.max_skip_steps}, "
+                f"retention_ratio={self.retention_ratio}, num_inference_steps={self.num_inference_steps}, "
+                f"mag_ratios={ratios}, calibrate={self.calibrate})")
+
+    # -- schedule -----------------------------------------------------------------------------------
+    def _simulate(self) -> tuple[bool, ...]:
+        """diffusers' head-block decision for one generation, line by line: the accumulators are
+        Python numbers that become 0-d tensors of the ratios' dtype once a ratio multiplies them."""
+        if self.calibrate:
+            return (True,) * self.num_inference_steps
+        ratios = self.mag_ratios
+        retention_step = int(self.retention_ratio * self.num_inference_steps + 0.5)
+        accumulated_ratio, accumulated_err, accumulated_steps = 1.0, 0.0, 0
+        residual_exists = False
+        schedule = []
+        for step in range(self.num_inference_steps):
+            compute = True
+            scale = ratios[step] if step < len(ratios) else 1.0
+            if step >= retention_step:
+                accumulated_ratio *= scale
+                accumulated_steps += 1
+                accumulated_err += abs(1.0 - accumulated_ratio)
+                if residual_exists and bool(accumulated_err <= self.threshold) and \
+                        accumulated_steps <= self.max_skip_steps:
+                    compute = False
+                else:
+                    accumulated_ratio, accumulated_steps, accumulated_err = 1.0, 0, 0.0
+            residual_exists = residual_exists or compute
+            schedule.append(compute)
+        return tuple(schedule)
+
+    def schedule(self) -> tuple[bool, ...]:
+        """Whether the blocks compute at each step of one generation (``num_inference_steps`` long).
+
+        Example::
+
+            MagCache(mag_ratios=FLUX_MAG_RATIOS).schedule().count(False)    # 14 skipped of 28
+        """
+        return self._schedule
+
+    def computes(self, index: int) -> bool:
+        """Whether the blocks compute at step ``index``; the counter wraps at ``num_inference_steps``."""
+        return self._schedule[index % self.num_inference_steps]
+
+    def decide(self, step: Step) -> dict[str, bool]:
+        if step.num_steps is not None and step.num_steps != self.num_inference_steps and \
+                not getattr(self, "_warned", False):
+            object.__setattr__(self, "_warned", True)
+            logger.warning("MagCache: the loop runs %d steps but num_inference_steps=%d; the schedule "
+                           "follows num_inference_steps (as diffusers)", step.num_steps,
+                           self.num_inference_steps)
+        return {"mag_cache_compute_blocks": self.computes(step.index)}
+
+    def flag_regions(self, regions: ModelRegions) -> dict[str, list[str]]:
+        """Flag name -> the region names it gates (True computes them)."""
+        return {"mag_cache_compute_blocks": [block.name for block in regions.blocks]}
+
+    # -- rewrite ------------------------------------------------------------------------------------
+    def rewrite(self, builder: ProgramBuilder, regions: ModelRegions) -> None:
+        head, last = regions.blocks[0], regions.blocks[-1]
+        stack = Region.closure("mag_cache.blocks", builder.graph, {n for b in regions.blocks for n in b.nodes})
+        passthrough = []
+        hidden_position = None
+        for i, out in enumerate(stack.outputs):
+            role = next((r for r, n in last.stream_outputs.items() if n is out), None)
+            if role is None or role not in head.stream_inputs:
+                raise RegionError(
+                    f"MagCache: {out.name}, computed in blocks {head.name}..{last.name}, is read after them "
+                    f"but is not a stream the first block takes ({sorted(head.stream_inputs)}); the blocks "
+                    "cannot be replaced by a residual")
+            if role == HIDDEN:
+                hidden_position = i
+            passthrough.append(head.stream_inputs[role])
+        if hidden_position is None:
+            raise RegionError(f"MagCache: the hidden stream of {last.name} is not read after the blocks")
+        hidden_in, hidden_out = head.stream_inputs[HIDDEN], stack.outputs[hidden_position]
+        if tuple(hidden_in.meta["example_value"].shape) != tuple(hidden_out.meta["example_value"].shape):
+            raise RegionError(
+                f"MagCache: the hidden stream enters {head.name} as {tuple(hidden_in.meta['example_value'].shape)} "
+                f"but leaves {last.name} as {tuple(hidden_out.meta['example_value'].shape)}; fxcache needs "
+                "them equal to form the residual")
+        residual = builder.add_state("previous_residual", like=hidden_out)
+        compute = builder.add_flag("mag_cache_compute_blocks")
+        builder.replace(stack, compute_or_add_residual, compute, REGION, residual, hidden_position,
+                        tuple(passthrough), INPUTS)
+
+    # -- calibration --------------------------------------------------------------------------------
+    # `calibrate` is also a field (diffusers' flag); on the class it names this function, see below
+    @staticmethod
+    def _calibrate(model: torch.nn.Module, generate: Callable[[torch.nn.Module], Any], *,
+                   context: str | None = None, **fields) -> "MagCache":
+        """Run ``generate(recorder)`` once and return a MagCache with the measured ratios.
+
+        ``generate`` runs one whole generation through the model it is given (a recorder that takes
+        the model's arguments and has ``cache_context``; hand it to a pipeline as its transformer, or
+        call it in a loop). The ratios are those of ``context`` (default: the first context the run
+        used, diffusers' "cond"); ``fields`` are the other MagCache fields, ``num_inference_steps``
+        defaulting to the number of steps measured.
+
+        Example::
+
+            config = MagCache.calibrate(transformer, lambda model: run_pipeline(model, steps=28),
+                                        threshold=0.06)
+        """
+        measured = measure_mag_ratios(model, generate)
+        if not measured:
+            raise ConfigError("MagCache.calibrate: generate() never called the model")
+        name = context if context is not None else next(iter(measured))
+        if name not in measured:
+            raise ConfigError(f"MagCache.calibrate: no calls were made in context {name!r}; contexts "
+                              f"measured: {sorted(measured)}")
+        ratios = measured[name]
+        fields.setdefault("num_inference_steps", len(ratios))
+        return MagCache(mag_ratios=ratios, **fields)
+
+
+class _CalibrateDescriptor:
+    """``MagCache.calibrate(...)`` (on the class) is the calibration call; ``config.calibrate`` (on
+    an instance) is the diffusers flag, stored in the instance."""
+
+    def __get__(self, instance, owner):
+        if instance is None:
+            return MagCache._calibrate
+        return instance.__dict__.get("calibrate", False)
+
+
+MagCache.calibrate = _CalibrateDescriptor()
+
+
+def compute_or_add_residual(compute: bool, blocks, residual, hidden_position, passthrough, *inputs):
+    """Run the blocks and remember their hidden-stream residual, or add the remembered residual to
+    the hidden input and pass the other streams through unchanged."""
+    hidden_in = passthrough[hidden_position]
+    if compute:
+        outputs = blocks(*inputs)
+        copy_into(residual, outputs[hidden_position] - hidden_in)
+        return outputs
+    return tuple(hidden_in + residual if i == hidden_position else stream for i, stream in enumerate(passthrough))
+
+
+# -- measuring ratios ------------------------------------------------------------------------------
+class _Recorder(torch.nn.Module):
+    """Takes the model's arguments, runs its captured graph eagerly and records, per cache context,
+    the block stack's residual norm ratio of each call (diffusers' calibration formula)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.original = model
+        self._graphs: dict = {}
+        self._context = "default"
+        self._previous: dict[str, torch.Tensor] = {}
+        self.ratios: dict[str, list[float]] = {}
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["original"], name)
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **fields) -> Iterator[None]:
+        previous, self._context = self._context, name
+        try:
+            yield
+        finally:
+            self._context = previous
+
+    def forward(self, *args, **kwargs):
+        signature = input_signature(args, kwargs)
+        if signature not in self._graphs:
+            captured = capture(self.original, args, kwargs)
+            regions = find_regions(captured)
+            hidden_in = regions.blocks[0].stream_inputs[HIDDEN]
+            hidden_out = regions.blocks[-1].stream_outputs[HIDDEN]
+            self._graphs[signature] = (captured, hidden_in, hidden_out)
+        captured, hidden_in, hidden_out = self._graphs[signature]
+        seen: dict = {}
+
+        class Watch(torch.fx.Interpreter):
+            def run_node(self, node):
+                value = super().run_node(node)
+                if node is hidden_in or node is hidden_out:
+                    seen[node] = value
+                return value
+
+        flat = Watch(captured.graph_module).run(*captured.inputs_from(args, kwargs))
+        residual = seen[hidden_out] - seen[hidden_in]
+        previous = self._previous.get(self._context)
+        if previous is None:
+            ratio = 1.0
+        else:
+            current_norm = torch.linalg.norm(residual.float(), dim=-1)
+            previous_norm = torch.linalg.norm(previous.float(), dim=-1)
+            ratio = (current_norm / (previous_norm + 1e-8)).mean().item()
+        self.ratios.setdefault(self._context, []).append(ratio)
+        self._previous[self._context] = residual
+        return captured.rebuild_output(flat if isinstance(flat, (tuple, list)) else (flat,))
+
+
+@torch.no_grad()
+def measure_mag_ratios(model: torch.nn.Module, generate: Callable[[torch.nn.Module], Any]) -> dict[str, list[float]]:
+    """Run ``generate(recorder)`` and return the magnitude ratios measured per cache context, in the
+    order the contexts were first used: ratio 1.0 at the first call, then
+    ``mean(||r_t|| / (||r_{t-1}|| + 1e-8))`` over tokens, ``r`` the block stack's hidden residual.
+
+    Example::
+
+        ratios = measure_mag_ratios(transformer, lambda m: euler_loop(m, steps=28))["cond"]
+    """
+    recorder = _Recorder(model)
+    generate(recorder)
+    return recorder.ratios

@@ -1,0 +1,204 @@
+"""Pyramid Attention Broadcast: recompute each attention every N calls, reuse its output in between.
+
+Behaviour of diffusers' ``PyramidAttentionBroadcastConfig`` hook (diffusers 0.42.1): an attention module
+computes when it is called for the first time since the last reset, when the current timestep ``t``
+is outside ``lo < t < hi`` (both ends exclusive), or when its call count is a multiple of the block
+skip range N; otherwise it returns its previous output unchanged. Spatial, temporal and cross
+attention each have their own N, timestep range and name identifiers.
+
+The decision depends on the step index and the timestep alone, so it reaches the compiled code as
+one host boolean per attention kind: at most 2**kinds specialised graphs, no sync, no recompile.
+
+Attention kinds come from the graph (cross attention reads its keys from the encoder stream,
+temporal attention folds frames into the batch), then the identifiers of that kind must match the
+module path (``re.search``, as diffusers). Joint text+image attention (Flux, CogVideoX, Qwen-Image)
+is spatial self-attention, as in diffusers.
+
+Deviation from diffusers: state is kept per cache context. diffusers keeps one counter and one
+cached output per module, so when a pipeline calls the transformer twice per step (cond, then
+uncond) the uncond call is handed the cond call's attention output. Here each context counts its
+own steps and caches its own outputs.
+
+Where the timestep comes from: ``current_timestep_callback`` when given (as diffusers; a device
+tensor there costs one device->host sync per call), else the step's timestep, which fxcache reads
+from a scheduler (``transform(..., scheduler=)``) or from ``cache_context(timestep=...)`` fields.
+
+Example::
+
+    cached = fxcache.transform(transformer, scheduler=pipe.scheduler, passes=[
+        PyramidAttentionBroadcast(spatial_attention_block_skip_range=2,
+                                  spatial_attention_timestep_skip_range=(100, 800))])
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..regions import Attention, ModelRegions, RegionError
+from ..rewrite import INPUTS, REGION, ProgramBuilder, copy_into
+from .base import CachePass, ConfigError, Step
+
+__all__ = ["PyramidAttentionBroadcast"]
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("spatial", "temporal", "cross")
+
+# the identifier defaults of diffusers.hooks._common
+SPATIAL_IDENTIFIERS = ("blocks", "transformer_blocks", "single_transformer_blocks", "layers",
+                       "visual_transformer_blocks")
+TEMPORAL_IDENTIFIERS = ("temporal_transformer_blocks",)
+CROSS_IDENTIFIERS = ("blocks", "transformer_blocks", "layers")
+
+
+@dataclass(frozen=True)
+class PyramidAttentionBroadcast(CachePass):
+    """Fields, defaults and meaning of diffusers' ``PyramidAttentionBroadcastConfig``.
+
+    ``*_attention_block_skip_range`` (N, or None to leave that kind alone): recompute every N calls.
+    ``*_attention_timestep_skip_range`` ``(lo, hi)``: reuse only while ``lo < timestep < hi``.
+    ``*_attention_block_identifiers``: regexes searched in the attention module's path.
+    ``current_timestep_callback``: returns the current timestep (optional here: the step's timestep
+    is used when it is None). With all three skip ranges None, spatial attention gets N = 2, as in
+    diffusers (which logs a warning and sets the field).
+
+    Example::
+
+        PyramidAttentionBroadcast(spatial_attention_block_skip_range=2,
+                                  current_timestep_callback=lambda: pipe.current_timestep)
+    """
+
+    spatial_attention_block_skip_range: int | None = None
+    temporal_attention_block_skip_range: int | None = None
+    cross_attention_block_skip_range: int | None = None
+    spatial_attention_timestep_skip_range: tuple[float, float] = (100, 800)
+    temporal_attention_timestep_skip_range: tuple[float, float] = (100, 800)
+    cross_attention_timestep_skip_range: tuple[float, float] = (100, 800)
+    spatial_attention_block_identifiers: tuple[str, ...] = SPATIAL_IDENTIFIERS
+    temporal_attention_block_identifiers: tuple[str, ...] = TEMPORAL_IDENTIFIERS
+    cross_attention_block_identifiers: tuple[str, ...] = CROSS_IDENTIFIERS
+    current_timestep_callback: Callable[[], float] | None = None
+
+    def __post_init__(self):
+        for kind in KINDS:
+            skip = f"{kind}_attention_block_skip_range"
+            value = getattr(self, skip)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                self._fail(skip, "must be None or an integer >= 1 (recompute every N calls)")
+            span = f"{kind}_attention_timestep_skip_range"
+            bounds = getattr(self, span)
+            if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+                self._fail(span, "must be a pair (lo, hi) of timesteps")
+            for bound in bounds:
+                if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+                    self._fail(span, "must be a pair of numbers")
+            object.__setattr__(self, span, tuple(bounds))
+            names = f"{kind}_attention_block_identifiers"
+            identifiers = getattr(self, names)
+            if isinstance(identifiers, str) or not all(isinstance(i, str) for i in identifiers):
+                self._fail(names, "must be a sequence of regular expressions (strings)")
+            for identifier in identifiers:
+                try:
+                    re.compile(identifier)
+                except re.error as error:
+                    self._fail(names, f"{identifier!r} is not a regular expression ({error})")
+            object.__setattr__(self, names, tuple(identifiers))
+        if self.current_timestep_callback is not None and not callable(self.current_timestep_callback):
+            self._fail("current_timestep_callback", "must be a callable returning the current timestep")
+        if all(getattr(self, f"{kind}_attention_block_skip_range") is None for kind in KINDS):
+            logger.warning("PyramidAttentionBroadcast: no *_attention_block_skip_range is set; using "
+                           "spatial_attention_block_skip_range=2 (as diffusers)")
+            object.__setattr__(self, "spatial_attention_block_skip_range", 2)
+
+    # -- which attention gets which settings --------------------------------------------------------
+    def kind_of(self, attention: Attention) -> str | None:
+        """The settings (``"spatial"``, ``"temporal"``, ``"cross"``) this attention uses, or None.
+
+        diffusers tries spatial, then temporal, then cross, with ``is_cross_attention`` telling self
+        from cross attention; here the graph tells it, and a self-attention the graph finds temporal
+        tries the temporal settings first.
+        """
+        if attention.kind == "cross":
+            order = ("cross",)
+        elif attention.kind == "temporal":
+            order = ("temporal", "spatial")
+        else:
+            order = ("spatial", "temporal")
+        for kind in order:
+            identifiers = getattr(self, f"{kind}_attention_block_identifiers")
+            if getattr(self, f"{kind}_attention_block_skip_range") is not None and \
+                    any(re.search(i, attention.name) for i in identifiers):
+                return kind
+        return None
+
+    def targets(self, regions: ModelRegions) -> dict[str, list[Attention]]:
+        """Attention regions by the kind of settings they use (kinds with none are left out)."""
+        by_kind: dict[str, list[Attention]] = {}
+        for attention in regions.attentions:
+            kind = self.kind_of(attention)
+            if kind is not None:
+                by_kind.setdefault(kind, []).append(attention)
+        return by_kind
+
+    def flag_name(self, kind: str) -> str:
+        return f"compute_{kind}_attention"
+
+    def flag_regions(self, regions: ModelRegions) -> dict[str, list[str]]:
+        """Flag name -> the region names it gates (True computes them)."""
+        return {self.flag_name(kind): [a.name for a in attns] for kind, attns in self.targets(regions).items()}
+
+    # -- rewrite ------------------------------------------------------------------------------------
+    def rewrite(self, builder: ProgramBuilder, regions: ModelRegions) -> None:
+        by_kind = self.targets(regions)
+        if not by_kind:
+            found = ", ".join(f"{a.name} ({a.kind})" for a in regions.attentions) or "none"
+            raise RegionError(
+                "PyramidAttentionBroadcast: no attention module matches the configured kinds and "
+                f"identifiers; attention found: {found}")
+        flags = {kind: builder.add_flag(self.flag_name(kind)) for kind in by_kind}
+        kind_of = {a.name: kind for kind, attns in by_kind.items() for a in attns}
+        # replace later regions first so that the input nodes of earlier ones stay valid
+        position = {node: i for i, node in enumerate(builder.graph.nodes)}
+        for attention in sorted((a for attns in by_kind.values() for a in attns),
+                                key=lambda a: position[a.nodes[0]], reverse=True):
+            caches = tuple(builder.add_state(f"{attention.name.replace('.', '_')}_out{i}", like=out)
+                           for i, out in enumerate(attention.outputs))
+            builder.replace(attention, compute_or_broadcast, flags[kind_of[attention.name]], REGION, caches,
+                            INPUTS)
+
+    # -- schedule -----------------------------------------------------------------------------------
+    def timestep(self, step: Step) -> float:
+        if self.current_timestep_callback is not None:
+            value = self.current_timestep_callback()
+            return float(value.reshape(-1)[0]) if isinstance(value, torch.Tensor) else float(value)
+        if step.timestep is None:
+            raise ConfigError(
+                "PyramidAttentionBroadcast needs the current timestep: pass scheduler=pipe.scheduler to "
+                "fxcache.transform, timestep=... to cache_context, or current_timestep_callback")
+        return float(step.timestep)
+
+    def compute(self, kind: str, index: int, timestep: float) -> bool:
+        """Whether attention of ``kind`` computes at call ``index`` (since reset) at ``timestep``."""
+        lo, hi = getattr(self, f"{kind}_attention_timestep_skip_range")
+        every = getattr(self, f"{kind}_attention_block_skip_range")
+        return index == 0 or not (lo < timestep < hi) or index % every == 0
+
+    def decide(self, step: Step) -> dict[str, bool]:
+        timestep = self.timestep(step)
+        return {self.flag_name(kind): self.compute(kind, step.index, timestep) for kind in KINDS
+                if getattr(self, f"{kind}_attention_block_skip_range") is not None}
+
+
+def compute_or_broadcast(compute: bool, attention, caches, *inputs):
+    """Compute the attention and remember its outputs, or hand back the remembered ones."""
+    if compute:
+        outputs = attention(*inputs)
+        for cache, output in zip(caches, outputs):
+            copy_into(cache, output)
+        return outputs
+    return tuple(caches)

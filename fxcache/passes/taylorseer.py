@@ -1,0 +1,241 @@
+"""TaylorSeer: compute selected modules every few steps and predict their outputs in between with a
+Taylor expansion built from divided differences of past outputs.
+
+Behaviour of diffusers' ``TaylorSeerCacheConfig`` hook (diffusers 0.42.1). At step ``s`` (the module's
+call count in its cache context) a module computes when ``s < disable_cache_before_step``, when
+``(s - disable_cache_before_step - 1) % cache_interval == 0``, or when ``s >= disable_cache_after_step``.
+A computing step stores the output as order 0 and the recursive divided differences against the last
+computing step as orders 1..``max_order``, all in ``taylor_factors_dtype``; a predicting step returns
+``sum_o F_o * k**o / o!`` with ``k`` the steps since the last computing step. "Skip" modules
+(``skip_predict_identifiers``, or every block in lite mode) return zeros on predicting steps.
+
+The compute/predict decision is one host boolean (two specialised graphs); ``k**o / o!`` and the step
+distance enter as 0-d tensors, so the step index never reaches the graph. How many orders exist yet
+(diffusers grows the expansion one order per update) is known on the host too: orders that do not
+exist yet get coefficient 0, which adds exactly 0.
+
+Deviations from diffusers, both fixes: the default identifiers also match ``attn1``/``attn2`` (Wan,
+CogVideoX; diffusers' ``...attn`` patterns match nothing there and silently cache nothing), and
+``disable_cache_before_step=0`` works (step 0 always computes; diffusers crashes predicting with no
+factors). Calls outside ``cache_context`` use the context ``"default"`` (diffusers raises).
+
+Example::
+
+    cached = fxcache.transform(transformer, passes=[TaylorSeer(cache_interval=5, max_order=1,
+                                                               taylor_factors_dtype=torch.float32)])
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ..capture import MODULE_STACK
+from ..regions import ModelRegions, Region, RegionError, example_value
+from ..rewrite import INPUTS, REGION, ProgramBuilder, copy_into
+from .base import CachePass, Step
+
+__all__ = ["TaylorSeer"]
+
+# diffusers' defaults (re.fullmatch), extended to attn1/attn2
+CACHE_IDENTIFIERS = ("^blocks.*attn\\d*", "^transformer_blocks.*attn\\d*", "^single_transformer_blocks.*attn\\d*",
+                     "^temporal_transformer_blocks.*attn\\d*")
+LITE_CACHE_IDENTIFIERS = ("^proj_out$",)
+LITE_SKIP_IDENTIFIERS = ("^[^.]*block[^.]*\\.[^.]+$",)
+
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class TaylorSeer(CachePass):
+    """Fields, defaults and meaning of diffusers' ``TaylorSeerCacheConfig``.
+
+    ``cache_interval``: period of full computes after warm-up. ``disable_cache_before_step``: steps
+    before it always compute. ``disable_cache_after_step``: steps from it on always compute (None:
+    never). ``max_order``: highest Taylor order. ``taylor_factors_dtype``: storage dtype of the factors
+    (None: the module's output dtype). ``skip_predict_identifiers`` / ``cache_identifiers``:
+    ``re.fullmatch`` patterns on module paths for modules that return zeros / a Taylor prediction on
+    predicting steps. ``use_lite_mode``: cache ``proj_out`` and zero every block (overrides patterns).
+
+    Example::
+
+        TaylorSeer(cache_interval=4, disable_cache_before_step=2, taylor_factors_dtype=torch.float32)
+    """
+
+    cache_interval: int = 5
+    disable_cache_before_step: int = 3
+    disable_cache_after_step: int | None = None
+    max_order: int = 1
+    taylor_factors_dtype: torch.dtype | None = torch.bfloat16
+    skip_predict_identifiers: tuple[str, ...] | None = None
+    cache_identifiers: tuple[str, ...] | None = None
+    use_lite_mode: bool = False
+
+    def __post_init__(self):
+        self._require_integer("cache_interval", 1)
+        self._require_integer("disable_cache_before_step", 0)
+        if self.disable_cache_after_step is not None:
+            self._require_integer("disable_cache_after_step", 0)
+        self._require_integer("max_order", 0)
+        if self.taylor_factors_dtype is not None and (
+                not isinstance(self.taylor_factors_dtype, torch.dtype) or not self.taylor_factors_dtype.is_floating_point):
+            self._fail("taylor_factors_dtype", "must be None or a floating torch.dtype, e.g. torch.float32")
+        for field in ("skip_predict_identifiers", "cache_identifiers"):
+            patterns = getattr(self, field)
+            if patterns is None:
+                continue
+            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+                self._fail(field, "must be None or a list of regular expressions (strings)")
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    self._fail(field, f"{pattern!r} is not a regular expression ({error})")
+            object.__setattr__(self, field, tuple(patterns))
+        if not isinstance(self.use_lite_mode, bool):
+            self._fail("use_lite_mode", "must be True or False")
+
+    def _require_integer(self, field: str, minimum: int):
+        value = getattr(self, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self._fail(field, f"must be an integer >= {minimum}")
+
+    # -- which modules ------------------------------------------------------------------------------
+    def patterns(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(skip patterns, cache patterns) as diffusers resolves them, with our default identifiers."""
+        if self.use_lite_mode:
+            return LITE_SKIP_IDENTIFIERS, LITE_CACHE_IDENTIFIERS
+        return tuple(self.skip_predict_identifiers or ()), tuple(self.cache_identifiers or CACHE_IDENTIFIERS)
+
+    def targets(self, regions: ModelRegions) -> list[tuple[Region, bool]]:
+        """The regions of matched modules, each with ``True`` when it returns zeros when predicted."""
+        skip, cache = self.patterns()
+        graph = regions.graph_module.graph
+        paths: dict[str, set] = {}
+        for node in graph.nodes:
+            if node.op in ("placeholder", "get_attr", "output"):
+                continue
+            for path in node.meta.get(MODULE_STACK, ()):
+                paths.setdefault(path, set()).add(node)
+        matched = []
+        for path, owned in paths.items():
+            inactive = any(re.fullmatch(p, path) for p in skip)
+            if inactive or any(re.fullmatch(p, path) for p in cache):
+                matched.append((Region.closure(path, graph, owned), inactive))
+        names = [region.name for region, _ in matched]
+        for name in names:
+            outer = next((other for other in names if name != other and name.startswith(other + ".")), None)
+            if outer is not None:
+                raise RegionError(f"TaylorSeer: {name} and the module around it, {outer}, both match the "
+                                  "identifiers; fxcache caches modules that do not nest, so narrow the patterns")
+        return matched
+
+    def flag_regions(self, regions: ModelRegions) -> dict[str, list[str]]:
+        """Flag name -> the region names it gates (True computes them)."""
+        return {"taylorseer_compute": [region.name for region, _ in self.targets(regions)]}
+
+    # -- rewrite ------------------------------------------------------------------------------------
+    def rewrite(self, builder: ProgramBuilder, regions: ModelRegions) -> None:
+        targets = self.targets(regions)
+        if not targets:
+            skip, cache = self.patterns()
+            found = ", ".join(sorted({p for n in builder.graph.nodes for p in n.meta.get(MODULE_STACK, ())})[:12])
+            raise RegionError(f"TaylorSeer: no module path fully matches the identifiers {skip + cache}; "
+                              f"paths in the graph include: {found}")
+        compute = builder.add_flag("taylorseer_compute")
+        step_distance = builder.add_scalar("taylorseer_step_distance", torch.float64)
+        coefficients = tuple(builder.add_scalar(f"taylorseer_coefficient_{order}", torch.float64)
+                             for order in range(self.max_order + 1))
+        position = {node: i for i, node in enumerate(builder.graph.nodes)}
+        # replace later regions first so that the input nodes of earlier ones stay valid
+        for region, inactive in sorted(targets, key=lambda t: position[t[0].nodes[0]], reverse=True):
+            label = region.name.replace(".", "_")
+            for output in region.outputs:
+                if not isinstance(example_value(output), torch.Tensor):
+                    raise RegionError(f"TaylorSeer: {region.name} returns a non-tensor ({output.name})")
+            if inactive:
+                shapes = tuple((tuple(example_value(o).shape), example_value(o).dtype) for o in region.outputs)
+                builder.replace(region, compute_or_zeros, compute, REGION, shapes, builder.device, INPUTS)
+                continue
+            factors = tuple(
+                tuple(builder.add_state(f"{label}_out{i}_order{order}", shape=tuple(example_value(out).shape),
+                                        dtype=self.taylor_factors_dtype or example_value(out).dtype,
+                                        device=example_value(out).device)
+                      for order in range(self.max_order + 1))
+                for i, out in enumerate(region.outputs))
+            dtypes = tuple(example_value(out).dtype for out in region.outputs)
+            builder.replace(region, compute_or_predict, compute, REGION, factors, dtypes, step_distance,
+                            coefficients, INPUTS)
+
+    # -- schedule -----------------------------------------------------------------------------------
+    def computes(self, index: int) -> bool:
+        """Whether step ``index`` (the call count since reset in a context) computes."""
+        before, after = self.disable_cache_before_step, self.disable_cache_after_step
+        return (index == 0 or index < before or (index - before - 1) % self.cache_interval == 0
+                or (after is not None and index >= after))
+
+    def _history(self, index: int) -> tuple[int | None, int]:
+        """(last computing step before ``index``, number of computing steps before ``index``)."""
+        return _history(self, index)
+
+    def decide(self, step: Step) -> dict[str, bool]:
+        return {"taylorseer_compute": self.computes(step.index)}
+
+    def scalars(self, step: Step) -> dict[str, float]:
+        last, updates = self._history(step.index)
+        offset = step.index - last if last is not None else 1
+        orders = min(updates, self.max_order + 1)  # how many orders exist after `updates` updates
+        values = {"taylorseer_step_distance": float(offset)}
+        for order in range(self.max_order + 1):
+            values[f"taylorseer_coefficient_{order}"] = \
+                (offset ** order) / math.factorial(order) if order < orders else 0.0
+        return values
+
+
+@lru_cache(maxsize=4096)
+def _history(config: TaylorSeer, index: int) -> tuple[int | None, int]:
+    last, updates = None, 0
+    for earlier in range(index):
+        if config.computes(earlier):
+            last, updates = earlier, updates + 1
+    return last, updates
+
+
+def compute_or_predict(compute: bool, module, factors, dtypes, step_distance, coefficients, *inputs):
+    """Compute and update the divided differences, or evaluate the Taylor expansion.
+
+    Arithmetic as diffusers: differences in the output dtype, factors stored (rounded) in their
+    dtype, the prediction accumulated in the output dtype, term by term.
+    """
+    if compute:
+        outputs = module(*inputs)
+        for slot, output in zip(factors, outputs):
+            new = [output]
+            for order in range(len(slot) - 1):
+                new.append((new[order] - slot[order].to(output.dtype)) / step_distance)
+            for state, value in zip(slot, new):
+                copy_into(state, value)
+        return outputs
+    predictions = []
+    for slot, dtype in zip(factors, dtypes):
+        prediction = torch.zeros_like(slot[0], dtype=dtype)
+        for factor, coefficient in zip(slot, coefficients):
+            if dtype in _REDUCED:
+                # a Python-float coefficient multiplies a half tensor in float32 (PyTorch's opmath)
+                term = (factor.to(dtype).float() * coefficient.float()).to(dtype)
+            else:
+                term = factor.to(dtype) * coefficient
+            prediction = prediction + term
+        predictions.append(prediction)
+    return tuple(predictions)
+
+
+def compute_or_zeros(compute: bool, module, shapes, device, *inputs):
+    """A "skip" module: compute, or zeros shaped like its outputs."""
+    if compute:
+        return module(*inputs)
+    return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in shapes)

@@ -1,0 +1,58 @@
+"""Capture: one graph, no breaks, module paths on the nodes, the model's function kept exactly."""
+
+import pytest
+import torch
+
+from fxcache import CaptureError
+from fxcache import tiny_models
+from fxcache.capture import MODULE_STACK, capture
+
+MODELS = sorted(tiny_models.MODELS)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_capture_is_one_graph_that_reproduces_the_model_bit_for_bit(name):
+    tiny = tiny_models.build(name)
+    kwargs = tiny.inputs(tiny.noise(seed=3), sigma=0.7)
+    breaks_before = torch._dynamo.utils.counters["graph_break"].copy()
+    captured = capture(tiny.model, (), kwargs)
+    assert torch._dynamo.utils.counters["graph_break"] == breaks_before
+    replayed = captured.rebuild_output(captured.graph_module(*captured.inputs_from((), kwargs)))
+    assert isinstance(replayed, tuple)
+    assert torch.equal(replayed[0], tiny.model(**kwargs)[0])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_most_nodes_carry_a_module_path(name):
+    tiny = tiny_models.build(name)
+    captured = capture(tiny.model, (), tiny.inputs(tiny.noise(), sigma=1.0))
+    compute = [n for n in captured.graph_module.graph.nodes if n.op == "call_function"]
+    with_path = [n for n in compute if n.meta[MODULE_STACK]]
+    assert len(with_path) / len(compute) > 0.9
+    paths = {p for n in with_path for p in n.meta[MODULE_STACK]}
+    assert any(p.endswith(".attn") or p.endswith(".attn1") for p in paths)
+    assert all("L['self']" not in p and "_modules" not in p for p in paths)
+
+
+def test_capture_does_not_accumulate_dynamo_cache_entries():
+    """Each capture removes its entry from the forward's code cache, so many captures never reach the
+    recompile limit (past it dynamo would silently stop calling the capturing backend)."""
+    tiny = tiny_models.build("flux")
+    for seed in range(torch._dynamo.config.recompile_limit + 2):
+        kwargs = tiny.inputs(tiny.noise(seed=seed, batch=1 + seed % 3), sigma=0.5)
+        capture(tiny.model, (), kwargs)
+
+
+def test_a_data_dependent_branch_is_a_clear_capture_error():
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            if self.linear(x).sum() > 0:  # needs the value on the host: a graph break
+                return x
+            return -x
+
+    with pytest.raises(CaptureError, match="Branchy.*fullgraph=True"):
+        capture(Branchy(), (torch.randn(2, 4),), {})

@@ -1,0 +1,113 @@
+"""Regions read off the graph: blocks in order, streams, attention kinds, no class registry."""
+
+import pytest
+import torch
+
+from fxcache import RegionError, tiny_models
+from fxcache.capture import capture
+from fxcache.regions import ENCODER, HIDDEN, example_value, find_regions
+from tests.dit import TinyDiT, make_inputs
+
+
+def regions_of(name):
+    tiny = tiny_models.build(name)
+    return find_regions(capture(tiny.model, (), tiny.inputs(tiny.noise(), sigma=1.0)))
+
+
+def test_flux_blocks_run_double_then_single_with_both_streams():
+    regions = regions_of("flux")
+    assert [b.name for b in regions.blocks] == [
+        "transformer_blocks.0", "transformer_blocks.1",
+        "single_transformer_blocks.0", "single_transformer_blocks.1"]
+    head = regions.blocks[0]
+    assert tuple(example_value(head.stream_outputs[HIDDEN]).shape) == (1, 16, 32)
+    assert tuple(example_value(head.stream_outputs[ENCODER]).shape) == (1, 8, 32)
+    # the encoder stream of the last block is unused by the model, so it is not an output
+    assert list(regions.blocks[-1].stream_outputs) == [HIDDEN]
+    assert all(a.kind == "spatial" for a in regions.attentions)  # joint attention counts as self
+
+
+def test_streams_follow_the_dataflow_whatever_order_blocks_return_them():
+    """CogVideoX blocks return (hidden, encoder), Flux blocks (encoder, hidden)."""
+    for name in ("cogvideox", "flux", "qwenimage"):
+        regions = regions_of(name)
+        for block, successor in zip(regions.blocks, regions.blocks[1:]):
+            assert set(block.stream_outputs) == {HIDDEN, ENCODER}
+            assert successor.stream_inputs[HIDDEN] in block.stream_outputs[HIDDEN].users or \
+                successor.stream_inputs[HIDDEN] is block.stream_outputs[HIDDEN]
+        hidden = example_value(regions.blocks[0].stream_outputs[HIDDEN])
+        encoder = example_value(regions.blocks[0].stream_outputs[ENCODER])
+        assert hidden.shape[1] > encoder.shape[1]  # the video/image tokens outnumber the text ones
+
+
+def test_wan_has_self_and_cross_attention_per_block():
+    regions = regions_of("wan")
+    kinds = [(a.name, a.kind) for a in regions.attentions]
+    assert kinds == [("blocks.0.attn1", "spatial"), ("blocks.0.attn2", "cross"),
+                     ("blocks.1.attn1", "spatial"), ("blocks.1.attn2", "cross")]
+    assert all(set(b.stream_outputs) == {HIDDEN} for b in regions.blocks)
+
+
+def test_a_plain_pytorch_dit_needs_no_registration():
+    model = TinyDiT(depth=3).eval()
+    regions = find_regions(capture(model, make_inputs(), {}))
+    assert [b.name for b in regions.blocks] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert [a.kind for a in regions.attentions] == ["spatial", "cross"] * 3
+
+
+def test_temporal_attention_is_recognised_by_the_length_it_attends_over():
+    from torch import nn
+    import torch.nn.functional as F
+
+    class TemporalAttention(nn.Module):
+        def __init__(self, dim, frames):
+            super().__init__()
+            self.frames, self.qkv = frames, nn.Linear(dim, 3 * dim)
+
+        def forward(self, x):  # (B, F*P, C): attend over F frames per spatial position P
+            b, s, c = x.shape
+            q, k, v = self.qkv(x).view(b, self.frames, s // self.frames, 3, c).permute(3, 0, 2, 1, 4)
+            y = F.scaled_dot_product_attention(*(t.reshape(b * (s // self.frames), 1, self.frames, c)
+                                                 for t in (q, k, v)))
+            return y.reshape(b, s // self.frames, self.frames, c).transpose(1, 2).reshape(b, s, c)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.temporal = TemporalAttention(8, 4), TemporalAttention(8, 4)
+            self.attn.frames = 16  # every token is its own "frame": attends over all -> spatial
+
+        def forward(self, x):
+            return x + self.temporal(x + self.attn(x))
+
+    class Video(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+
+        def forward(self, hidden_states):
+            for block in self.blocks:
+                hidden_states = block(hidden_states)
+            return hidden_states
+
+    regions = find_regions(capture(Video(), (torch.randn(2, 16, 8),), {}))
+    assert [a.kind for a in regions.attentions] == ["spatial", "temporal"] * 2
+
+
+def test_a_module_without_attention_is_refused_naming_what_was_found():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+    with pytest.raises(RegionError, match="Sequential: no scaled_dot_product_attention"):
+        find_regions(capture(model, (torch.randn(2, 4),), {}))
+
+
+def test_attention_outside_a_module_list_is_refused_naming_where_it_runs():
+    class OneBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = TinyDiT(depth=1).blocks[0]
+
+        def forward(self, x, context, temb):
+            return self.block(x, context, temb)
+
+    with pytest.raises(RegionError, match=r"attention runs in \['block.cross_attn', 'block.self_attn'\]"):
+        find_regions(capture(OneBlock(), (torch.randn(1, 16, 32), torch.randn(1, 8, 16), torch.zeros(1, 32)), {}))
