@@ -1,0 +1,121 @@
+"""Denoising loops shared by the tests of the static-schedule passes (PAB, TaylorSeer, MagCache).
+
+``run_euler`` drives a model through a flow-matching Euler loop like a diffusers pipeline: it keeps a
+``clock`` with the current timestep (what ``current_timestep_callback`` reads), calls each CFG branch
+inside its own ``cache_context`` and, when asked, passes the step fields there. ``run_scheduler``
+drives the loop with a diffusers scheduler, whose ``step_index`` fxcache reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+
+from fxcache import tiny_models
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor, start: torch.Tensor) -> float:
+    """||(a - x0) - (b - x0)|| / ||b - x0||: the DESIGN's relative difference on the latent update."""
+    return float(torch.linalg.vector_norm((a - start) - (b - start)) / torch.linalg.vector_norm(b - start))
+
+
+class Clock:
+    """What a pipeline's ``current_timestep`` is: the timestep of the step being run (a 0-d tensor)."""
+
+    def __init__(self):
+        self.timestep = None
+
+    def __call__(self):
+        return self.timestep
+
+
+@torch.no_grad()
+def run_euler(model, tiny: tiny_models.TinyDenoiser, num_steps: int, *, contexts=("cond",), clock=None,
+              context_fields=False, seed=0, guidance=3.0, stop_after=None):
+    """Run ``num_steps`` Euler steps (or stop early after ``stop_after``); return (x0, x_N)."""
+    start = tiny.noise(seed=seed)
+    sigmas = torch.linspace(1.0, 0.0, num_steps + 1).tolist()
+    x = start
+    for i in range(num_steps if stop_after is None else stop_after):
+        timestep = sigmas[i] * tiny.timestep_scale
+        if clock is not None:
+            clock.timestep = torch.tensor(timestep)
+        velocities = []
+        for condition, name in enumerate(contexts):
+            fields = dict(step_index=i, num_inference_steps=num_steps, timestep=timestep) if context_fields else {}
+            with model.cache_context(name, **fields):
+                velocities.append(model(**tiny.inputs(x, sigmas[i], condition))[0])
+        v = velocities[0] if len(velocities) == 1 else velocities[1] + guidance * (velocities[0] - velocities[1])
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return start, x
+
+
+@torch.no_grad()
+def run_scheduler(model, tiny: tiny_models.TinyDenoiser, scheduler, num_steps: int, *, contexts=("cond",),
+                  clock=None, seed=0, guidance=3.0, stop_after=None):
+    """The same loop driven by a diffusers flow-matching scheduler (timesteps in [0, 1000])."""
+    start = tiny.noise(seed=seed)
+    scheduler.set_timesteps(num_steps)
+    x = start
+    for i, t in enumerate(scheduler.timesteps):
+        if stop_after is not None and i >= stop_after:
+            break
+        sigma = float(t) / 1000.0
+        if clock is not None:
+            clock.timestep = t
+        velocities = []
+        for condition, name in enumerate(contexts):
+            with model.cache_context(name):
+                velocities.append(model(**tiny.inputs(x, sigma, condition))[0])
+        v = velocities[0] if len(velocities) == 1 else velocities[1] + guidance * (velocities[0] - velocities[1])
+        x = scheduler.step(v, t, x, return_dict=False)[0]
+    return start, x
+
+
+def with_diffusers_cache(model, config):
+    """A deep copy of ``model`` with diffusers' own hook of ``config`` enabled."""
+    hooked = copy.deepcopy(model)
+    hooked.enable_cache(config)
+    return hooked
+
+
+def decision_tuples(config, steps) -> set:
+    """The distinct host flag tuples a static pass decides over ``steps``."""
+    return {tuple(sorted(config.decide(step).items())) for step in steps}
+
+
+@contextlib.contextmanager
+def count_host_reads(model):
+    """Count the reads that move a tensor value to the host (``.item()``, ``.tolist()``, ``float()``,
+    ``int()``, ``bool()``) made while ``model`` runs a call (the loop's own reads are not counted)."""
+    counts = {"count": 0, "inside": False}
+    names = ("item", "tolist", "__bool__", "__int__", "__float__")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counted(original):
+        def read(self, *args, **kwargs):
+            if counts["inside"]:
+                counts["count"] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    forward = model.forward
+
+    def watched(*args, **kwargs):
+        counts["inside"] = True
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            counts["inside"] = False
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counted(original))
+    model.forward = watched
+    try:
+        yield counts
+    finally:
+        del model.forward
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
