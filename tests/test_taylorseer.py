@@ -1,0 +1,155 @@
+"""TaylorSeer against diffusers' own hook, its schedule, its compile count and its two deviations
+(default identifiers on Wan/CogVideoX, ``disable_cache_before_step=0``)."""
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import TaylorSeerCacheConfig
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fxcache
+from fxcache import ConfigError, tiny_models
+from fxcache.passes import Step, TaylorSeer
+from fxcache.passes.taylorseer import CACHE_IDENTIFIERS
+from tests.static_pass_helpers import decision_tuples, relative_difference, run_euler, with_diffusers_cache
+
+STEPS = 9
+CFG = ("cond", "uncond")
+
+# model, fields; Wan and CogVideoX name the attn1/attn2 modules for diffusers, whose defaults miss them
+CASES = [
+    ("flux", dict(cache_interval=3, disable_cache_before_step=1, max_order=2, taylor_factors_dtype=torch.float32)),
+    ("flux", dict(cache_interval=3, disable_cache_before_step=2)),  # bf16 factors, the default
+    ("flux", dict(cache_interval=2, disable_cache_before_step=1, use_lite_mode=True,
+                  taylor_factors_dtype=torch.float32)),
+    ("flux", dict(cache_interval=2, disable_cache_before_step=1, disable_cache_after_step=6, max_order=1,
+                  taylor_factors_dtype=None, skip_predict_identifiers=["^single_transformer_blocks.*attn"])),
+    ("wan", dict(cache_interval=2, disable_cache_before_step=1, taylor_factors_dtype=torch.float32,
+                 cache_identifiers=["^blocks.*attn1", "^blocks.*attn2"])),
+    ("cogvideox", dict(cache_interval=2, disable_cache_before_step=1, max_order=2,
+                       taylor_factors_dtype=torch.float32, cache_identifiers=["^transformer_blocks.*attn1"])),
+    ("qwenimage", dict(cache_interval=3, disable_cache_before_step=1, taylor_factors_dtype=torch.float32)),
+]
+
+
+def test_fields_and_defaults_are_diffusers():
+    ours = {f.name: f.default for f in dataclasses.fields(TaylorSeer)}
+    theirs = {f.name: f.default for f in dataclasses.fields(TaylorSeerCacheConfig)}
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("field, value", [
+    ("cache_interval", 0), ("disable_cache_before_step", -1), ("disable_cache_after_step", 1.5),
+    ("max_order", -1), ("taylor_factors_dtype", torch.int32), ("cache_identifiers", "attn"),
+    ("skip_predict_identifiers", ["("]), ("use_lite_mode", 1),
+])
+def test_bad_fields_are_named(field, value):
+    with pytest.raises(ConfigError, match=field):
+        TaylorSeer(**{field: value})
+
+
+def test_schedule_matches_diffusers_examples():
+    # diffusers-hooks.md §5.4: D=3, I=5 computes 0,1,2,4,9,14; D=1, I=3: C p C p p C
+    default = [i for i in range(16) if TaylorSeer().decide(Step(i))["taylorseer_compute"]]
+    assert default == [0, 1, 2, 4, 9, 14]
+    short = TaylorSeer(cache_interval=3, disable_cache_before_step=1)
+    assert "".join("C" if short.computes(i) else "p" for i in range(6)) == "CpCppC"
+
+
+@pytest.mark.parametrize("name, fields", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def test_equals_diffusers_hook_with_cfg_over_two_generations(name, fields):
+    tiny = tiny_models.build(name)
+    reference = with_diffusers_cache(tiny.model, TaylorSeerCacheConfig(**fields))
+    cached = fxcache.transform(tiny.model, [TaylorSeer(**fields)], backend="eager")
+    for seed in (0, 1):
+        start, expected = run_euler(reference, tiny, STEPS, contexts=CFG, seed=seed)
+        _, result = run_euler(cached, tiny, STEPS, contexts=CFG, seed=seed)
+        _, uncached = run_euler(tiny.model, tiny, STEPS, contexts=CFG, seed=seed)
+        assert relative_difference(result, expected, start) <= 1e-5
+        assert relative_difference(uncached, expected, start) > 1e-4  # predictions were used
+        reference._reset_stateful_cache()
+        cached._reset_stateful_cache()
+
+
+@pytest.mark.parametrize("name", ["wan", "cogvideox"])
+def test_deviation_default_identifiers_cover_attn1_attn2(name):
+    tiny = tiny_models.build(name)
+    diffusers_default = with_diffusers_cache(tiny.model, TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32,
+                                                                               cache_interval=2,
+                                                                               disable_cache_before_step=1))
+    start, untouched = run_euler(diffusers_default, tiny, 6)
+    _, uncached = run_euler(tiny.model, tiny, 6)
+    assert torch.equal(untouched, uncached)  # diffusers' defaults hooked nothing: no caching at all
+
+    ours = TaylorSeer(taylor_factors_dtype=torch.float32, cache_interval=2, disable_cache_before_step=1)
+    cached = fxcache.transform(tiny.model, [ours], backend="eager")
+    _, result = run_euler(cached, tiny, 6)
+    targets = ours.flag_regions(cached.regions())["taylorseer_compute"]
+    assert targets and all(t.rsplit(".", 1)[-1] in ("attn1", "attn2") for t in targets)
+    # the same as diffusers told explicitly to cache those modules
+    explicit = with_diffusers_cache(tiny.model, TaylorSeerCacheConfig(
+        taylor_factors_dtype=torch.float32, cache_interval=2, disable_cache_before_step=1,
+        cache_identifiers=list(CACHE_IDENTIFIERS)))
+    _, expected = run_euler(explicit, tiny, 6)
+    assert relative_difference(result, expected, start) <= 1e-5
+    assert not torch.equal(result, uncached)
+
+
+def test_deviation_disable_cache_before_step_zero_works():
+    tiny = tiny_models.build("flux")
+    fields = dict(cache_interval=3, disable_cache_before_step=0, taylor_factors_dtype=torch.float32)
+    crashing = with_diffusers_cache(tiny.model, TaylorSeerCacheConfig(**fields))
+    with pytest.raises(ValueError):
+        run_euler(crashing, tiny, 4)  # diffusers predicts at step 0 with no factors
+    config = TaylorSeer(**fields)
+    assert [config.computes(i) for i in range(8)] == [True, True, False, False, True, False, False, True]
+    cached = fxcache.transform(tiny.model, [config], backend="eager")
+    start, result = run_euler(cached, tiny, 8)
+    _, uncached = run_euler(tiny.model, tiny, 8)
+    assert torch.isfinite(result).all()
+    assert 0 < relative_difference(result, uncached, start) < 0.5
+
+
+def test_one_graph_per_decision_tuple_no_breaks():
+    tiny = tiny_models.build("flux")
+    config = TaylorSeer(cache_interval=3, disable_cache_before_step=1, max_order=2)
+    cached = fxcache.transform(tiny.model, [config], backend="eager")
+    for seed in (0, 1):
+        run_euler(cached, tiny, STEPS, contexts=CFG, seed=seed)
+        cached.reset()
+    tuples = decision_tuples(config, [Step(i, STEPS) for i in range(STEPS)])
+    counters = torch._dynamo.utils.counters
+    assert len(tuples) == 2
+    assert cached.stats()["compiles"] == len(tuples)
+    assert counters["stats"]["unique_graphs"] == len(tuples) + cached.stats()["captures"]
+    assert sum(counters["graph_break"].values()) == 0
+
+
+@given(interval=st.integers(1, 6), before=st.integers(0, 5), after=st.one_of(st.none(), st.integers(0, 12)),
+       order=st.integers(0, 3))
+def test_first_step_computes_and_predictions_follow_an_update(interval, before, after, order):
+    config = TaylorSeer(cache_interval=interval, disable_cache_before_step=before, disable_cache_after_step=after,
+                        max_order=order)
+    assert config.computes(0)
+    for index in range(1, 30):
+        values = config.scalars(Step(index))
+        if not config.computes(index):
+            last = max(i for i in range(index) if config.computes(i))
+            assert values["taylorseer_coefficient_0"] == 1.0
+            if order >= 1:
+                updates = sum(config.computes(i) for i in range(index))
+                expected = float(index - last) if updates >= 2 else 0.0
+                assert values["taylorseer_coefficient_1"] == expected
+
+
+@given(steps=st.integers(2, 6), before=st.integers(0, 3), seed=st.integers(0, 3))
+def test_never_skip_config_is_bit_identical(steps, before, seed):
+    tiny = tiny_models.build("flux", num_layers=1, num_single_layers=1)
+    # cache_interval=1 makes every step a computing step
+    cached = fxcache.transform(tiny.model, [TaylorSeer(cache_interval=1, disable_cache_before_step=before)],
+                               backend="eager")
+    _, result = run_euler(cached, tiny, steps, seed=seed)
+    _, original = run_euler(tiny.model, tiny, steps, seed=seed)
+    assert torch.equal(result, original)
