@@ -70,6 +70,7 @@ class Program:
     flag_names: list[str]
     fullgraph: bool
     backend: Callable
+    cudagraphs: bool = False
     compiles: int = 0
     states: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     _compiled: Any = None
@@ -78,8 +79,9 @@ class Program:
     def build(cls, builder: ProgramBuilder, *, backend, mode=None, options=None,
               fullgraph: bool = True) -> "Program":
         gm = builder.finish()
+        cudagraphs = mode in ("reduce-overhead", "max-autotune") or bool((options or {}).get("triton.cudagraphs"))
         program = cls(builder.captured, gm, list(builder.state), list(builder.scalars),
-                      list(builder.flags), fullgraph, make_backend(backend, mode, options))
+                      list(builder.flags), fullgraph, make_backend(backend, mode, options), cudagraphs)
 
         def counting_backend(graph_module, example_inputs):
             program.compiles += 1
@@ -92,7 +94,13 @@ class Program:
     # -- state --------------------------------------------------------------------------------------
     def state_for(self, context: str) -> list[torch.Tensor]:
         if context not in self.states:
-            self.states[context] = [slot.new() for slot in self.state_slots]
+            tensors = [slot.new() for slot in self.state_slots]
+            for t in tensors:
+                # static for CUDA graphs (updated in place, never re-pointed), without a guard on
+                # identity: another context's tensors reuse the same compiled graph, and cudagraph
+                # trees keep one recording per set of state addresses
+                torch._dynamo.mark_static_address(t, guard=False)
+            self.states[context] = tensors
         return self.states[context]
 
     def reset(self, context: str | None = None) -> None:
@@ -117,6 +125,11 @@ class Program:
         _planned_break.active = not self.fullgraph
         try:
             with torch._dynamo.config.patch(recompile_limit=max(64, 2 ** min(len(flags), 10))):
-                return self._compiled(*inputs, *state, *scalars, *flags)
+                outputs = self._compiled(*inputs, *state, *scalars, *flags)
         finally:
             _planned_break.active = False
+        if self.cudagraphs:
+            # a CUDA graph's outputs live in its memory pool and the next replay overwrites them;
+            # a pipeline holds the cond output while it runs the uncond call
+            outputs = tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in outputs)
+        return outputs

@@ -66,6 +66,7 @@ class CachedModel(torch.nn.Module):
         self._progress: dict[str, _ContextProgress] = {}
         self._timesteps: list[float] | None = None
         self._captures = 0
+        self._scalar_tensors: dict[tuple, torch.Tensor] = {}
 
     # -- attribute forwarding -----------------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -185,7 +186,15 @@ class CachedModel(torch.nn.Module):
         values: dict[str, float] = {}
         for cache_pass in self._passes:
             values.update(cache_pass.scalars(step))
-        return [torch.tensor(values[s.name], dtype=s.dtype, device=s.device) for s in program.scalar_slots]
+        return [self._scalar_tensor(values[s.name], s.dtype, s.device) for s in program.scalar_slots]
+
+    def _scalar_tensor(self, value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """One device tensor per distinct value, made once: building it per call would copy from
+        pageable host memory each step (a synchronising copy on CUDA)."""
+        key = (float(value), dtype, device)
+        if key not in self._scalar_tensors:
+            self._scalar_tensors[key] = torch.tensor(value, dtype=dtype, device=device)
+        return self._scalar_tensors[key]
 
     # -- introspection ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -214,8 +223,10 @@ class CachedModel(torch.nn.Module):
             raise RuntimeError("nothing is captured yet: call the model once first")
         return list(self._regions.values())[-1]
 
-    def explain(self) -> str:
-        """What was found and what each pass will do, as text."""
+    def explain(self, num_steps: int | None = None, timesteps=None) -> str:
+        """What was found and what each pass will do, as text; for static passes, the schedule of
+        ``num_steps`` steps (default: the scheduler's, else the pass's ``num_inference_steps``) and
+        its predicted FLOPs (see :meth:`plan`)."""
         lines = [f"fxcache: {type(self.original).__name__} with "
                  + ", ".join(p.describe() for p in self._passes)]
         if self._regions:
@@ -226,4 +237,43 @@ class CachedModel(torch.nn.Module):
             if cache_pass.dynamic:
                 lines.append(f"{type(cache_pass).__name__}: decided in the graph at every call; "
                              "no schedule ahead of time")
+        static = [p for p in self._passes if not p.dynamic]
+        if static and self._regions:
+            if timesteps is None and self._timesteps is not None:
+                timesteps = self._timesteps
+            if num_steps is None:
+                num_steps = len(timesteps) if timesteps is not None else next(
+                    (p.num_inference_steps for p in static if hasattr(p, "num_inference_steps")), None)
+            if num_steps is None:
+                lines.append("(call explain(num_steps, timesteps) for the schedule)")
+            else:
+                try:
+                    lines.append(str(self.plan(num_steps, timesteps)))
+                except ValueError as error:  # e.g. a timestep range and no timesteps to plan with
+                    lines.append(f"(no schedule: {error})")
         return "\n".join(lines)
+
+    def plan(self, num_steps: int, timesteps=None):
+        """The schedule of the static passes for a generation of ``num_steps`` steps: which region
+        computes at which step, per cache context, and the predicted fraction of FLOPs as a formula
+        in the token count (:class:`fxcache.schedule.Schedule`). Needs one call of the model first
+        (the regions are read off its graph); ``timesteps`` are needed where a pass has a timestep
+        range (PAB).
+
+        Example::
+
+            print(cached.plan(28, timesteps=pipe.scheduler.timesteps))
+        """
+        from .schedule import build_schedule, example_inputs, symbolic_costs
+
+        if not self._regions:
+            raise RuntimeError("plan() reads the regions off the model's graph: call the model once first")
+        signature, regions = list(self._regions.items())[-1]
+        gated = build_schedule(self._passes, regions, num_steps, timesteps).regions
+        costs_by_signature = self.__dict__.setdefault("_plan_costs", {})
+        if (signature, tuple(gated)) not in costs_by_signature:
+            args, kwargs = example_inputs(self._programs[signature].captured)
+            costs_by_signature[(signature, tuple(gated))] = symbolic_costs(self.original, args, kwargs, gated)
+        contexts = tuple(self._progress) or tuple(self._programs[signature].states) or (DEFAULT_CONTEXT,)
+        return build_schedule(self._passes, regions, num_steps, timesteps, contexts,
+                              costs_by_signature[(signature, tuple(gated))])
