@@ -7,7 +7,7 @@ A pass never edits nodes itself. It asks a :class:`ProgramBuilder` for what it n
   enters the program as inputs, one set per cache context, updated in place.
 * ``add_flag(name)``: a host boolean decided before the call (static passes). Each distinct tuple of
   flags is one specialised graph.
-* ``add_scalar(name)``: a per-step number that enters as a 0-d tensor, so it never adds graphs.
+* ``add_scalar(name)``: a per-step number that enters as a (1,)-tensor, so it never adds graphs.
 * ``replace(region, fn, *args)``: outline ``region`` into a sub-``GraphModule``, call
   ``fn(*args)`` in its place (an argument :data:`REGION` stands for the outlined callable, one of
   :data:`INPUTS` for the region's inputs), and route the region's outputs to what ``fn`` returns.
@@ -124,7 +124,7 @@ class ProgramBuilder:
         return node
 
     def add_scalar(self, name: str, dtype: torch.dtype = torch.float32, device=None) -> fx.Node:
-        """A per-step number that enters the program as a 0-d tensor."""
+        """A per-step number that enters the program as a tensor of shape (1,)."""
         device = device or self.device
         self.scalars.append(ScalarSlot(name, dtype, torch.device(device)))
         return self._placeholder("scalar", name)

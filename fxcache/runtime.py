@@ -190,10 +190,11 @@ class CachedModel(torch.nn.Module):
 
     def _scalar_tensor(self, value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """One device tensor per distinct value, made once: building it per call would copy from
-        pageable host memory each step (a synchronising copy on CUDA)."""
+        pageable host memory each step (a synchronising copy on CUDA). Shape (1,), not 0-d: dynamo
+        guards 0-d CPU floats by reading their value."""
         key = (float(value), dtype, device)
         if key not in self._scalar_tensors:
-            self._scalar_tensors[key] = torch.tensor(value, dtype=dtype, device=device)
+            self._scalar_tensors[key] = torch.tensor([value], dtype=dtype, device=device)
         return self._scalar_tensors[key]
 
     # -- introspection ------------------------------------------------------------------------------

@@ -66,8 +66,10 @@ class FirstBlockCache(CachePass):
         computed = builder.add_counter("tail_computed")
         head_outputs = tuple(head.stream_outputs[role] for role in roles)
 
+        # the threshold enters as a tensor: another threshold reuses the compiled graphs
+        threshold = builder.add_scalar("first_block_cache_threshold", dtype=torch.float64)
         head_residual = builder.call(torch.sub, hidden_out, hidden_in, after=head.nodes[-1])
-        compute = builder.call(should_compute, head_residual, reference, self.threshold, after=head_residual)
+        compute = builder.call(should_compute, head_residual, reference, threshold, after=head_residual)
         if self.lowering == "host":
             decision = builder.method("item", compute, after=compute)
             policy = compute_or_reuse_tail
@@ -77,7 +79,11 @@ class FirstBlockCache(CachePass):
                         residuals, computed, INPUTS)
 
 
-def should_compute(head_residual: torch.Tensor, reference: torch.Tensor, threshold: float) -> torch.Tensor:
+    def scalars(self, step) -> dict[str, float]:
+        return {"first_block_cache_threshold": self.threshold}
+
+
+def should_compute(head_residual: torch.Tensor, reference: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """Relative L1 change of the head residual; computes unless it is ``<= threshold`` (so NaN computes).
     The comparison is in float64, as diffusers compares the Python float it reads."""
     change = (head_residual - reference).abs().mean() / reference.abs().mean()
