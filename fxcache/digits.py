@@ -253,7 +253,7 @@ class TrainResult:
         return _denoiser(self.model, self.conditioning, self.config)
 
 
-def train(steps: int = 1500, *, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+def train(steps: int = 1000, *, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
           config: DigitsConfig = DigitsConfig(), label_dropout: float = 0.1, warmup: int = 50,
           threads: int | None = 1, log_every: int = 0) -> TrainResult:
     """Train the digits transformer with flow matching; reproducible from ``seed`` (same thread count).
@@ -330,7 +330,7 @@ def save_weights(result: TrainResult, path: str | Path = WEIGHTS_PATH) -> Path:
 
     Example::
 
-        save_weights(train(steps=1500), "digits_flux.safetensors")
+        save_weights(train(steps=1000), "digits_flux.safetensors")
     """
     from safetensors.torch import save_file
 
@@ -411,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      description="Train the shipped digits model (flow matching, CPU).")
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser("train", help="train, then write the weights and the loss curve")
-    command.add_argument("--steps", type=int, default=1500)
+    command.add_argument("--steps", type=int, default=1000)
     command.add_argument("--batch-size", type=int, default=64)
     command.add_argument("--lr", type=float, default=1e-3)
     command.add_argument("--seed", type=int, default=0)

@@ -27,9 +27,11 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import digits
+from .flops import count_flops
 from .tiny_models import TinyDenoiser, euler_sample
 
-__all__ = ["PassReport", "accuracy", "compare_passes", "digit_classifier", "generate", "psnr", "ssim"]
+__all__ = ["PassReport", "accuracy", "compare_passes", "current_timestep", "digit_classifier", "generate", "psnr",
+           "save_grid", "ssim"]
 
 DATA_RANGE = 2.0  # images live in [-1, 1]
 SSIM_KERNEL = 7  # 16x16 images: the usual 11-wide window would leave only the central 6x6 positions
@@ -102,3 +104,225 @@ def accuracy(images: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> floa
         raise ValueError(f"{images.shape[0]} images but {labels.numel()} labels")
     predicted = digit_classifier().predict(digits.to_classifier_inputs(images))
     return float((torch.as_tensor(predicted) == labels).float().mean())
+
+
+# -- generation and comparison ---------------------------------------------------------------------
+
+def generate(model: torch.nn.Module, denoiser: TinyDenoiser, labels: Sequence[int] | torch.Tensor, *,
+             seed: int = 0, num_steps: int = 20, guidance: float | None = None) -> torch.Tensor:
+    """One generation of digits ``labels`` (one per row) with ``model`` (the plain transformer, an
+    :func:`fxcache.transform` result or a diffusers model with hooks) from the noise of ``seed``;
+    ``(B, 1, 16, 16)`` images in [-1, 1]. Cache state is reset first, so calls are independent.
+    ``guidance`` runs classifier-free guidance in contexts ``"cond"`` and ``"uncond"``. While it runs,
+    :func:`current_timestep` tells the timestep of the call in progress.
+
+    Example::
+
+        denoiser = digits.load_digits_denoiser()
+        images = generate(denoiser.model, denoiser, labels=range(10), num_steps=20)
+    """
+    labels = torch.as_tensor(list(labels) if not isinstance(labels, torch.Tensor) else labels)
+    _reset(model)
+    contexts = ("cond",) if guidance is None else ("cond", "uncond")
+    noise = denoiser.noise(seed=seed, batch=labels.numel())
+    latents = euler_sample(_TimestepRecorder(model, denoiser.timestep_scale), digits.conditioned_on(denoiser, labels),
+                           noise, num_steps, contexts=contexts, guidance=1.0 if guidance is None else guidance)
+    _reset(model)
+    return digits.unpack(latents).clamp(-1, 1)
+
+
+_current_timestep: list[float | None] = [None]
+
+
+def current_timestep() -> float | None:
+    """The timestep of the model call :func:`generate` is making, on the 0-1000 scale of diffusers
+    schedulers (what a FLUX pipeline's ``current_timestep`` holds); ``None`` outside a call. Hand it
+    to ``PyramidAttentionBroadcast`` (ours or diffusers') as ``current_timestep_callback``.
+
+    Example::
+
+        PyramidAttentionBroadcast(spatial_attention_block_skip_range=2,
+                                  current_timestep_callback=quality.current_timestep)
+    """
+    return _current_timestep[0]
+
+
+class _TimestepRecorder:
+    """Calls the model and keeps its timestep for :func:`current_timestep`, as a pipeline keeps
+    ``current_timestep``; every other attribute (``cache_context``) is the model's."""
+
+    def __init__(self, model, timestep_scale: float):
+        self._model, self._to_scheduler_scale = model, 1000.0 / timestep_scale
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, **inputs):
+        _current_timestep[0] = float(inputs["timestep"].reshape(-1)[0]) * self._to_scheduler_scale
+        try:
+            return self._model(**inputs)
+        finally:
+            _current_timestep[0] = None
+
+
+def _reset(model) -> None:
+    """End a generation as a pipeline does. A CachedModel forwards unknown attributes to the model it
+    wraps, so ask it first; diffusers' hooks only need a reset when they are enabled."""
+    from .runtime import CachedModel
+
+    if isinstance(model, CachedModel):
+        model.reset()
+    elif getattr(model, "is_cache_enabled", False):
+        model._reset_stateful_cache()
+
+
+@dataclass
+class PassReport:
+    """One row of :func:`compare_passes`: a method against the uncached run of the same seeds.
+
+    ``speedup`` is uncached seconds / these seconds (best of ``repeats``); ``flop_fraction`` the FLOPs
+    executed over the uncached run's (``torch.utils.flop_counter``); ``psnr``/``ssim`` against the
+    uncached images; ``accuracy`` of the digit classifier on the requested classes."""
+
+    name: str
+    seconds: float
+    speedup: float
+    flops: int
+    flop_fraction: float
+    psnr: float
+    ssim: float
+    accuracy: float
+    images: torch.Tensor = dataclasses.field(repr=False)
+    stats: dict | None = dataclasses.field(default=None, repr=False)
+
+    def row(self) -> dict[str, Any]:
+        """The numbers, without the images (for tables and JSON)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("images", "stats")}
+
+
+def _flops(run) -> int:
+    return count_flops(run)[1]
+
+
+def _timed(run, repeats: int) -> tuple[float, torch.Tensor]:
+    best, images = math.inf, None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        images = run()
+        best = min(best, time.perf_counter() - start)
+    return best, images
+
+
+def _cached(model: torch.nn.Module, method, backend: str):
+    """``method`` is fxcache passes (one pass or a list) or a diffusers cache config."""
+    import fxcache
+    from fxcache.passes import CachePass
+
+    if isinstance(method, CachePass) or (isinstance(method, (list, tuple))
+                                          and all(isinstance(p, CachePass) for p in method)):
+        return fxcache.transform(model, [method] if isinstance(method, CachePass) else list(method),
+                                 backend=backend)
+    if type(method).__module__.startswith("diffusers"):
+        hooked = copy.deepcopy(model)
+        hooked.enable_cache(method)
+        return hooked
+    raise TypeError(f"compare a fxcache pass (e.g. FirstBlockCache(threshold=0.1)) or a diffusers cache "
+                    f"config (e.g. FirstBlockCacheConfig(threshold=0.1)), got {type(method).__name__}")
+
+
+def compare_passes(methods: Mapping[str, Any] | Sequence[Any], path: str | Path | None = None, *,
+                   denoiser: TinyDenoiser | None = None, samples_per_class: int = 4, num_steps: int = 20,
+                   guidance: float | None = None, seed: int = 0, backend: str = "eager",
+                   repeats: int = 2) -> list[PassReport]:
+    """Generate the same grid of digits (every class ``samples_per_class`` times, one batch, noise of
+    ``seed``) uncached and with each method; measure speed, FLOPs and quality; optionally save all
+    grids side by side as one PNG at ``path``. Returns the uncached report first, then one per method.
+
+    ``methods`` maps a name to fxcache passes (a pass or a list of passes, applied with
+    :func:`fxcache.transform` and ``backend``) or to a diffusers cache config (applied with
+    ``enable_cache`` to a deep copy, for a side-by-side with diffusers' hooks); a plain sequence is
+    named by ``repr``. ``denoiser`` defaults to the shipped digits model. Each method is run once to
+    warm up (capture and compile) and then timed ``repeats`` times (best kept); FLOPs are counted on
+    one more run, forced eager (:func:`fxcache.flops.count_flops`), with the same decisions.
+
+    Example::
+
+        from diffusers import FirstBlockCacheConfig
+        from fxcache.passes import FirstBlockCache
+
+        reports = compare_passes({"fxcache FBC 0.1": FirstBlockCache(threshold=0.1),
+                                  "diffusers FBC 0.1": FirstBlockCacheConfig(threshold=0.1)},
+                                 "digits_grid.png")
+        print(reports[1].speedup, reports[1].flop_fraction, reports[1].psnr, reports[1].accuracy)
+    """
+    if not isinstance(methods, Mapping):
+        methods = {repr(m): m for m in methods}
+    if samples_per_class < 1 or num_steps < 1 or repeats < 1:
+        raise ValueError("samples_per_class, num_steps and repeats must be positive")
+    denoiser = denoiser or digits.load_digits_denoiser()
+    labels = torch.arange(digits.NUM_CLASSES).repeat_interleave(samples_per_class)
+    plain = denoiser.model
+
+    def runner(model):
+        return lambda: generate(model, denoiser, labels, seed=seed, num_steps=num_steps, guidance=guidance)
+
+    with torch.no_grad():
+        run = runner(plain)
+        run()  # warm-up: first calls allocate and initialise
+        seconds, reference = _timed(run, repeats)
+        flops = _flops(run)
+        reports = [PassReport("uncached", seconds, 1.0, flops, 1.0, math.inf, 1.0,
+                              accuracy(reference, labels), reference)]
+        for name, method in methods.items():
+            model = _cached(plain, method, backend)
+            run = runner(model)
+            run()  # warm-up: capture and compile happen here
+            seconds, images = _timed(run, repeats)
+            method_flops = _flops(run)
+            stats = model.stats() if hasattr(model, "stats") else None
+            reports.append(PassReport(name, seconds, reports[0].seconds / seconds, method_flops,
+                                      method_flops / flops, psnr(images, reference), ssim(images, reference),
+                                      accuracy(images, labels), images, stats))
+    if path is not None:
+        save_grid(reports, path, samples_per_class)
+    return reports
+
+
+def save_grid(reports: Sequence[PassReport], path: str | Path, samples_per_class: int) -> Path:
+    """Every report's images as a grid (a column per class), side by side in one PNG, each titled
+    with its speed-up, FLOP fraction, PSNR and accuracy.
+
+    Example::
+
+        save_grid(compare_passes([FirstBlockCache(threshold=0.1)]), "grid.png", samples_per_class=4)
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(4, len(reports))
+    rows = math.ceil(len(reports) / columns)
+    panel_width = 3.4  # inches; a panel's image is 10 digits wide and samples_per_class high
+    panel_height = panel_width * samples_per_class / digits.NUM_CLASSES + 0.75  # + three title lines
+    fig, axes = plt.subplots(rows, columns, figsize=(panel_width * columns, panel_height * rows), dpi=110,
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, report in zip(axes.flat, reports):
+        # (classes * samples, H, W), class-major; a 1-pixel background border keeps digits apart
+        images = torch.nn.functional.pad(report.images[:, 0], (1, 1, 1, 1), value=-1.0)
+        side = images.shape[-1]
+        tiles = images.reshape(digits.NUM_CLASSES, samples_per_class, side, side)
+        grid = tiles.permute(1, 2, 0, 3).reshape(samples_per_class * side, digits.NUM_CLASSES * side)
+        ax.imshow(grid.numpy(), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
+        quality_line = "reference" if report.name == "uncached" else \
+            f"PSNR {report.psnr:.1f} dB  SSIM {report.ssim:.3f}"
+        ax.set_title(f"{report.name}\n{report.speedup:.2f}x time, {report.flop_fraction:.0%} FLOPs\n"
+                     f"{quality_line}  acc {report.accuracy:.0%}", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
