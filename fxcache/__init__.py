@@ -25,12 +25,15 @@ __version__ = "0.1.0"
 
 
 def transform(model: torch.nn.Module, passes: Sequence[CachePass], *, backend: str | Callable = "inductor",
-              mode: str | None = None, options: dict | None = None, scheduler=None) -> CachedModel:
+              mode: str | None = None, options: dict | None = None, scheduler=None,
+              max_cache_bytes: int | None = None) -> CachedModel:
     """Apply caching ``passes`` to a denoiser and compile it; the module itself is not modified.
 
     ``backend``, ``mode`` and ``options`` mean what they mean in ``torch.compile``. ``scheduler`` (a
     diffusers scheduler, e.g. ``pipe.scheduler``) tells the step index and timesteps without a
     device->host sync. The graph is captured on the first call of each input signature.
+    ``max_cache_bytes`` bounds the cache state held at once: a call that would allocate past it fails
+    before allocating, with the sizes per pass in the message.
 
     Example::
 
@@ -55,4 +58,7 @@ def transform(model: torch.nn.Module, passes: Sequence[CachePass], *, backend: s
                          "supported yet, so pass one")
     if scheduler is not None and not hasattr(scheduler, "step_index"):
         raise TypeError("scheduler must be a diffusers scheduler (it has step_index and timesteps)")
-    return CachedModel(model, passes, backend=backend, mode=mode, options=options, scheduler=scheduler)
+    if max_cache_bytes is not None and (not isinstance(max_cache_bytes, int) or max_cache_bytes < 0):
+        raise ValueError(f"max_cache_bytes must be a non-negative int (bytes), got {max_cache_bytes!r}")
+    return CachedModel(model, passes, backend=backend, mode=mode, options=options, scheduler=scheduler,
+                       max_cache_bytes=max_cache_bytes)

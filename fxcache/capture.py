@@ -81,6 +81,29 @@ class CapturedGraph:
     output_spec: pytree.TreeSpec
     output_slots: list[Any]  # int: index into the graph's outputs; else the constant leaf itself
     module_types: dict[str, type] = field(default_factory=dict)
+    input_spec: pytree.TreeSpec | None = None  # structure of the call's (args, kwargs)
+
+    def example_call(self, batch_of=None) -> tuple[tuple, dict]:
+        """Call arguments with this graph's signature: zeros for tensors (``batch_of(shape)`` may
+        change a tensor's shape, e.g. halve its batch), the captured values otherwise. Enough to
+        capture the model again: captured graphs do not depend on tensor values.
+
+        Example::
+
+            args, kwargs = captured.example_call()
+            again = capture(captured.graph_module.model, args, kwargs)
+        """
+        if self.input_spec is None:
+            raise CaptureError("this graph was captured without its call structure")
+        leaves = []
+        for leaf in self.signature.leaves:
+            if isinstance(leaf, tuple) and leaf[:1] == ("tensor",):
+                _, shape, dtype, device = leaf
+                shape = batch_of(shape) if batch_of is not None else shape
+                leaves.append(torch.zeros(shape, dtype=dtype, device=device))
+            else:
+                leaves.append(leaf[1])
+        return pytree.tree_unflatten(leaves, self.input_spec)
 
     def inputs_from(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         leaves = pytree.tree_leaves((args, kwargs))
@@ -145,7 +168,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
         raise CaptureError(
             f"dynamo could not capture {type(model).__name__} as one graph with no breaks: "
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. fxcache needs "
-            "the denoiser's forward to be traceable with torch.compile(fullgraph=True)."
+            "the denoiser's forward to run on these inputs and to be traceable with "
+            "torch.compile(fullgraph=True)."
         ) from error
     finally:
         # the capture's cache entry lives on the class's forward code: drop it so that repeated
@@ -222,4 +246,4 @@ def _standalone(model, recorded, args, kwargs, result) -> CapturedGraph:
         else:
             slots.append(_Constant(leaf))
     return CapturedGraph(gm, input_signature(args, kwargs), input_leaves, input_names, out_spec, slots,
-                         module_types)
+                         module_types, input_spec=pytree.tree_flatten((args, kwargs))[1])

@@ -72,6 +72,7 @@ class Program:
     backend: Callable
     cudagraphs: bool = False
     compiles: int = 0
+    used: bool = False  # called since the last reset
     states: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     _compiled: Any = None
 
@@ -117,10 +118,18 @@ class Program:
 
     @property
     def state_bytes(self) -> int:
+        """Bytes of cache state one context holds."""
         return sum(slot.nbytes for slot in self.state_slots)
+
+    def state_bytes_by_owner(self) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        for slot in self.state_slots:
+            sizes[slot.owner] = sizes.get(slot.owner, 0) + slot.nbytes
+        return sizes
 
     # -- call ---------------------------------------------------------------------------------------
     def __call__(self, inputs, state, scalars, flags) -> tuple:
+        self.used = True
         # the recompile limit counts graphs per code object: allow one per distinct decision tuple
         _planned_break.active = not self.fullgraph
         try:

@@ -59,6 +59,7 @@ class StateSlot:
     dtype: torch.dtype
     device: torch.device
     counter: bool = False  # counts work for stats(); survives reset()
+    owner: str = ""  # the pass that declared it
 
     @property
     def nbytes(self) -> int:
@@ -88,6 +89,7 @@ class ProgramBuilder:
         self._placeholders: dict[str, list[fx.Node]] = {"state": [], "scalar": [], "flag": []}
         self._names: set[str] = set()
         self._outlined = 0
+        self.current_pass = ""  # set by the runtime while a pass rewrites; tags the state it declares
 
     # -- declarations -------------------------------------------------------------------------------
     def _placeholder(self, kind: str, name: str) -> fx.Node:
@@ -111,14 +113,14 @@ class ProgramBuilder:
         if like is not None:
             value = example_value(like)
             shape, dtype, device = tuple(int(s) for s in value.shape), value.dtype, value.device
-        self.state.append(StateSlot(name, tuple(shape), dtype, torch.device(device)))
+        self.state.append(StateSlot(name, tuple(shape), dtype, torch.device(device), owner=self.current_pass))
         node = self._placeholder("state", name)
         node.meta["example_value"] = torch.empty(shape, dtype=dtype, device="meta")
         return node
 
     def add_counter(self, name: str) -> fx.Node:
         """A 0-d int64 tensor that counts work for ``stats()``; reset() leaves it alone."""
-        self.state.append(StateSlot(name, (), torch.int64, self.device, counter=True))
+        self.state.append(StateSlot(name, (), torch.int64, self.device, counter=True, owner=self.current_pass))
         node = self._placeholder("state", name)
         node.meta["example_value"] = torch.empty((), dtype=torch.int64, device="meta")
         return node

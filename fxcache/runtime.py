@@ -54,8 +54,9 @@ class CachedModel(torch.nn.Module):
     wrapped model's arguments and forwards every other attribute to it."""
 
     def __init__(self, model: torch.nn.Module, passes: Sequence[CachePass], *, backend="inductor",
-                 mode=None, options=None, scheduler=None):
+                 mode=None, options=None, scheduler=None, max_cache_bytes: int | None = None):
         super().__init__()
+        self._max_cache_bytes = max_cache_bytes
         self.original = model
         self._passes = tuple(passes)
         self._compile_args = dict(backend=backend, mode=mode, options=options)
@@ -94,9 +95,15 @@ class CachedModel(torch.nn.Module):
             self._active = previous
 
     def reset(self) -> None:
-        """Forget all cache state and step progress: the next call starts a new generation."""
+        """Forget all cache state and step progress: the next call starts a new generation.
+
+        State of input signatures not used since the previous reset (an earlier resolution or batch)
+        is freed; the rest is zeroed in place, so compiled code and CUDA graphs keep their addresses."""
         for program in self._programs.values():
+            if not program.used:
+                program.states.clear()
             program.reset()
+            program.used = False
         self._progress.clear()
         self._timesteps = None
 
@@ -119,6 +126,8 @@ class CachedModel(torch.nn.Module):
         step = self._step(context)
         flags = self._flags(program, step)
         scalars = self._scalars(program, step)
+        if context not in program.states:
+            self._check_cache_budget(program, context)
         flat = program(program.captured.inputs_from(args, kwargs), program.state_for(context), scalars, flags)
         return program.captured.rebuild_output(flat)
 
@@ -128,12 +137,26 @@ class CachedModel(torch.nn.Module):
         regions = find_regions(captured)
         builder = ProgramBuilder(captured)
         for cache_pass in self._passes:
+            builder.current_pass = type(cache_pass).__name__
             cache_pass.rewrite(builder, regions)
         fullgraph = not any(p.dynamic and getattr(p, "lowering", None) == "host" for p in self._passes)
         program = Program.build(builder, fullgraph=fullgraph, **self._compile_args)
         self._programs[signature] = program
         self._regions[signature] = regions
         return program
+
+    def _check_cache_budget(self, program: Program, context: str) -> None:
+        """Fail before allocating a context's state when it would pass ``max_cache_bytes``."""
+        if self._max_cache_bytes is None:
+            return
+        held = self.stats()["cache_bytes"]
+        if held + program.state_bytes > self._max_cache_bytes:
+            by_pass = ", ".join(f"{name} {size:,} B" for name, size in program.state_bytes_by_owner().items())
+            raise MemoryError(
+                f"fxcache: cache context {context!r} needs {program.state_bytes:,} bytes of cache state "
+                f"({by_pass}) for inputs {program.captured.signature.describe()}; with the {held:,} bytes "
+                f"already held that passes max_cache_bytes={self._max_cache_bytes:,}. Raise the bound, "
+                "use fewer cache contexts, or call reset() between generations of different sizes.")
 
     def _step(self, context: str) -> Step:
         """Resolve the step of this call (see the module docstring) and start a new generation for
@@ -186,13 +209,15 @@ class CachedModel(torch.nn.Module):
         values: dict[str, float] = {}
         for cache_pass in self._passes:
             values.update(cache_pass.scalars(step))
-        return [self._scalar_tensor(values[s.name], s.dtype, s.device) for s in program.scalar_slots]
+        return [self._scalar_tensor(values[s.name], s.dtype, s.device, s.name) for s in program.scalar_slots]
 
-    def _scalar_tensor(self, value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """One device tensor per distinct value, made once: building it per call would copy from
-        pageable host memory each step (a synchronising copy on CUDA). Shape (1,), not 0-d: dynamo
-        guards 0-d CPU floats by reading their value."""
-        key = (float(value), dtype, device)
+    def _scalar_tensor(self, value: float, dtype: torch.dtype, device: torch.device, name: str = "") -> torch.Tensor:
+        """One device tensor per scalar name and distinct value, made once: building it per call would
+        copy from pageable host memory each step (a synchronising copy on CUDA). Shape (1,), not 0-d:
+        dynamo guards 0-d CPU floats by reading their value. Keyed by name too: two scalars of one call
+        that share a tensor when their values are equal would make dynamo guard on that aliasing and
+        recompile whenever the pattern of equal values changes."""
+        key = (name, float(value), dtype, device)
         if key not in self._scalar_tensors:
             self._scalar_tensors[key] = torch.tensor([value], dtype=dtype, device=device)
         return self._scalar_tensors[key]
@@ -211,11 +236,18 @@ class CachedModel(torch.nn.Module):
             entry["calls"] = progress.calls
             for flag, (true, false) in progress.flag_counts.items():
                 entry[flag] = {"true": true, "false": false}
+        by_pass: dict[str, int] = {}
+        for program in self._programs.values():
+            for name in program.states:
+                contexts[name]["cache_bytes"] = contexts[name].get("cache_bytes", 0) + program.state_bytes
+                for owner, size in program.state_bytes_by_owner().items():
+                    by_pass[owner] = by_pass.get(owner, 0) + size
         return {
             "contexts": contexts,
             "compiles": sum(p.compiles for p in self._programs.values()),
             "captures": self._captures,
             "cache_bytes": sum(p.state_bytes * len(p.states) for p in self._programs.values()),
+            "cache_bytes_by_pass": by_pass,
         }
 
     def regions(self) -> ModelRegions:

@@ -1,0 +1,109 @@
+"""Bad input and state lifecycle: a clear error or a correct result, never stale state."""
+
+import pytest
+import torch
+
+import fxcache
+from fxcache import tiny_models
+from fxcache.passes import FirstBlockCache
+
+STATE_BYTES = 2 * 16 * 32 * 4 + 8  # FirstBlockCache on tiny Flux: two (1, 16, 32) fp32 tensors + a counter
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return tiny_models.build("flux")
+
+
+def transform(tiny, **kwargs):
+    return fxcache.transform(tiny.model, [FirstBlockCache(threshold=0.3)], backend="eager", **kwargs)
+
+
+def in_float64(tiny):
+    make = tiny.make_inputs
+    tiny.make_inputs = lambda x, t, c: {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                                        for k, v in make(x, t, c).items()}
+    return make
+
+
+def test_a_dtype_change_between_generations_recaptures_and_stays_exact(flux):
+    cached = transform(flux)
+    start = flux.noise(seed=1)
+    tiny_models.euler_sample(cached, flux, start, 4)
+    cached.reset()
+    double = tiny_models.flux()
+    double.model.double()
+    in_float64(double)
+    fresh = fxcache.transform(double.model, [FirstBlockCache(threshold=0.3)], backend="eager")
+    expected = tiny_models.euler_sample(fresh, double, start.double(), 4)
+
+    # the same CachedModel, its wrapped module now float64: inputs of another dtype, a new signature
+    flux.model.double()
+    make = in_float64(flux)
+    try:
+        result = tiny_models.euler_sample(cached, flux, start.double(), 4)
+    finally:
+        flux.model.float()
+        flux.make_inputs = make
+    assert result.dtype == torch.float64 and torch.equal(result, expected)
+    assert cached.stats()["captures"] == 2
+
+
+def test_cond_and_uncond_calls_of_one_step_may_differ_in_batch(flux):
+    cached = transform(flux)
+    x = flux.noise(seed=2)
+    for step, sigma in enumerate((1.0, 0.8, 0.6)):
+        with cached.cache_context("cond"):
+            cond = cached(**flux.inputs(x, sigma))[0]
+        with cached.cache_context("uncond"):
+            uncond = cached(**flux.inputs(torch.cat([x, x]), sigma, condition=1))[0]
+        if step == 0:  # first call of each signature and context computes everything
+            assert torch.equal(cond, flux.model(**flux.inputs(x, sigma))[0])
+            assert torch.equal(uncond, flux.model(**flux.inputs(torch.cat([x, x]), sigma, condition=1))[0])
+        x = x - 0.2 * cond
+    stats = cached.stats()
+    assert stats["captures"] == 2 and set(stats["contexts"]) == {"cond", "uncond"}
+
+
+def test_state_of_an_unused_resolution_is_freed_at_reset(flux):
+    cached = transform(flux)
+    wide = tiny_models.flux(img_tokens=64)
+    wide.model = flux.model
+    tiny_models.euler_sample(cached, flux, flux.noise(), 2)
+    cached.reset()
+    assert cached.stats()["cache_bytes"] == STATE_BYTES  # kept, zeroed: the same size may come back
+    tiny_models.euler_sample(cached, wide, wide.noise(), 2)
+    cached.reset()
+    wide_bytes = 2 * 64 * 32 * 4 + 8
+    assert cached.stats()["cache_bytes"] == wide_bytes  # the 16-token state was not used: freed
+
+
+def test_max_cache_bytes_fails_before_allocating_and_names_the_sizes(flux):
+    cached = transform(flux, max_cache_bytes=STATE_BYTES)
+    with cached.cache_context("cond"):
+        cached(**flux.inputs(flux.noise(), 1.0))
+    with cached.cache_context("uncond"), pytest.raises(MemoryError) as error:
+        cached(**flux.inputs(flux.noise(), 1.0, condition=1))
+    message = str(error.value)
+    assert "'uncond' needs 4,104 bytes" in message and "FirstBlockCache 4,104 B" in message
+    assert "max_cache_bytes=4,104" in message and "Raise the bound" in message
+    assert set(cached.stats()["contexts"]["cond"]) >= {"cache_bytes"}
+    assert "cache_bytes" not in cached.stats()["contexts"].get("uncond", {})
+    with pytest.raises(ValueError, match="max_cache_bytes must be a non-negative int"):
+        transform(flux, max_cache_bytes=-1)
+
+
+def test_two_transformed_models_in_one_process_share_nothing(flux):
+    first, second = transform(flux), transform(flux)
+    start_a, start_b = flux.noise(seed=3), flux.noise(seed=4)
+    alone_a = tiny_models.euler_sample(transform(flux), flux, start_a, 5)
+    alone_b = tiny_models.euler_sample(transform(flux), flux, start_b, 5)
+    sigmas = [1.0 - i / 5 for i in range(6)]
+    a, b = start_a, start_b
+    for i in range(5):  # interleaved call by call, same context name
+        with first.cache_context("cond"):
+            va = first(**flux.inputs(a, sigmas[i]))[0]
+        with second.cache_context("cond"):
+            vb = second(**flux.inputs(b, sigmas[i]))[0]
+        a, b = a + (sigmas[i + 1] - sigmas[i]) * va, b + (sigmas[i + 1] - sigmas[i]) * vb
+    assert torch.equal(a, alone_a) and torch.equal(b, alone_b)
