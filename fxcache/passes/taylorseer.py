@@ -211,12 +211,15 @@ def compute_or_predict(compute: bool, module, factors, dtypes, step_distance, co
     Arithmetic as diffusers: differences in the output dtype, factors stored (rounded) in their
     dtype, the prediction accumulated in the output dtype, term by term.
     """
+    # the runtime hands scalars over as 1-element tensors; as 0-d tensors of the output dtype they
+    # act like the Python numbers diffusers uses (no type promotion, same rounding)
     if compute:
         outputs = module(*inputs)
         for slot, output in zip(factors, outputs):
+            distance = step_distance.reshape(()).to(output.dtype)
             new = [output]
             for order in range(len(slot) - 1):
-                new.append((new[order] - slot[order].to(output.dtype)) / step_distance)
+                new.append((new[order] - slot[order].to(output.dtype)) / distance)
             for state, value in zip(slot, new):
                 copy_into(state, value)
         return outputs
@@ -226,9 +229,9 @@ def compute_or_predict(compute: bool, module, factors, dtypes, step_distance, co
         for factor, coefficient in zip(slot, coefficients):
             if dtype in _REDUCED:
                 # a Python-float coefficient multiplies a half tensor in float32 (PyTorch's opmath)
-                term = (factor.to(dtype).float() * coefficient.float()).to(dtype)
+                term = (factor.to(dtype).float() * coefficient.reshape(()).float()).to(dtype)
             else:
-                term = factor.to(dtype) * coefficient
+                term = factor.to(dtype) * coefficient.reshape(()).to(dtype)
             prediction = prediction + term
         predictions.append(prediction)
     return tuple(predictions)
