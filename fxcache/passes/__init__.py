@@ -1,10 +1,11 @@
 """The caching methods, one file each: a frozen config plus a rewrite."""
 
 from .base import CachePass, ConfigError, Step
+from .faster_cache import FasterCache
 from .first_block_cache import FirstBlockCache
 from .mag_cache import MagCache
 from .pyramid_attention_broadcast import PyramidAttentionBroadcast
 from .taylorseer import TaylorSeer
 
-__all__ = ["CachePass", "ConfigError", "FirstBlockCache", "MagCache", "PyramidAttentionBroadcast", "Step",
-           "TaylorSeer"]
+__all__ = ["CachePass", "ConfigError", "FasterCache", "FirstBlockCache", "MagCache", "PyramidAttentionBroadcast",
+           "Step", "TaylorSeer"]

@@ -1,0 +1,551 @@
+"""FasterCache: extrapolate self-attention outputs, and synthesise the unconditional CFG branch.
+
+Behaviour of diffusers' ``FasterCacheConfig`` hooks (diffusers 0.42.1), for a denoiser called once
+per step with the CFG batch concatenated as ``[uncond; cond]`` (context ``"cond_uncond"`` in diffusers
+pipelines), or a guidance-distilled denoiser (``is_guidance_distilled=True``: one branch, no CFG):
+
+* **Attention.** A spatial (temporal) self-attention computes at call 0, outside
+  ``lo < t < hi`` of its timestep range (both ends exclusive), and at calls ``i % N == 0``; otherwise
+  it returns ``y1 + (y1 - y2) * w``, a first-order extrapolation from the last two outputs it
+  returned (extrapolations included: they are fed back), ``w = attention_weight_callback(module)``.
+  Without distillation it stores only the conditional half, and only a conditional-only call can
+  extrapolate: a full ``[uncond; cond]`` call always computes.
+* **CFG-Cache.** At calls ``i > 0`` with ``lo < t < hi`` of ``unconditional_batch_timestep_skip_range``
+  and ``i % unconditional_batch_skip_range != 0``, the denoiser runs the conditional half of the
+  batch only and synthesises the unconditional output in frequency space: with ``F = fft2`` over the
+  last two (spatial) dims of each frame, ``U = real(ifft2(F(cond) + D))``. ``D = F(uncond) - F(cond)``
+  is stored at every full call and, at every conditional-only call, multiplied in place by the
+  low-frequency weight inside a centred disc of radius ``min(H, W) // 5`` and by the high-frequency
+  weight outside it, so the weights *compound*: after k such calls ``D = D0 * w**k``. The default
+  weights are ``alpha_low_frequency`` while ``lo < t < hi`` of
+  ``low_frequency_weight_update_timestep_range`` (else 1), likewise for high. ``tensor_format``
+  (``BCFHW``, ``BFCHW``, ``BCHW``) says how output frames are laid out.
+
+How it is compiled: every decision is a function of the step and the timestep, so it is a host flag
+(``compute_uncond``, ``compute_spatial_attention``, ``compute_temporal_attention``) and each distinct
+tuple is one specialised graph. A conditional-only step has a batch of ``B``, not ``2B``, so its graph
+is a second capture of the model with the conditional halves of the batched inputs (inputs whose
+leading dim is the ``2B`` of ``hidden_states``: what the graph shows is batched, not a list of names);
+both captures live in one program and share one set of cache state. The weights (attention
+extrapolation, low/high frequency) enter as tensors, so they never add graphs. The FFTs run inside
+the compiled graph. One complex delta ``D`` (the low and high deltas of diffusers are disjoint in
+frequency, so their sum holds both) is stored per context: 8 bytes per element of the conditional
+output, half of diffusers' two complex deltas.
+
+Deliberate deviations from diffusers, each shown by a test:
+
+* State is kept per cache context (diffusers' FasterCache ignores ``cache_context``): sequential CFG
+  (one call per branch, each in its own context) then caches each branch's attention separately.
+* Token-layout outputs ``(B, S, C)`` (Flux, Qwen-Image, LTX), where diffusers' uncond synthesis
+  crashes: the tokens are laid back on their spatial grid ``(B, C, H, W)`` (row-major, as the
+  pipelines pack them) for the frequency split. The grid comes from ``token_grid=(H, W)`` when given,
+  else from a non-tensor ``img_shapes`` input (Qwen-Image: ``(frames, H, W)``), else an error asks for
+  ``token_grid``. ``tensor_format="BSC"`` names this layout explicitly; any 3-D output uses it.
+* A guidance-distilled model whose first call falls inside an attention skip range computes there
+  (diffusers crashes on its empty cache).
+* ``attention_weight_callback`` is called once per attention module per extrapolating call (diffusers
+  calls it once per output tensor), the low/high callbacks once per conditional-only call.
+
+Where the timestep comes from: ``current_timestep_callback`` when given (a device tensor there costs
+a device->host sync per call), else the step's timestep (``transform(..., scheduler=...)`` or
+``cache_context(timestep=...)``).
+
+Example::
+
+    cached = fxcache.transform(pipe.transformer, scheduler=pipe.scheduler, passes=[FasterCache(
+        spatial_attention_block_skip_range=2, attention_weight_callback=lambda _: 0.3,
+        tensor_format="BFCHW")])
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from ..capture import capture
+from ..regions import Attention, ModelRegions, Region, RegionError, example_value, find_regions
+from ..rewrite import INPUTS, REGION, ProgramBuilder, copy_into
+from .base import CachePass, ConfigError, Step
+
+__all__ = ["FasterCache", "split_frames", "merge_frames", "frequency_mask"]
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("spatial", "temporal")
+TENSOR_FORMATS = ("BCFHW", "BFCHW", "BCHW", "BSC")
+
+# the defaults of diffusers.hooks.faster_cache
+SPATIAL_IDENTIFIERS = ("^blocks.*attn", "^transformer_blocks.*attn", "^single_transformer_blocks.*attn")
+TEMPORAL_IDENTIFIERS = ("^temporal_transformer_blocks.*attn",)
+UNCOND_COND_INPUTS = ("hidden_states", "encoder_hidden_states", "timestep", "attention_mask",
+                      "encoder_attention_mask")
+# diffusers hooks only attention modules whose path matches one of these, whatever the identifiers
+_HOOKED_PATHS = SPATIAL_IDENTIFIERS + TEMPORAL_IDENTIFIERS
+
+_RANGES = ("spatial_attention_timestep_skip_range", "temporal_attention_timestep_skip_range",
+           "low_frequency_weight_update_timestep_range", "high_frequency_weight_update_timestep_range",
+           "unconditional_batch_timestep_skip_range")
+_CALLBACKS = ("attention_weight_callback", "low_frequency_weight_callback", "high_frequency_weight_callback",
+              "current_timestep_callback")
+
+
+@dataclass(frozen=True)
+class FasterCache(CachePass):
+    """Fields, defaults and meaning of diffusers' ``FasterCacheConfig`` (see the module docstring),
+    plus ``token_grid``: the ``(H, W)`` token grid of a token-layout output, for CFG-Cache on Flux-like
+    models (None: read from the inputs where they carry it).
+
+    ``_unconditional_conditional_input_kwargs_identifiers`` is accepted for parity and not used:
+    fxcache halves the inputs whose leading dim is the CFG batch.
+
+    Example::
+
+        FasterCache(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 681),
+                    unconditional_batch_skip_range=5, tensor_format="BFCHW")
+    """
+
+    spatial_attention_block_skip_range: int = 2
+    temporal_attention_block_skip_range: int | None = None
+    spatial_attention_timestep_skip_range: tuple[int, int] = (-1, 681)
+    temporal_attention_timestep_skip_range: tuple[int, int] = (-1, 681)
+    low_frequency_weight_update_timestep_range: tuple[int, int] = (99, 901)
+    high_frequency_weight_update_timestep_range: tuple[int, int] = (-1, 301)
+    alpha_low_frequency: float = 1.1
+    alpha_high_frequency: float = 1.1
+    unconditional_batch_skip_range: int = 5
+    unconditional_batch_timestep_skip_range: tuple[int, int] = (-1, 641)
+    spatial_attention_block_identifiers: tuple[str, ...] = SPATIAL_IDENTIFIERS
+    temporal_attention_block_identifiers: tuple[str, ...] = TEMPORAL_IDENTIFIERS
+    attention_weight_callback: Callable[[torch.nn.Module], float] = None
+    low_frequency_weight_callback: Callable[[torch.nn.Module], float] = None
+    high_frequency_weight_callback: Callable[[torch.nn.Module], float] = None
+    tensor_format: str = "BCFHW"
+    is_guidance_distilled: bool = False
+    current_timestep_callback: Callable[[], int] = None
+    _unconditional_conditional_input_kwargs_identifiers: list[str] = UNCOND_COND_INPUTS
+    token_grid: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        for name in ("spatial_attention_block_skip_range", "temporal_attention_block_skip_range"):
+            value = getattr(self, name)
+            if value is None and name.startswith("temporal"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                self._fail(name, "must be an integer >= 1 (recompute every N calls)"
+                           + (" or None" if name.startswith("temporal") else ""))
+        value = self.unconditional_batch_skip_range
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            self._fail("unconditional_batch_skip_range", "must be an integer >= 1")
+        for name in _RANGES:
+            bounds = getattr(self, name)
+            if not isinstance(bounds, (tuple, list)) or len(bounds) != 2 or any(
+                    isinstance(b, bool) or not isinstance(b, (int, float)) for b in bounds):
+                self._fail(name, "must be a pair (lo, hi) of timesteps")
+            object.__setattr__(self, name, tuple(bounds))
+        self._require_number("alpha_low_frequency")
+        self._require_number("alpha_high_frequency")
+        for name in ("spatial_attention_block_identifiers", "temporal_attention_block_identifiers"):
+            identifiers = getattr(self, name)
+            if isinstance(identifiers, str) or not all(isinstance(i, str) for i in identifiers):
+                self._fail(name, "must be a sequence of regular expressions (strings)")
+            for identifier in identifiers:
+                try:
+                    re.compile(identifier)
+                except re.error as error:
+                    self._fail(name, f"{identifier!r} is not a regular expression ({error})")
+            object.__setattr__(self, name, tuple(identifiers))
+        for name in _CALLBACKS:
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                self._fail(name, "must be None or a callable")
+        self._require_choice("tensor_format", TENSOR_FORMATS)
+        if not isinstance(self.is_guidance_distilled, bool):
+            self._fail("is_guidance_distilled", "must be a bool")
+        if self.token_grid is not None:
+            grid = self.token_grid
+            if not isinstance(grid, (tuple, list)) or len(grid) != 2 or any(
+                    isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
+                self._fail("token_grid", "must be None or a pair (H, W) of positive ints")
+            object.__setattr__(self, "token_grid", tuple(grid))
+        if self.attention_weight_callback is None:
+            logger.warning("FasterCache: no attention_weight_callback; using a weight of 0.5 at every "
+                           "step (as diffusers)")
+        # modules the callbacks are called with, by scalar name; filled by rewrite (not a field)
+        object.__setattr__(self, "_callback_modules", {})
+
+    # -- which attention is cached ------------------------------------------------------------------
+    def kind_of(self, attention: Attention) -> str | None:
+        """``"spatial"``, ``"temporal"`` or None (not cached) for one attention region: self-attention
+        only, under the paths diffusers hooks, then the first kind whose identifiers match (a region the
+        graph finds temporal tries the temporal settings first)."""
+        if attention.kind == "cross" or not any(re.search(p, attention.name) for p in _HOOKED_PATHS):
+            return None
+        order = ("temporal", "spatial") if attention.kind == "temporal" else KINDS
+        for kind in order:
+            identifiers = getattr(self, f"{kind}_attention_block_identifiers")
+            if getattr(self, f"{kind}_attention_block_skip_range") is not None and \
+                    any(re.search(i, attention.name) for i in identifiers):
+                return kind
+        return None
+
+    def targets(self, regions: ModelRegions) -> dict[str, list[Attention]]:
+        by_kind: dict[str, list[Attention]] = {}
+        for attention in regions.attentions:
+            kind = self.kind_of(attention)
+            if kind is not None:
+                by_kind.setdefault(kind, []).append(attention)
+        return by_kind
+
+    @staticmethod
+    def flag_name(kind: str) -> str:
+        return f"compute_{kind}_attention"
+
+    def flag_regions(self, regions: ModelRegions) -> dict[str, list[str]]:
+        """Flag name -> the region names it gates (True computes them)."""
+        return {self.flag_name(kind): [a.name for a in attns] for kind, attns in self.targets(regions).items()}
+
+    # -- rewrite ------------------------------------------------------------------------------------
+    def rewrite(self, builder: ProgramBuilder, regions: ModelRegions) -> None:
+        by_kind = self.targets(regions)
+        if not by_kind:
+            found = ", ".join(f"{a.name} ({a.kind})" for a in regions.attentions) or "none"
+            raise RegionError("FasterCache: no self-attention module matches the configured identifiers "
+                              f"under {_HOOKED_PATHS}; attention found: {found}")
+        model = builder.captured.graph_module.model
+        for kind, attns in by_kind.items():
+            for attention in attns:
+                self._callback_modules[_weight_name(attention)] = (model.get_submodule(attention.name), kind)
+        self._callback_modules["denoiser"] = (model, None)
+        if self.is_guidance_distilled:
+            nodes = _declare(builder, by_kind, cache_like=lambda out: example_value(out).shape)
+            _rewrite_attention(builder, by_kind, nodes, extrapolate_or_compute, store_cond_half=False)
+            return
+        self._rewrite_cfg(builder, regions, by_kind)
+
+    def _rewrite_cfg(self, builder: ProgramBuilder, regions: ModelRegions, by_kind) -> None:
+        captured = builder.captured
+        primary = "hidden_states" if "hidden_states" in captured.input_names else captured.input_names[0]
+        placeholders = [n for n in builder.graph.nodes if n.op == "placeholder"]
+        inputs = dict(zip(captured.input_names, placeholders))
+        full_batch = example_value(inputs[primary]).shape[0]
+        if full_batch % 2:
+            raise RegionError(
+                f"FasterCache: {primary} has a batch of {full_batch}; without is_guidance_distilled the "
+                "denoiser must be called with the CFG batch [uncond; cond] concatenated (an even batch). "
+                "For guidance-distilled models (Flux, Qwen-Image) set is_guidance_distilled=True.")
+        batch = full_batch // 2
+        output_node = next(n for n in builder.graph.nodes if n.op == "output")
+        flat_outputs = list(output_node.args[0])
+        sample_position = next(s for s in captured.output_slots if isinstance(s, int))
+        sample = flat_outputs[sample_position]
+        layout = self._layout(sample, captured, batch)
+
+        # the conditional-only step: the model captured again with the cond half of batched inputs
+        batched = tuple(example_value(inputs[name]).dim() > 0 and example_value(inputs[name]).shape[0]
+                        == full_batch for name in captured.input_names)
+        args, kwargs = captured.example_call(
+            batch_of=lambda shape: (batch, *shape[1:]) if shape and shape[0] == full_batch else shape)
+        half = capture(captured.graph_module.model, args, kwargs)
+        if half.input_names != captured.input_names:
+            raise RegionError(f"FasterCache: the conditional-only capture takes inputs {half.input_names}, "
+                              f"the full one {captured.input_names}; cannot map one onto the other")
+        half_regions = find_regions(half)
+        half_by_kind = self.targets(half_regions)
+        half_builder = ProgramBuilder(half)
+        half_nodes = _declare(half_builder, half_by_kind, cache_like=lambda out: example_value(out).shape)
+        _rewrite_attention(half_builder, half_by_kind, half_nodes, extrapolate_or_compute, store_cond_half=False)
+        half_module = half_builder.finish()
+        half_sample_position = next(s for s in half.output_slots if isinstance(s, int))
+
+        # the full step: attention always computes and remembers the conditional half
+        nodes = _declare(builder, by_kind,
+                         cache_like=lambda out: (example_value(out).shape[0] // 2, *example_value(out).shape[1:]))
+        compute_uncond = builder.add_flag("compute_uncond")
+        delta = builder.add_state("frequency_delta", shape=layout.frames_shape, dtype=torch.complex64,
+                                  device=example_value(sample).device)
+        low_weight = builder.add_scalar("low_frequency_weight")
+        high_weight = builder.add_scalar("high_frequency_weight")
+        _rewrite_attention(builder, by_kind, nodes, compute_and_store_cond, store_cond_half=True)
+
+        # everything the graph computes becomes the full branch; the conditional-only graph the other
+        half_name = "faster_cache_conditional_only"
+        builder.graph_module.add_submodule(half_name, half_module)
+        body = Region("faster_cache.full_batch", [n for n in builder.graph.nodes
+                                                   if n.op not in ("placeholder", "output", "get_attr")])
+        positions = tuple(flat_outputs.index(out) for out in body.outputs)
+        if sample not in body.outputs:
+            raise RegionError("FasterCache: the model's output sample is one of its inputs; nothing to cache")
+        # the conditional-only graph's state, scalars and flags are the full graph's, by name
+        by_name = {**nodes.by_name, "compute_uncond": compute_uncond}
+        extra = tuple(by_name[slot.name] for slot in half_builder.state) + \
+            tuple(by_name[slot.name] for slot in half_builder.scalars) + \
+            tuple(by_name[name] for name in half_builder.flags)
+        with builder.graph.inserting_before(body.nodes[0]):
+            half_callable = builder.graph.get_attr(half_name)
+        builder.replace(body, full_or_conditional_only, compute_uncond, REGION, half_callable,
+                        tuple(placeholders[: len(captured.input_names)]), batched, batch, extra, positions,
+                        body.outputs.index(sample), half_sample_position, delta, low_weight, high_weight,
+                        layout.tensor_format, layout.grid, INPUTS)
+
+    def _layout(self, sample: fx.Node, captured, batch: int) -> "_Layout":
+        value = example_value(sample)
+        shape = (batch, *value.shape[1:])
+        if value.dim() == 3:
+            grid = self.token_grid or _grid_from_inputs(captured)
+            if grid is None:
+                raise ConfigError(
+                    f"FasterCache: the output sample is token-layout {tuple(value.shape)} (B, S, C); the "
+                    "frequency split needs its spatial grid: pass token_grid=(H, W) (e.g. Flux at 1024x1024: "
+                    "(64, 64)) or is_guidance_distilled=True for a model without CFG")
+            if grid[0] * grid[1] != value.shape[1]:
+                raise ConfigError(f"FasterCache.token_grid = {grid}: {grid[0]} x {grid[1]} tokens, but the "
+                                  f"output has {value.shape[1]}")
+            return _Layout("BSC", grid, tuple(split_frames(torch.empty(shape, device="meta"), "BSC", grid).shape))
+        expected = {"BCFHW": 5, "BFCHW": 5, "BCHW": 4}.get(self.tensor_format)
+        if expected != value.dim():
+            raise ConfigError(f"FasterCache.tensor_format = {self.tensor_format!r}, but the output sample has "
+                              f"shape {tuple(value.shape)} ({value.dim()}-D)")
+        frames = split_frames(torch.empty(shape, device="meta"), self.tensor_format, None)
+        return _Layout(self.tensor_format, None, tuple(frames.shape))
+
+    # -- schedule -----------------------------------------------------------------------------------
+    def timestep(self, step: Step) -> float:
+        if self.current_timestep_callback is not None:
+            value = self.current_timestep_callback()
+            return float(value.reshape(-1)[0]) if isinstance(value, torch.Tensor) else float(value)
+        if step.timestep is None:
+            raise ConfigError(
+                "FasterCache needs the current timestep: pass scheduler=pipe.scheduler to fxcache.transform, "
+                "timestep=... to cache_context, or current_timestep_callback")
+        return float(step.timestep)
+
+    def computes_uncond(self, index: int, timestep: float) -> bool:
+        """Whether call ``index`` runs the full ``[uncond; cond]`` batch (always when distilled)."""
+        lo, hi = self.unconditional_batch_timestep_skip_range
+        return self.is_guidance_distilled or index == 0 or not (lo < timestep < hi) or \
+            index % self.unconditional_batch_skip_range == 0
+
+    def computes_attention(self, kind: str, index: int, timestep: float) -> bool:
+        """Whether attention of ``kind`` computes at call ``index``: a full CFG batch always does."""
+        lo, hi = getattr(self, f"{kind}_attention_timestep_skip_range")
+        every = getattr(self, f"{kind}_attention_block_skip_range")
+        if index == 0 or not (lo < timestep < hi) or index % every == 0:
+            return True
+        return not self.is_guidance_distilled and self.computes_uncond(index, timestep)
+
+    def decide(self, step: Step) -> dict[str, bool]:
+        timestep = self.timestep(step)
+        flags = {self.flag_name(kind): self.computes_attention(kind, step.index, timestep) for kind in KINDS
+                 if getattr(self, f"{kind}_attention_block_skip_range") is not None}
+        if not self.is_guidance_distilled:
+            flags["compute_uncond"] = self.computes_uncond(step.index, timestep)
+        return flags
+
+    def scalars(self, step: Step) -> dict[str, float]:
+        """The attention weights of extrapolating modules and, at conditional-only calls, the low and
+        high frequency weights; callbacks are called only where their value is used, as diffusers."""
+        flags = self.decide(step)
+        timestep = self.timestep(step)
+        values = {}
+        for name, (module, kind) in self._callback_modules.items():
+            if kind is None:
+                continue
+            extrapolates = not flags.get(self.flag_name(kind), True)
+            callback = self.attention_weight_callback or (lambda _: 0.5)
+            values[name] = float(callback(module)) if extrapolates else 0.0
+        if not self.is_guidance_distilled:
+            conditional_only = not flags["compute_uncond"]
+            denoiser = self._callback_modules.get("denoiser", (None, None))[0]
+            for band in ("low", "high"):
+                callback = getattr(self, f"{band}_frequency_weight_callback")
+                if not conditional_only:
+                    weight = 1.0
+                elif callback is not None:
+                    weight = float(callback(denoiser))
+                else:
+                    lo, hi = getattr(self, f"{band}_frequency_weight_update_timestep_range")
+                    weight = getattr(self, f"alpha_{band}_frequency") if lo < timestep < hi else 1.0
+                values[f"{band}_frequency_weight"] = weight
+        return values
+
+
+@dataclass(frozen=True)
+class _Layout:
+    tensor_format: str
+    grid: tuple[int, int] | None
+    frames_shape: tuple[int, ...]
+
+
+@dataclass
+class _Declared:
+    caches: dict[str, tuple]  # attention name -> ((older, newer) per output)
+    filled: dict[str, fx.Node]  # attention name -> bool state: the cache holds an output
+    weights: dict[str, fx.Node]  # attention name -> extrapolation weight scalar
+    flags: dict[str, fx.Node]  # kind -> host flag
+    by_name: dict[str, fx.Node]
+
+
+def _declare(builder: ProgramBuilder, by_kind, cache_like) -> _Declared:
+    """State, scalars and flags of the attention caches, in one order for every capture."""
+    declared = _Declared({}, {}, {}, {}, {})
+    for kind in KINDS:
+        if kind not in by_kind:
+            continue
+        flag = builder.add_flag(FasterCache.flag_name(kind))
+        declared.flags[kind] = declared.by_name[FasterCache.flag_name(kind)] = flag
+        for attention in by_kind[kind]:
+            label = attention.name.replace(".", "_")
+            slots = []
+            for i, out in enumerate(attention.outputs):
+                value = example_value(out)
+                pair = tuple(builder.add_state(f"{label}_out{i}_{age}", shape=tuple(cache_like(out)),
+                                               dtype=value.dtype, device=value.device) for age in ("older", "newer"))
+                slots.append(pair)
+            declared.caches[attention.name] = tuple(slots)
+            filled = builder.add_state(f"{label}_filled", shape=(1,), dtype=torch.bool, device=builder.device)
+            declared.filled[attention.name] = filled
+            weight = builder.add_scalar(_weight_name(attention))
+            declared.weights[attention.name] = weight
+    placeholders = {n.target: n for n in builder.graph.nodes if n.op == "placeholder"}
+    for name in [s.name for s in builder.state] + [s.name for s in builder.scalars] + list(builder.flags):
+        for prefix in ("state_", "scalar_", "flag_"):
+            if prefix + name in placeholders:
+                declared.by_name[name] = placeholders[prefix + name]
+    return declared
+
+
+def _weight_name(attention: Attention) -> str:
+    return f"{attention.name.replace('.', '_')}_attention_weight"
+
+
+def _rewrite_attention(builder: ProgramBuilder, by_kind, declared: _Declared, policy, store_cond_half: bool):
+    kind_of = {a.name: kind for kind, attns in by_kind.items() for a in attns}
+    position = {node: i for i, node in enumerate(builder.graph.nodes)}
+    # replace later regions first so that the input nodes of earlier ones stay valid
+    for attention in sorted((a for attns in by_kind.values() for a in attns),
+                            key=lambda a: position[a.nodes[0]], reverse=True):
+        builder.replace(attention, policy, declared.flags[kind_of[attention.name]], REGION,
+                        declared.caches[attention.name], declared.filled[attention.name],
+                        declared.weights[attention.name], INPUTS)
+
+
+# -- what runs in the graph -------------------------------------------------------------------------
+def _remember(caches, filled, outputs) -> None:
+    """Shift the two-output history: ``[older, newer] <- [newer, out]``, or ``[out, out]`` at first."""
+    for (older, newer), output in zip(caches, outputs):
+        copy_into(older, torch.where(filled, newer, output))
+        copy_into(newer, output)
+    copy_into(filled, torch.ones_like(filled))
+
+
+def extrapolate_or_compute(compute: bool, attention, caches, filled, weight, *inputs):
+    """Compute the attention, or extrapolate ``y1 + (y1 - y2) * w`` from the last two outputs; either
+    way remember what is returned (extrapolations are fed back, as diffusers)."""
+    if compute:
+        outputs = tuple(attention(*inputs))
+    else:
+        # (y1 - y2) * w with w a float32 tensor computes as diffusers' Python float (opmath), then rounds
+        outputs = tuple(newer + ((newer - older) * weight).to(newer.dtype) for older, newer in caches)
+    _remember(caches, filled, outputs)
+    return outputs
+
+
+def compute_and_store_cond(compute: bool, attention, caches, filled, weight, *inputs):
+    """A full ``[uncond; cond]`` call: compute, and remember the conditional half of each output."""
+    outputs = tuple(attention(*inputs))
+    _remember(caches, filled, tuple(output.chunk(2, dim=0)[1] for output in outputs))
+    return outputs
+
+
+def full_or_conditional_only(compute_uncond: bool, full_batch, conditional_only, model_inputs, batched,
+                             batch, extra, positions, sample_index, half_sample_position, delta, low_weight,
+                             high_weight, tensor_format, grid, *body_inputs):
+    """The denoiser-level CFG-Cache: run the full batch and store ``D = F(uncond) - F(cond)``, or run
+    the conditional half, compound ``D`` by the low/high weights and synthesise the unconditional half."""
+    if compute_uncond:
+        outputs = tuple(full_batch(*body_inputs))
+        uncond, cond = outputs[sample_index].chunk(2, dim=0)
+        spectrum_uncond = torch.fft.fft2(split_frames(uncond, tensor_format, grid).float())
+        spectrum_cond = torch.fft.fft2(split_frames(cond, tensor_format, grid).float())
+        copy_into(delta, spectrum_uncond - spectrum_cond)
+        return outputs
+    halves = [x[batch:] if is_batched else x for x, is_batched in zip(model_inputs, batched)]
+    flat = conditional_only(*halves, *extra)
+    cond = flat[half_sample_position]
+    height, width = delta.shape[-2:]
+    weights = torch.where(frequency_mask(height, width, delta.device), low_weight, high_weight)
+    scaled = delta * weights
+    copy_into(delta, scaled)
+    spectrum_cond = torch.fft.fft2(split_frames(cond, tensor_format, grid).float())
+    uncond = torch.fft.ifft2(spectrum_cond + scaled).real
+    uncond = merge_frames(uncond, tensor_format, grid, batch).to(cond.dtype)
+    outputs = [flat[p] for p in positions]
+    outputs[sample_index] = torch.cat([uncond, cond], dim=0)
+    return tuple(outputs)
+
+
+def frequency_mask(height: int, width: int, device=None) -> torch.Tensor:
+    """diffusers' low-frequency disc (radius ``min(H, W) // 5`` around the centre of the shifted
+    spectrum), moved to the unshifted spectrum: ``fft2`` output indexes it directly.
+
+    Example::
+
+        low = frequency_mask(8, 8)        # (8, 8) bool, True at low frequencies
+    """
+    radius = min(height, width) // 5
+    rows, cols = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device),
+                                indexing="ij")
+    shifted = (cols - width // 2) ** 2 + (rows - height // 2) ** 2 <= radius ** 2
+    return torch.fft.ifftshift(shifted)
+
+
+def split_frames(x: torch.Tensor, tensor_format: str, grid: tuple[int, int] | None) -> torch.Tensor:
+    """Lay an output out as 2-D frames ``(N, C, H, W)`` for the FFT: ``BCFHW`` and ``BFCHW`` fold
+    frames into the batch (as diffusers), ``BSC`` puts row-major tokens back on their ``grid``.
+
+    Example::
+
+        split_frames(torch.zeros(1, 16, 4), "BSC", (4, 4)).shape   # (1, 4, 4, 4)
+    """
+    if tensor_format == "BCFHW":
+        return x.permute(0, 2, 1, 3, 4).flatten(0, 1)
+    if tensor_format == "BFCHW":
+        return x.flatten(0, 1)
+    if tensor_format == "BSC":
+        return x.unflatten(1, grid).permute(0, 3, 1, 2)
+    return x
+
+
+def merge_frames(x: torch.Tensor, tensor_format: str, grid: tuple[int, int] | None, batch: int) -> torch.Tensor:
+    """The inverse of :func:`split_frames` for a batch of ``batch``.
+
+    Example::
+
+        merge_frames(torch.zeros(1, 4, 4, 4), "BSC", (4, 4), 1).shape   # (1, 16, 4)
+    """
+    if tensor_format == "BCFHW":
+        return x.unflatten(0, (batch, -1)).permute(0, 2, 1, 3, 4)
+    if tensor_format == "BFCHW":
+        return x.unflatten(0, (batch, -1))
+    if tensor_format == "BSC":
+        return x.permute(0, 2, 3, 1).flatten(1, 2)
+    return x
+
+
+def _grid_from_inputs(captured) -> tuple[int, int] | None:
+    """The token grid where the inputs carry it as values: Qwen-Image's ``img_shapes`` (frames, H, W)."""
+    if captured.input_spec is None:
+        return None
+    args, kwargs = captured.example_call()
+    shapes = kwargs.get("img_shapes")
+    while isinstance(shapes, (list, tuple)) and shapes and isinstance(shapes[0], (list, tuple)):
+        shapes = shapes[0]
+    if isinstance(shapes, (list, tuple)) and len(shapes) == 3 and all(isinstance(s, int) for s in shapes):
+        frames, height, width = shapes
+        if frames == 1:
+            return (height, width)
+    return None
