@@ -1,4 +1,5 @@
-"""Command line: ``python -m fxcache demo`` (or the ``fxcache`` script)."""
+"""Command line: ``python -m fxcache demo|explain|calibrate|bench`` (or the ``fxcache`` script); see
+docs/cli.md."""
 
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--backend", default="eager",
                       help="torch.compile backend; inductor compiles for ~1 min on a small CPU")
     demo.add_argument("--seed", type=int, default=0)
+    from .cli import add_commands, run_command
+
+    add_commands(commands)
     args = parser.parse_args(argv)
+    if args.command != "demo":
+        return run_command(args)
 
     if args.command == "demo":
         from .demo import format_rows, run_demo

@@ -40,7 +40,9 @@ from ..regions import HIDDEN, ModelRegions, Region, RegionError, find_regions
 from ..rewrite import INPUTS, REGION, ProgramBuilder, copy_into
 from .base import CachePass, ConfigError, Step
 
-__all__ = ["FLUX_MAG_RATIOS", "MagCache", "measure_mag_ratios", "nearest_interp"]
+__all__ = ["FLUX_MAG_RATIOS", "MagCache", "RATIO_FILE_FORMAT", "measure_mag_ratios", "nearest_interp"]
+
+RATIO_FILE_FORMAT = "fxcache.MagCache/1"  # the "format" entry of files written by MagCache.save
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +236,53 @@ class MagCache(CachePass):
         ratios = measured[name]
         fields.setdefault("num_inference_steps", len(ratios))
         return MagCache(mag_ratios=ratios, **fields)
+
+    # -- ratio files --------------------------------------------------------------------------------
+    def save(self, path, **metadata) -> None:
+        """Write the ratios and the other fields to a JSON file that :meth:`from_file` reads back
+        exactly (float32 ratios survive the decimal round trip). ``metadata`` (model, date, ...) is
+        stored beside them for people, and ignored when loading.
+
+        Example::
+
+            MagCache.calibrate(transformer, generate).save("flux_ratios.json", model="FLUX.1-dev")
+        """
+        import json
+        from dataclasses import fields as dataclass_fields
+
+        if self.mag_ratios is None:
+            raise ConfigError("MagCache.save: this config has no mag_ratios to save")
+        values = {f.name: getattr(self, f.name) for f in dataclass_fields(self)
+                  if f.name not in ("mag_ratios", "calibrate")}
+        document = {"format": RATIO_FILE_FORMAT, "mag_ratios": [float(r) for r in self.mag_ratios.float()],
+                    "fields": values, "metadata": metadata}
+        with open(path, "w") as file:
+            json.dump(document, file, indent=1)
+
+    @classmethod
+    def from_file(cls, path, **fields) -> "MagCache":
+        """A MagCache with the ratios (and, unless given here, the other fields) of a file written by
+        :meth:`save` or ``python -m fxcache calibrate``; a JSON list of numbers is read as the ratios
+        alone (e.g. ratios copied from diffusers' calibration log).
+
+        Example::
+
+            MagCache.from_file("flux_ratios.json", threshold=0.1)
+        """
+        import json
+
+        with open(path) as file:
+            document = json.load(file)
+        if isinstance(document, list):
+            stored = {"num_inference_steps": len(document)}
+            ratios = document
+        elif isinstance(document, dict) and document.get("format") == RATIO_FILE_FORMAT:
+            stored, ratios = dict(document.get("fields", {})), document["mag_ratios"]
+        else:
+            raise ConfigError(f"MagCache.from_file: {path} is neither a ratio file written by MagCache.save / "
+                              "`python -m fxcache calibrate` nor a JSON list of ratios")
+        stored.update(fields)
+        return cls(mag_ratios=torch.tensor(ratios, dtype=torch.float32), **stored)
 
 
 class _CalibrateDescriptor:
