@@ -40,6 +40,7 @@ class _ContextProgress:
 
     calls: int = 0
     last_step: int | None = None
+    first_step: int | None = None  # steps count from the context's first call, as diffusers' counters
     flag_counts: dict[str, list[int]] = field(default_factory=dict)  # flag -> [true, false]
 
 
@@ -185,11 +186,15 @@ class CachedModel(torch.nn.Module):
             progress = self._progress.setdefault(context, _ContextProgress())
             if self._scheduler is None and fields.get("step_index") is None:
                 index = 0
+        if progress.first_step is None:
+            # a context that joins late (Wan 2.2's second transformer, a guidance interval) starts
+            # its schedule at its own first call: a cache is never read before it was written
+            progress.first_step = index
         progress.calls += 1
         progress.last_step = index
         if isinstance(timestep, torch.Tensor):
             timestep = float(timestep.reshape(-1)[0])
-        return Step(index=index, num_steps=num_steps, timestep=timestep, context=context)
+        return Step(index=index - progress.first_step, num_steps=num_steps, timestep=timestep, context=context)
 
     def _flags(self, program: Program, step: Step) -> tuple[bool, ...]:
         if not program.flag_names:

@@ -107,3 +107,20 @@ def test_two_transformed_models_in_one_process_share_nothing(flux):
             vb = second(**flux.inputs(b, sigmas[i]))[0]
         a, b = a + (sigmas[i + 1] - sigmas[i]) * va, b + (sigmas[i + 1] - sigmas[i]) * vb
     assert torch.equal(a, alone_a) and torch.equal(b, alone_b)
+
+
+def test_a_context_that_joins_late_computes_on_its_first_call(flux):
+    """Wan 2.2 hands late steps to a second transformer: its first call comes at step k > 0. The
+    schedule counts from that first call (as diffusers' per-module counters do), so the first call
+    computes instead of adding a residual that was never stored."""
+    from fxcache.passes import MagCache
+
+    cached = fxcache.transform(flux.model, [MagCache(mag_ratios=[1.0] * 8, num_inference_steps=8,
+                                                     threshold=10.0, retention_ratio=0.0)], backend="eager")
+    x = flux.noise(seed=5)
+    for step in (5, 6):
+        with cached.cache_context("cond", step_index=step, num_inference_steps=8):
+            out = cached(**flux.inputs(x, 1 - step / 8))[0]
+        if step == 5:
+            assert torch.equal(out, flux.model(**flux.inputs(x, 1 - step / 8))[0])
+    assert cached.stats()["contexts"]["cond"]["mag_cache_compute_blocks"] == {"true": 1, "false": 1}
