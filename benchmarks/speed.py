@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fxcache  # noqa: E402
 from fxcache.flops import count_flops  # noqa: E402
-from fxcache.passes import FirstBlockCache, MagCache  # noqa: E402
+from fxcache.passes import (FasterCache, FirstBlockCache, MagCache, PyramidAttentionBroadcast,  # noqa: E402
+                            TaylorSeer)
 from fxcache.passes.mag_cache import FLUX_MAG_RATIOS  # noqa: E402
 
 
@@ -87,11 +88,20 @@ def build(args, config):
     return model, fixed, start
 
 
+CURRENT_TIMESTEP = {"t": 1000.0}
+
+
+def current_timestep() -> float:
+    """The timestep of the call in flight, on diffusers' 0..1000 scale (PAB and FasterCache ask)."""
+    return CURRENT_TIMESTEP["t"]
+
+
 def generate(model, fixed, start, steps):
     """A flow-matching Euler loop with one conditional call per step (FLUX.1-dev is guidance-distilled)."""
     sigmas = [1.0 - i / steps for i in range(steps + 1)]
     x = start
     for i in range(steps):
+        CURRENT_TIMESTEP["t"] = sigmas[i] * 1000
         with model.cache_context("cond"):
             t = torch.full((1,), sigmas[i], device=x.device, dtype=x.dtype)
             v = model(hidden_states=x, timestep=t, return_dict=False, **fixed)[0]
@@ -182,6 +192,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for fxcache rows")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--methods", default="mag,fbc,fbc-forced,pab,taylorseer,faster",
+                        help="comma-separated cases: mag, fbc, fbc-forced, pab, taylorseer, faster")
     args = parser.parse_args(argv)
     if args.dry:
         args.device, args.size, args.dtype, backend = "cpu", "dry", torch.float32, "eager"
@@ -211,27 +223,41 @@ def main(argv=None):
     baseline = rows[-1].seconds
     compile_options = dict(backend=backend, mode=args.mode)
 
-    from diffusers import FirstBlockCacheConfig, MagCacheConfig
+    from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
+                           PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig)
 
     ratios = FLUX_MAG_RATIOS
-    # (label, diffusers config, fxcache pass, also time diffusers + regional compile)
-    cases = [
-        ("MagCache FLUX ratios", MagCacheConfig(mag_ratios=ratios, num_inference_steps=args.steps),
-         MagCache(mag_ratios=ratios, num_inference_steps=args.steps), True),
-        ("FirstBlockCache t=0.08 (skips nothing)", FirstBlockCacheConfig(threshold=0.08),
-         FirstBlockCache(threshold=0.08), True),
-        ("FirstBlockCache t=1e6 (skips every step after the first)", FirstBlockCacheConfig(threshold=1e6),
-         FirstBlockCache(threshold=1e6), False),
-    ]
-    for name, diffusers_config, fxcache_pass, with_regional in cases:
-        cached = fxcache.transform(model, [fxcache_pass], **compile_options)
-        rows.append(measure(f"{name}: fxcache {backend} {args.mode or ''}".rstrip(), cached, fixed, start,
-                            args, full_flops))
-        hooked = with_hook(model, diffusers_config)
-        rows.append(measure(f"{name}: diffusers eager", hooked, fixed, start, args, full_flops))
-        if backend == "inductor" and with_regional:
-            rows.append(measure(f"{name}: diffusers + regional compile", regional(hooked, fullgraph=False), fixed, start,
+    pab = dict(spatial_attention_block_skip_range=2, current_timestep_callback=current_timestep)
+    faster = dict(spatial_attention_block_skip_range=2, is_guidance_distilled=True,
+                  current_timestep_callback=current_timestep)
+    # key: (label, diffusers config, fxcache pass, also time diffusers + regional compile)
+    cases = {
+        "mag": ("MagCache FLUX ratios", MagCacheConfig(mag_ratios=ratios, num_inference_steps=args.steps),
+                MagCache(mag_ratios=ratios, num_inference_steps=args.steps), True),
+        "fbc": ("FirstBlockCache t=0.08 (skips nothing)", FirstBlockCacheConfig(threshold=0.08),
+                FirstBlockCache(threshold=0.08), True),
+        "fbc-forced": ("FirstBlockCache t=1e6 (skips every step after the first)",
+                       FirstBlockCacheConfig(threshold=1e6), FirstBlockCache(threshold=1e6), False),
+        "pab": ("PyramidAttentionBroadcast spatial every 2", PyramidAttentionBroadcastConfig(**pab),
+                PyramidAttentionBroadcast(**pab), True),
+        "taylorseer": ("TaylorSeer interval 5, order 1", TaylorSeerCacheConfig(), TaylorSeer(), True),
+        "faster": ("FasterCache spatial every 2 (guidance-distilled)", FasterCacheConfig(**faster),
+                   FasterCache(**faster), True),
+    }
+    for key in args.methods.split(","):
+        name, diffusers_config, fxcache_pass, with_regional = cases[key]
+        try:
+            cached = fxcache.transform(model, [fxcache_pass], **compile_options)
+            rows.append(measure(f"{name}: fxcache {backend} {args.mode or ''}".rstrip(), cached, fixed, start,
                                 args, full_flops))
+            hooked = with_hook(model, diffusers_config)
+            rows.append(measure(f"{name}: diffusers eager", hooked, fixed, start, args, full_flops))
+            if backend == "inductor" and with_regional:
+                rows.append(measure(f"{name}: diffusers + regional compile", regional(hooked, fullgraph=False),
+                                    fixed, start, args, full_flops))
+        except Exception as error:  # one failing method must not hide the others' numbers
+            print(f"  {name}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
+        torch._dynamo.reset()
     for row in rows:
         row.limit_seconds = baseline * row.flop_fraction
     print()

@@ -5,8 +5,6 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("sklearn")
-pytest.importorskip("torchmetrics")
 
 import fxcache  # noqa: E402
 from fxcache import digits, quality  # noqa: E402
