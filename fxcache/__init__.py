@@ -56,8 +56,11 @@ def transform(model: torch.nn.Module, passes: Sequence[CachePass], *, backend: s
     if len(passes) > 1:
         raise ValueError(f"{len(passes)} passes were given; combining passes in one transform is not "
                          "supported yet, so pass one")
-    if scheduler is not None and not hasattr(scheduler, "step_index"):
-        raise TypeError("scheduler must be a diffusers scheduler (it has step_index and timesteps)")
+    if scheduler is not None and not (hasattr(scheduler, "step_index") and hasattr(scheduler, "timesteps")):
+        raise TypeError(
+            f"scheduler={type(scheduler).__name__} keeps no step_index/timesteps on the host, which "
+            "fxcache reads the step from (some schedulers, e.g. CogVideoX's DPM ones, keep none). Leave "
+            "scheduler= out: steps then come from the pipeline's cache_context fields or a call counter.")
     if max_cache_bytes is not None and (not isinstance(max_cache_bytes, int) or max_cache_bytes < 0):
         raise ValueError(f"max_cache_bytes must be a non-negative int (bytes), got {max_cache_bytes!r}")
     return CachedModel(model, passes, backend=backend, mode=mode, options=options, scheduler=scheduler,

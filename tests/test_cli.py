@@ -16,8 +16,21 @@ def test_demo_reports_skipped_work_flops_and_difference():
     assert "FirstBlockCache(threshold=0.3)" in table and "FLOP frac" in table
 
 
-def test_cli_demo_runs():
-    done = subprocess.run([sys.executable, "-m", "fxcache", "demo", "--steps", "4"],
+def test_cli_demo_on_the_digits_model_prints_every_pass_and_saves_the_grid(tmp_path):
+    out = tmp_path / "grid.png"
+    done = subprocess.run([sys.executable, "-m", "fxcache", "demo", "--steps", "6", "--samples-per-class", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("  ")[0]: line.split() for line in done.stdout.splitlines()}
+    for name in ("FirstBlockCache", "MagCache", "PyramidAttentionBroadcast", "TaylorSeer"):
+        (row,) = [r for label, r in rows.items() if label.startswith(name)]
+        flop_fraction, accuracy = float(row[-5]), float(row[-1])
+        assert 0 < flop_fraction < 1 and 0 <= accuracy <= 1
+    assert out.stat().st_size > 10_000
+
+
+def test_cli_demo_on_a_random_weight_model_runs():
+    done = subprocess.run([sys.executable, "-m", "fxcache", "demo", "--model", "wan", "--steps", "4"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "uncached" in done.stdout and "FirstBlockCache" in done.stdout

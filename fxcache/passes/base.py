@@ -8,13 +8,14 @@ decision inside the graph and declares no flags.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
-from ..regions import ModelRegions
+from ..regions import Attention, ModelRegions
 from ..rewrite import ProgramBuilder
 
-__all__ = ["CachePass", "ConfigError", "Step"]
+__all__ = ["CachePass", "ConfigError", "Step", "attention_settings", "group_attentions"]
 
 
 class ConfigError(ValueError):
@@ -66,3 +67,45 @@ class CachePass:
     def _require_choice(self, field: str, choices: tuple):
         if getattr(self, field) not in choices:
             self._fail(field, f"must be one of {choices}")
+
+    def _require_timestep_range(self, field: str):
+        """A ``(lo, hi)`` pair of numbers; stored as a tuple."""
+        bounds = getattr(self, field)
+        if not isinstance(bounds, (tuple, list)) or len(bounds) != 2 or any(
+                isinstance(b, bool) or not isinstance(b, (int, float)) for b in bounds):
+            self._fail(field, "must be a pair (lo, hi) of timesteps")
+        object.__setattr__(self, field, tuple(bounds))
+
+    def _require_patterns(self, field: str):
+        """A sequence of regular expressions; stored as a tuple."""
+        patterns = getattr(self, field)
+        if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+            self._fail(field, "must be a sequence of regular expressions (strings)")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                self._fail(field, f"{pattern!r} is not a regular expression ({error})")
+        object.__setattr__(self, field, tuple(patterns))
+
+
+def attention_settings(config, attention: Attention, kinds: tuple[str, ...]) -> str | None:
+    """Which ``<kind>_attention_*`` settings of ``config`` apply to ``attention``: the first of
+    ``kinds`` whose skip range is set and one of whose identifiers matches the module path
+    (``re.search``, as diffusers), or None. PAB and FasterCache share this selection."""
+    for kind in kinds:
+        identifiers = getattr(config, f"{kind}_attention_block_identifiers")
+        if getattr(config, f"{kind}_attention_block_skip_range") is not None and \
+                any(re.search(i, attention.name) for i in identifiers):
+            return kind
+    return None
+
+
+def group_attentions(regions: ModelRegions, kind_of) -> dict[str, list[Attention]]:
+    """Attention regions by the settings ``kind_of(attention)`` gives them (None: left out)."""
+    by_kind: dict[str, list[Attention]] = {}
+    for attention in regions.attentions:
+        kind = kind_of(attention)
+        if kind is not None:
+            by_kind.setdefault(kind, []).append(attention)
+    return by_kind

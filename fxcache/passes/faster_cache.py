@@ -70,7 +70,7 @@ import torch.fx as fx
 from ..capture import capture
 from ..regions import Attention, ModelRegions, Region, RegionError, example_value, find_regions
 from ..rewrite import INPUTS, REGION, ProgramBuilder, copy_into
-from .base import CachePass, ConfigError, Step
+from .base import CachePass, ConfigError, Step, attention_settings, group_attentions
 
 __all__ = ["FasterCache", "split_frames", "merge_frames", "frequency_mask"]
 
@@ -142,23 +142,11 @@ class FasterCache(CachePass):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             self._fail("unconditional_batch_skip_range", "must be an integer >= 1")
         for name in _RANGES:
-            bounds = getattr(self, name)
-            if not isinstance(bounds, (tuple, list)) or len(bounds) != 2 or any(
-                    isinstance(b, bool) or not isinstance(b, (int, float)) for b in bounds):
-                self._fail(name, "must be a pair (lo, hi) of timesteps")
-            object.__setattr__(self, name, tuple(bounds))
+            self._require_timestep_range(name)
         self._require_number("alpha_low_frequency")
         self._require_number("alpha_high_frequency")
         for name in ("spatial_attention_block_identifiers", "temporal_attention_block_identifiers"):
-            identifiers = getattr(self, name)
-            if isinstance(identifiers, str) or not all(isinstance(i, str) for i in identifiers):
-                self._fail(name, "must be a sequence of regular expressions (strings)")
-            for identifier in identifiers:
-                try:
-                    re.compile(identifier)
-                except re.error as error:
-                    self._fail(name, f"{identifier!r} is not a regular expression ({error})")
-            object.__setattr__(self, name, tuple(identifiers))
+            self._require_patterns(name)
         for name in _CALLBACKS:
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 self._fail(name, "must be None or a callable")
@@ -185,20 +173,10 @@ class FasterCache(CachePass):
         if attention.kind == "cross" or not any(re.search(p, attention.name) for p in _HOOKED_PATHS):
             return None
         order = ("temporal", "spatial") if attention.kind == "temporal" else KINDS
-        for kind in order:
-            identifiers = getattr(self, f"{kind}_attention_block_identifiers")
-            if getattr(self, f"{kind}_attention_block_skip_range") is not None and \
-                    any(re.search(i, attention.name) for i in identifiers):
-                return kind
-        return None
+        return attention_settings(self, attention, order)
 
     def targets(self, regions: ModelRegions) -> dict[str, list[Attention]]:
-        by_kind: dict[str, list[Attention]] = {}
-        for attention in regions.attentions:
-            kind = self.kind_of(attention)
-            if kind is not None:
-                by_kind.setdefault(kind, []).append(attention)
-        return by_kind
+        return group_attentions(regions, self.kind_of)
 
     @staticmethod
     def flag_name(kind: str) -> str:

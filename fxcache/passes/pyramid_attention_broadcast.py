@@ -33,7 +33,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,7 +40,7 @@ import torch
 
 from ..regions import Attention, ModelRegions, RegionError
 from ..rewrite import INPUTS, REGION, ProgramBuilder, copy_into
-from .base import CachePass, ConfigError, Step
+from .base import CachePass, ConfigError, Step, attention_settings, group_attentions
 
 __all__ = ["PyramidAttentionBroadcast"]
 
@@ -90,24 +89,8 @@ class PyramidAttentionBroadcast(CachePass):
             value = getattr(self, skip)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 self._fail(skip, "must be None or an integer >= 1 (recompute every N calls)")
-            span = f"{kind}_attention_timestep_skip_range"
-            bounds = getattr(self, span)
-            if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
-                self._fail(span, "must be a pair (lo, hi) of timesteps")
-            for bound in bounds:
-                if isinstance(bound, bool) or not isinstance(bound, (int, float)):
-                    self._fail(span, "must be a pair of numbers")
-            object.__setattr__(self, span, tuple(bounds))
-            names = f"{kind}_attention_block_identifiers"
-            identifiers = getattr(self, names)
-            if isinstance(identifiers, str) or not all(isinstance(i, str) for i in identifiers):
-                self._fail(names, "must be a sequence of regular expressions (strings)")
-            for identifier in identifiers:
-                try:
-                    re.compile(identifier)
-                except re.error as error:
-                    self._fail(names, f"{identifier!r} is not a regular expression ({error})")
-            object.__setattr__(self, names, tuple(identifiers))
+            self._require_timestep_range(f"{kind}_attention_timestep_skip_range")
+            self._require_patterns(f"{kind}_attention_block_identifiers")
         if self.current_timestep_callback is not None and not callable(self.current_timestep_callback):
             self._fail("current_timestep_callback", "must be a callable returning the current timestep")
         if all(getattr(self, f"{kind}_attention_block_skip_range") is None for kind in KINDS):
@@ -129,21 +112,11 @@ class PyramidAttentionBroadcast(CachePass):
             order = ("temporal", "spatial")
         else:
             order = ("spatial", "temporal")
-        for kind in order:
-            identifiers = getattr(self, f"{kind}_attention_block_identifiers")
-            if getattr(self, f"{kind}_attention_block_skip_range") is not None and \
-                    any(re.search(i, attention.name) for i in identifiers):
-                return kind
-        return None
+        return attention_settings(self, attention, order)
 
     def targets(self, regions: ModelRegions) -> dict[str, list[Attention]]:
         """Attention regions by the kind of settings they use (kinds with none are left out)."""
-        by_kind: dict[str, list[Attention]] = {}
-        for attention in regions.attentions:
-            kind = self.kind_of(attention)
-            if kind is not None:
-                by_kind.setdefault(kind, []).append(attention)
-        return by_kind
+        return group_attentions(regions, self.kind_of)
 
     def flag_name(self, kind: str) -> str:
         return f"compute_{kind}_attention"

@@ -85,17 +85,8 @@ class TaylorSeer(CachePass):
                 not isinstance(self.taylor_factors_dtype, torch.dtype) or not self.taylor_factors_dtype.is_floating_point):
             self._fail("taylor_factors_dtype", "must be None or a floating torch.dtype, e.g. torch.float32")
         for field in ("skip_predict_identifiers", "cache_identifiers"):
-            patterns = getattr(self, field)
-            if patterns is None:
-                continue
-            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
-                self._fail(field, "must be None or a list of regular expressions (strings)")
-            for pattern in patterns:
-                try:
-                    re.compile(pattern)
-                except re.error as error:
-                    self._fail(field, f"{pattern!r} is not a regular expression ({error})")
-            object.__setattr__(self, field, tuple(patterns))
+            if getattr(self, field) is not None:
+                self._require_patterns(field)
         if not isinstance(self.use_lite_mode, bool):
             self._fail("use_lite_mode", "must be True or False")
 
