@@ -302,7 +302,7 @@ class CachedModel(torch.nn.Module):
 
             print(cached.plan(28, timesteps=pipe.scheduler.timesteps))
         """
-        from .schedule import build_schedule, example_inputs, symbolic_costs
+        from .schedule import build_schedule, symbolic_costs
 
         if not self._regions:
             raise RuntimeError("plan() reads the regions off the model's graph: call the model once first")
@@ -310,7 +310,7 @@ class CachedModel(torch.nn.Module):
         gated = build_schedule(self._passes, regions, num_steps, timesteps).regions
         costs_by_signature = self.__dict__.setdefault("_plan_costs", {})
         if (signature, tuple(gated)) not in costs_by_signature:
-            args, kwargs = example_inputs(self._programs[signature].captured)
+            args, kwargs = self._programs[signature].captured.example_call()
             costs_by_signature[(signature, tuple(gated))] = symbolic_costs(self.original, args, kwargs, gated)
         contexts = tuple(self._progress) or tuple(self._programs[signature].states) or (DEFAULT_CONTEXT,)
         return build_schedule(self._passes, regions, num_steps, timesteps, contexts,

@@ -29,7 +29,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .capture import CapturedGraph, normalize_module_path
+from .capture import normalize_module_path
 from .passes.base import CachePass, ConfigError, Step
 
 __all__ = ["RegionCost", "Schedule", "build_schedule", "flop_counter", "symbolic_costs"]
@@ -190,46 +190,6 @@ def build_schedule(passes: Sequence[CachePass], regions, num_steps: int, timeste
 
 
 # -- FLOPs from the graph --------------------------------------------------------------------------
-def example_inputs(captured: CapturedGraph) -> tuple[tuple, dict]:
-    """Call arguments with the captured signature (zeros for tensors, the captured values otherwise),
-    enough to capture the model again: FLOPs do not depend on values."""
-    spec = eval(captured.signature.treespec.replace("*", "_LEAF"),  # the repr of a pytree TreeSpec
-                {"__builtins__": {}}, {"TreeSpec": _Node, "_LEAF": _LEAF, "None": None, "tuple": tuple,
-                                       "list": list, "dict": dict})
-    leaves = []
-    for leaf in captured.signature.leaves:
-        if isinstance(leaf, tuple) and leaf[:1] == ("tensor",):
-            _, shape, dtype, device = leaf
-            leaves.append(torch.zeros(shape, dtype=dtype, device=device))
-        else:
-            leaves.append(leaf[1])
-    iterator = iter(leaves)
-    return _build(spec, iterator)
-
-
-class _Leaf:
-    pass
-
-
-_LEAF = _Leaf()
-
-
-@dataclass
-class _Node:
-    kind: Any
-    context: Any
-    children: list
-
-
-def _build(spec, leaves):
-    if spec is _LEAF:
-        return next(leaves)
-    children = [_build(child, leaves) for child in spec.children]
-    if spec.kind is dict:
-        return dict(zip(spec.context, children))
-    return spec.kind(children)
-
-
 def symbolic_costs(model: torch.nn.Module, args: tuple, kwargs: dict, region_names: Sequence[str]) -> RegionCost:
     """FLOPs of one call per region (a region is a module path) and in total, as sympy expressions in
     the token count, read off a dynamo capture with the token dimension dynamic.
@@ -272,7 +232,6 @@ def symbolic_costs(model: torch.nn.Module, args: tuple, kwargs: dict, region_nam
     symbolic = isinstance(symbol, torch.SymInt) and bool(symbol.node.expr.free_symbols)
     per_region = {name: sympy.Integer(0) for name in region_names}
     counter = flop_counter()
-    totals = {"before": 0}
 
     def total() -> Any:
         return sum(counter.get_flop_counts().get("Global", {}).values())

@@ -109,7 +109,7 @@ def compute_or_reuse_tail_cond(compute: torch.Tensor, tail, head_residual, refer
     n = len(residuals)
 
     def compute_branch(head_residual, reference, computed, *rest):
-        head_outputs, residuals, inputs = rest[:n], rest[n: 2 * n], rest[2 * n:]
+        head_outputs, inputs = rest[:n], rest[2 * n:]  # the stored residuals are replaced, not read
         outputs = [o.clone(memory_format=torch.contiguous_format) for o in tail(*inputs)]
         new_residuals = [out - head for out, head in zip(outputs, head_outputs)]
         return (*outputs, *new_residuals, head_residual.clone(), computed + 1)
