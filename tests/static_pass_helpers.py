@@ -9,16 +9,10 @@ drives the loop with a diffusers scheduler, whose ``step_index`` fxcache reads.
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 
 from fxcache import tiny_models
-
-
-def relative_difference(a: torch.Tensor, b: torch.Tensor, start: torch.Tensor) -> float:
-    """||(a - x0) - (b - x0)|| / ||b - x0||: the DESIGN's relative difference on the latent update."""
-    return float(torch.linalg.vector_norm((a - start) - (b - start)) / torch.linalg.vector_norm(b - start))
 
 
 class Clock:
@@ -74,16 +68,18 @@ def run_scheduler(model, tiny: tiny_models.TinyDenoiser, scheduler, num_steps: i
     return start, x
 
 
-def with_diffusers_cache(model, config):
-    """A deep copy of ``model`` with diffusers' own hook of ``config`` enabled."""
-    hooked = copy.deepcopy(model)
-    hooked.enable_cache(config)
-    return hooked
-
-
 def decision_tuples(config, steps) -> set:
     """The distinct host flag tuples a static pass decides over ``steps``."""
     return {tuple(sorted(config.decide(step).items())) for step in steps}
+
+
+def assert_one_graph_per_decision_tuple(cached, tuples: set, captures_per_signature: int = 1) -> None:
+    """Over the generations run so far: one compiled graph per distinct decision tuple, no graph
+    break, and dynamo saw nothing else than those graphs and the captures."""
+    counters = torch._dynamo.utils.counters
+    assert cached.stats()["compiles"] == len(tuples)
+    assert counters["stats"]["unique_graphs"] == len(tuples) + captures_per_signature * cached.stats()["captures"]
+    assert sum(counters["graph_break"].values()) == 0
 
 
 @contextlib.contextmanager

@@ -12,10 +12,10 @@ import re
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
-from ..regions import Attention, ModelRegions
+from ..regions import Attention, ModelRegions, RegionError
 from ..rewrite import ProgramBuilder
 
-__all__ = ["CachePass", "ConfigError", "Step", "attention_settings", "group_attentions"]
+__all__ = ["AttentionKindsPass", "CachePass", "ConfigError", "Step", "attention_settings"]
 
 
 class ConfigError(ValueError):
@@ -101,11 +101,30 @@ def attention_settings(config, attention: Attention, kinds: tuple[str, ...]) -> 
     return None
 
 
-def group_attentions(regions: ModelRegions, kind_of) -> dict[str, list[Attention]]:
-    """Attention regions by the settings ``kind_of(attention)`` gives them (None: left out)."""
-    by_kind: dict[str, list[Attention]] = {}
-    for attention in regions.attentions:
-        kind = kind_of(attention)
-        if kind is not None:
-            by_kind.setdefault(kind, []).append(attention)
-    return by_kind
+class AttentionKindsPass(CachePass):
+    """Shared by passes configured per attention kind (PAB, FasterCache): ``kind_of(attention)``
+    picks the settings, one host flag per kind computes (True) or reuses its attention modules."""
+
+    def kind_of(self, attention: Attention) -> str | None:
+        raise NotImplementedError
+
+    def targets(self, regions: ModelRegions) -> dict[str, list[Attention]]:
+        """Attention regions by the kind of settings they use (kinds with none are left out)."""
+        by_kind: dict[str, list[Attention]] = {}
+        for attention in regions.attentions:
+            kind = self.kind_of(attention)
+            if kind is not None:
+                by_kind.setdefault(kind, []).append(attention)
+        if not by_kind:
+            found = ", ".join(f"{a.name} ({a.kind})" for a in regions.attentions) or "none"
+            raise RegionError(f"{type(self).__name__}: no attention module matches the configured kinds "
+                              f"and identifiers; attention found: {found}")
+        return by_kind
+
+    @staticmethod
+    def flag_name(kind: str) -> str:
+        return f"compute_{kind}_attention"
+
+    def flag_regions(self, regions: ModelRegions) -> dict[str, list[str]]:
+        """Flag name -> the region names it gates (True computes them)."""
+        return {self.flag_name(kind): [a.name for a in attns] for kind, attns in self.targets(regions).items()}

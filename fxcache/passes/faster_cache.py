@@ -70,7 +70,7 @@ import torch.fx as fx
 from ..capture import capture
 from ..regions import Attention, ModelRegions, Region, RegionError, example_value, find_regions
 from ..rewrite import INPUTS, REGION, ProgramBuilder, copy_into
-from .base import CachePass, ConfigError, Step, attention_settings, group_attentions
+from .base import AttentionKindsPass, ConfigError, Step, attention_settings
 
 __all__ = ["FasterCache", "split_frames", "merge_frames", "frequency_mask"]
 
@@ -95,7 +95,7 @@ _CALLBACKS = ("attention_weight_callback", "low_frequency_weight_callback", "hig
 
 
 @dataclass(frozen=True)
-class FasterCache(CachePass):
+class FasterCache(AttentionKindsPass):
     """Fields, defaults and meaning of diffusers' ``FasterCacheConfig`` (see the module docstring),
     plus ``token_grid``: the ``(H, W)`` token grid of a token-layout output, for CFG-Cache on Flux-like
     models (None: read from the inputs where they carry it).
@@ -175,24 +175,9 @@ class FasterCache(CachePass):
         order = ("temporal", "spatial") if attention.kind == "temporal" else KINDS
         return attention_settings(self, attention, order)
 
-    def targets(self, regions: ModelRegions) -> dict[str, list[Attention]]:
-        return group_attentions(regions, self.kind_of)
-
-    @staticmethod
-    def flag_name(kind: str) -> str:
-        return f"compute_{kind}_attention"
-
-    def flag_regions(self, regions: ModelRegions) -> dict[str, list[str]]:
-        """Flag name -> the region names it gates (True computes them)."""
-        return {self.flag_name(kind): [a.name for a in attns] for kind, attns in self.targets(regions).items()}
-
     # -- rewrite ------------------------------------------------------------------------------------
     def rewrite(self, builder: ProgramBuilder, regions: ModelRegions) -> None:
         by_kind = self.targets(regions)
-        if not by_kind:
-            found = ", ".join(f"{a.name} ({a.kind})" for a in regions.attentions) or "none"
-            raise RegionError("FasterCache: no self-attention module matches the configured identifiers "
-                              f"under {_HOOKED_PATHS}; attention found: {found}")
         model = builder.captured.graph_module.model
         for kind, attns in by_kind.items():
             for attention in attns:

@@ -38,9 +38,9 @@ from typing import Callable
 
 import torch
 
-from ..regions import Attention, ModelRegions, RegionError
+from ..regions import Attention, ModelRegions
 from ..rewrite import INPUTS, REGION, ProgramBuilder, copy_into
-from .base import CachePass, ConfigError, Step, attention_settings, group_attentions
+from .base import AttentionKindsPass, ConfigError, Step, attention_settings
 
 __all__ = ["PyramidAttentionBroadcast"]
 
@@ -56,7 +56,7 @@ CROSS_IDENTIFIERS = ("blocks", "transformer_blocks", "layers")
 
 
 @dataclass(frozen=True)
-class PyramidAttentionBroadcast(CachePass):
+class PyramidAttentionBroadcast(AttentionKindsPass):
     """Fields, defaults and meaning of diffusers' ``PyramidAttentionBroadcastConfig``.
 
     ``*_attention_block_skip_range`` (N, or None to leave that kind alone): recompute every N calls.
@@ -114,25 +114,9 @@ class PyramidAttentionBroadcast(CachePass):
             order = ("spatial", "temporal")
         return attention_settings(self, attention, order)
 
-    def targets(self, regions: ModelRegions) -> dict[str, list[Attention]]:
-        """Attention regions by the kind of settings they use (kinds with none are left out)."""
-        return group_attentions(regions, self.kind_of)
-
-    def flag_name(self, kind: str) -> str:
-        return f"compute_{kind}_attention"
-
-    def flag_regions(self, regions: ModelRegions) -> dict[str, list[str]]:
-        """Flag name -> the region names it gates (True computes them)."""
-        return {self.flag_name(kind): [a.name for a in attns] for kind, attns in self.targets(regions).items()}
-
     # -- rewrite ------------------------------------------------------------------------------------
     def rewrite(self, builder: ProgramBuilder, regions: ModelRegions) -> None:
         by_kind = self.targets(regions)
-        if not by_kind:
-            found = ", ".join(f"{a.name} ({a.kind})" for a in regions.attentions) or "none"
-            raise RegionError(
-                "PyramidAttentionBroadcast: no attention module matches the configured kinds and "
-                f"identifiers; attention found: {found}")
         flags = {kind: builder.add_flag(self.flag_name(kind)) for kind in by_kind}
         kind_of = {a.name: kind for kind, attns in by_kind.items() for a in attns}
         # replace later regions first so that the input nodes of earlier ones stay valid
