@@ -124,3 +124,27 @@ def test_a_context_that_joins_late_computes_on_its_first_call(flux):
         if step == 5:
             assert torch.equal(out, flux.model(**flux.inputs(x, 1 - step / 8))[0])
     assert cached.stats()["contexts"]["cond"]["mag_cache_compute_blocks"] == {"true": 1, "false": 1}
+
+
+def test_a_static_pass_re_plans_when_the_scheduler_runs_another_step_count(flux):
+    """MagCache configured for 28 steps, run by a scheduler for 10: the executed schedule is the one
+    planned for 10 steps (diffusers would follow the 28-step ratios and wrap)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fxcache.passes import MagCache
+    from fxcache.passes.mag_cache import FLUX_MAG_RATIOS
+
+    config = MagCache(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=28, retention_ratio=0.0, threshold=0.5)
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    cached = fxcache.transform(flux.model, [config], backend="eager", scheduler=scheduler)
+    scheduler.set_timesteps(10)
+    x = flux.noise(seed=6)
+    for t in scheduler.timesteps:
+        with cached.cache_context("cond"):
+            v = cached(**flux.inputs(x, float(t) / 1000))[0]
+        x = scheduler.step(v, t, x, return_dict=False)[0]
+    planned = MagCache(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=10, retention_ratio=0.0,
+                       threshold=0.5).schedule()
+    assert config.schedule_for(10) == planned != config.schedule()[:10]
+    counts = cached.stats()["contexts"]["cond"]["mag_cache_compute_blocks"]
+    assert counts == {"true": planned.count(True), "false": planned.count(False)}

@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -162,18 +163,35 @@ class MagCache(CachePass):
         """
         return self._schedule
 
-    def computes(self, index: int) -> bool:
-        """Whether the blocks compute at step ``index``; the counter wraps at ``num_inference_steps``."""
-        return self._schedule[index % self.num_inference_steps]
+    def computes(self, index: int, num_steps: int | None = None) -> bool:
+        """Whether the blocks compute at step ``index`` of a ``num_steps``-step generation (default
+        ``num_inference_steps``); the counter wraps at the generation's length."""
+        num_steps = num_steps or self.num_inference_steps
+        return self.schedule_for(num_steps)[index % num_steps]
+
+    def schedule_for(self, num_steps: int) -> tuple[bool, ...]:
+        """The schedule of a ``num_steps``-step generation: the configured one, or, for another
+        count, the same rule on the ratios nearest-interpolated to it (planned once, then kept).
+
+        Deviation: diffusers always follows ``num_inference_steps`` and wraps its counter there, so a
+        28-step config run for 20 steps skips by the wrong ratios; fxcache re-plans where it knows
+        the count (a scheduler, or ``cache_context(num_inference_steps=...)``).
+
+        Example::
+
+            MagCache(mag_ratios=FLUX_MAG_RATIOS).schedule_for(20)
+        """
+        if num_steps == self.num_inference_steps:
+            return self._schedule
+        replanned = self.__dict__.setdefault("_replanned", {})  # frozen fields; a cache beside them
+        if num_steps not in replanned:
+            logger.info("MagCache: the loop runs %d steps, configured for %d: re-planned", num_steps,
+                        self.num_inference_steps)
+            replanned[num_steps] = dataclasses.replace(self, num_inference_steps=num_steps)._schedule
+        return replanned[num_steps]
 
     def decide(self, step: Step) -> dict[str, bool]:
-        if step.num_steps is not None and step.num_steps != self.num_inference_steps and \
-                not getattr(self, "_warned", False):
-            object.__setattr__(self, "_warned", True)
-            logger.warning("MagCache: the loop runs %d steps but num_inference_steps=%d; the schedule "
-                           "follows num_inference_steps (as diffusers)", step.num_steps,
-                           self.num_inference_steps)
-        return {"mag_cache_compute_blocks": self.computes(step.index)}
+        return {"mag_cache_compute_blocks": self.computes(step.index, step.num_steps)}
 
     def flag_regions(self, regions: ModelRegions) -> dict[str, list[str]]:
         """Flag name -> the region names it gates (True computes them)."""
