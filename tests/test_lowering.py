@@ -1,0 +1,27 @@
+"""Lowering through Inductor: the static lowering (host booleans, one graph per decision tuple). The
+dynamic lowerings (host branch, torch.cond) have theirs in test_first_block_cache.py; CUDA graphs in
+test_gpu.py."""
+
+import pytest
+import torch
+
+import fxcache
+from fxcache import tiny_models
+from fxcache.passes import MagCache
+from tests.helpers import relative_difference
+
+
+@pytest.mark.inductor
+def test_static_pass_under_inductor_matches_eager_with_one_graph_per_decision_tuple():
+    tiny = tiny_models.build("flux")
+    start = tiny.noise(seed=0)
+    config = MagCache(mag_ratios=[1.0] + [0.98] * 7, num_inference_steps=8, threshold=0.1, retention_ratio=0.0)
+    assert set(config.schedule()) == {True, False}
+    eager = tiny_models.euler_sample(fxcache.transform(tiny.model, [config], backend="eager"), tiny, start, 8)
+    cached = fxcache.transform(tiny.model, [config], backend="inductor")
+    for _ in range(2):
+        result = tiny_models.euler_sample(cached, tiny, start, 8)
+        cached.reset()
+    assert relative_difference(result, eager, start) <= 1e-3
+    assert cached.stats()["compiles"] == 2  # compute the blocks, or add the stored residual
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
