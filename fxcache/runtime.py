@@ -150,7 +150,7 @@ class CachedModel(torch.nn.Module):
         """Fail before allocating a context's state when it would pass ``max_cache_bytes``."""
         if self._max_cache_bytes is None:
             return
-        held = self.stats()["cache_bytes"]
+        held = self._cache_bytes()
         if held + program.state_bytes > self._max_cache_bytes:
             by_pass = ", ".join(f"{name} {size:,} B" for name, size in program.state_bytes_by_owner().items())
             raise MemoryError(
@@ -251,9 +251,12 @@ class CachedModel(torch.nn.Module):
             "contexts": contexts,
             "compiles": sum(p.compiles for p in self._programs.values()),
             "captures": self._captures,
-            "cache_bytes": sum(p.state_bytes * len(p.states) for p in self._programs.values()),
+            "cache_bytes": self._cache_bytes(),
             "cache_bytes_by_pass": by_pass,
         }
+
+    def _cache_bytes(self) -> int:
+        return sum(p.state_bytes * len(p.states) for p in self._programs.values())
 
     def regions(self) -> ModelRegions:
         """The regions of the most recently captured input signature."""
