@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
+import torch
+
 from ..regions import Attention, ModelRegions, RegionError
 from ..rewrite import ProgramBuilder
 
@@ -124,6 +126,19 @@ class AttentionKindsPass(CachePass):
     @staticmethod
     def flag_name(kind: str) -> str:
         return f"compute_{kind}_attention"
+
+    def timestep(self, step: Step) -> float:
+        """The call's timestep: ``current_timestep_callback()`` when set (diffusers' way), else the
+        step's (a scheduler handed to ``transform``, or ``cache_context(timestep=...)``)."""
+        callback = getattr(self, "current_timestep_callback", None)
+        if callback is not None:
+            value = callback()
+            return float(value.reshape(-1)[0]) if isinstance(value, torch.Tensor) else float(value)
+        if step.timestep is None:
+            raise ConfigError(
+                f"{type(self).__name__} needs the current timestep: pass scheduler=pipe.scheduler to "
+                "fxcache.transform, timestep=... to cache_context, or current_timestep_callback")
+        return float(step.timestep)
 
     def flag_regions(self, regions: ModelRegions) -> dict[str, list[str]]:
         """Flag name -> the region names it gates (True computes them)."""

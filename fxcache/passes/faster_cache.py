@@ -276,16 +276,6 @@ class FasterCache(AttentionKindsPass):
         return _Layout(self.tensor_format, None, tuple(frames.shape))
 
     # -- schedule -----------------------------------------------------------------------------------
-    def timestep(self, step: Step) -> float:
-        if self.current_timestep_callback is not None:
-            value = self.current_timestep_callback()
-            return float(value.reshape(-1)[0]) if isinstance(value, torch.Tensor) else float(value)
-        if step.timestep is None:
-            raise ConfigError(
-                "FasterCache needs the current timestep: pass scheduler=pipe.scheduler to fxcache.transform, "
-                "timestep=... to cache_context, or current_timestep_callback")
-        return float(step.timestep)
-
     def computes_uncond(self, index: int, timestep: float) -> bool:
         """Whether call ``index`` runs the full ``[uncond; cond]`` batch (always when distilled)."""
         lo, hi = self.unconditional_batch_timestep_skip_range

@@ -36,11 +36,9 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
 from ..regions import Attention, ModelRegions
 from ..rewrite import INPUTS, REGION, ProgramBuilder, copy_into
-from .base import AttentionKindsPass, ConfigError, Step, attention_settings
+from .base import AttentionKindsPass, Step, attention_settings
 
 __all__ = ["PyramidAttentionBroadcast"]
 
@@ -129,16 +127,6 @@ class PyramidAttentionBroadcast(AttentionKindsPass):
                             INPUTS)
 
     # -- schedule -----------------------------------------------------------------------------------
-    def timestep(self, step: Step) -> float:
-        if self.current_timestep_callback is not None:
-            value = self.current_timestep_callback()
-            return float(value.reshape(-1)[0]) if isinstance(value, torch.Tensor) else float(value)
-        if step.timestep is None:
-            raise ConfigError(
-                "PyramidAttentionBroadcast needs the current timestep: pass scheduler=pipe.scheduler to "
-                "fxcache.transform, timestep=... to cache_context, or current_timestep_callback")
-        return float(step.timestep)
-
     def compute(self, kind: str, index: int, timestep: float) -> bool:
         """Whether attention of ``kind`` computes at call ``index`` (since reset) at ``timestep``."""
         lo, hi = getattr(self, f"{kind}_attention_timestep_skip_range")
