@@ -41,3 +41,34 @@ def with_diffusers_cache(model: torch.nn.Module, config) -> torch.nn.Module:
     hooked = copy.deepcopy(model)
     hooked.enable_cache(config)
     return hooked
+
+
+class DiffusersCopyPerContext(torch.nn.Module):
+    """diffusers' hook with one hooked copy of the model per cache context (made on first use): the
+    reference for fxcache's per-context state, where diffusers' hook shares one state across contexts
+    (PAB, FasterCache). Other attributes come from the model, so a pipeline can hold it."""
+
+    def __init__(self, model: torch.nn.Module, config):
+        super().__init__()
+        self.template, self.config_for_hooks = model, config
+        self.copies = torch.nn.ModuleDict()
+        self.active = None
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["template"], name)
+
+    def cache_context(self, name):
+        if name not in self.copies:
+            self.copies[name] = with_diffusers_cache(self.template, self.config_for_hooks)
+        self.active = name
+        return self.copies[name].cache_context(name)
+
+    def forward(self, *args, **kwargs):
+        return self.copies[self.active](*args, **kwargs)
+
+    def _reset_stateful_cache(self):
+        for model in self.copies.values():
+            model._reset_stateful_cache()

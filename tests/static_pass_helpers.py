@@ -13,6 +13,7 @@ import contextlib
 import torch
 
 from fxcache import tiny_models
+from tests.helpers import relative_difference
 
 
 class Clock:
@@ -71,6 +72,19 @@ def run_scheduler(model, tiny: tiny_models.TinyDenoiser, scheduler, num_steps: i
 def decision_tuples(config, steps) -> set:
     """The distinct host flag tuples a static pass decides over ``steps``."""
     return {tuple(sorted(config.decide(step).items())) for step in steps}
+
+
+def assert_equals_diffusers_over_two_generations(reference, cached, tiny, num_steps: int, contexts) -> None:
+    """Two seeded generations with a reset after each: fxcache equals diffusers' hooked copy
+    (relative difference <= 1e-5), and the cache changed the result (> 1e-4 from uncached)."""
+    for seed in (0, 1):
+        start, expected = run_euler(reference, tiny, num_steps, contexts=contexts, seed=seed)
+        _, result = run_euler(cached, tiny, num_steps, contexts=contexts, seed=seed)
+        _, uncached = run_euler(tiny.model, tiny, num_steps, contexts=contexts, seed=seed)
+        assert relative_difference(result, expected, start) <= 1e-5
+        assert relative_difference(uncached, expected, start) > 1e-4
+        reference._reset_stateful_cache()
+        cached._reset_stateful_cache()
 
 
 def assert_one_graph_per_decision_tuple(cached, tuples: set, captures_per_signature: int = 1) -> None:

@@ -12,7 +12,7 @@ import fxcache
 from fxcache import ConfigError, tiny_models
 from fxcache.passes import FasterCache, Step
 from fxcache.passes.faster_cache import frequency_mask
-from tests.helpers import relative_difference, with_diffusers_cache
+from tests.helpers import DiffusersCopyPerContext, relative_difference, with_diffusers_cache
 from tests.static_pass_helpers import (assert_one_graph_per_decision_tuple, Clock, decision_tuples, run_euler)
 
 STEPS = 8
@@ -153,25 +153,11 @@ def test_deviation_state_per_context_under_sequential_cfg():
     tiny = tiny_models.build("flux")
     clock = Clock()
     fields = config_for(tiny, is_guidance_distilled=True)
-    per_branch = {name: with_diffusers_cache(tiny.model, FasterCacheConfig(current_timestep_callback=clock, **fields))
-                  for name in ("cond", "uncond")}
-
-    class OneCopyPerContext(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.active = "cond"
-
-        def cache_context(self, name):
-            self.active = name
-            return per_branch[name].cache_context(name)
-
-        def forward(self, **kwargs):
-            return per_branch[self.active](**kwargs)
-
+    per_branch = DiffusersCopyPerContext(tiny.model, FasterCacheConfig(current_timestep_callback=clock, **fields))
     shared = with_diffusers_cache(tiny.model, FasterCacheConfig(current_timestep_callback=clock, **fields))
     cached = fxcache.transform(tiny.model, [FasterCache(**fields)], backend="eager")
     contexts = ("cond", "uncond")
-    start, expected = run_euler(OneCopyPerContext(), tiny, STEPS, contexts=contexts, clock=clock)
+    start, expected = run_euler(per_branch, tiny, STEPS, contexts=contexts, clock=clock)
     _, result = run_euler(cached, tiny, STEPS, contexts=contexts, context_fields=True)
     _, shared_result = run_euler(shared, tiny, STEPS, contexts=contexts, clock=clock)
     assert relative_difference(result, expected, start) <= 1e-5

@@ -16,7 +16,8 @@ from fxcache import ConfigError, tiny_models
 from fxcache.passes import MagCache, Step
 from fxcache.passes.mag_cache import FLUX_MAG_RATIOS, nearest_interp
 from tests.helpers import relative_difference, with_diffusers_cache
-from tests.static_pass_helpers import (assert_one_graph_per_decision_tuple, decision_tuples, run_euler)
+from tests.static_pass_helpers import (assert_equals_diffusers_over_two_generations,
+                                       assert_one_graph_per_decision_tuple, decision_tuples, run_euler)
 
 STEPS = 10
 CFG = ("cond", "uncond")
@@ -104,14 +105,7 @@ def test_equals_diffusers_hook_with_cfg_over_two_generations(name):
     reference = with_diffusers_cache(tiny.model, MagCacheConfig(**fields))
     cached = fxcache.transform(tiny.model, [MagCache(**fields)], backend="eager")
     assert not all(MagCache(**fields).schedule())
-    for seed in (0, 1):
-        start, expected = run_euler(reference, tiny, STEPS, contexts=CFG, seed=seed)
-        _, result = run_euler(cached, tiny, STEPS, contexts=CFG, seed=seed)
-        _, uncached = run_euler(tiny.model, tiny, STEPS, contexts=CFG, seed=seed)
-        assert relative_difference(result, expected, start) <= 1e-5
-        assert relative_difference(uncached, expected, start) > 1e-4  # blocks were skipped
-        reference._reset_stateful_cache()
-        cached._reset_stateful_cache()
+    assert_equals_diffusers_over_two_generations(reference, cached, tiny, STEPS, CFG)
 
 
 def test_wraps_around_without_reset_as_diffusers():

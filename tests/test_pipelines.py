@@ -13,7 +13,7 @@ import fxcache
 from fxcache import tiny_pipelines
 from fxcache.passes import FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer
 
-from .helpers import relative_difference, with_diffusers_cache
+from .helpers import DiffusersCopyPerContext, relative_difference, with_diffusers_cache
 
 # the pipelines' transformer attributes: Wan 2.2 has two
 TRANSFORMERS = {"flux": ("transformer",), "wan22": ("transformer", "transformer_2"),
@@ -105,36 +105,6 @@ def test_wan22_two_transformers_keep_their_own_state():
     assert frames.shape[-1] == 3 and bool(torch.isfinite(torch.as_tensor(frames)).all())
 
 
-class PerContextCopies(torch.nn.Module):
-    """diffusers' hook with one independent copy of the model per cache context: the reference for
-    fxcache's per-context state where diffusers shares one state across contexts (PAB)."""
-
-    def __init__(self, model, config):
-        super().__init__()
-        self.template, self.config_for_hooks = model, config
-        self.copies = torch.nn.ModuleDict()
-        self._context = None
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["template"], name)
-
-    def cache_context(self, name):
-        if name not in self.copies:
-            self.copies[name] = with_diffusers_cache(self.template, self.config_for_hooks)
-        self._context = name
-        return self.copies[name].cache_context(name)
-
-    def forward(self, *args, **kwargs):
-        return self.copies[self._context](*args, **kwargs)
-
-    def _reset_stateful_cache(self):
-        for model in self.copies.values():
-            model._reset_stateful_cache()
-
-
 def test_pyramid_attention_broadcast_keeps_cfg_state_apart_where_diffusers_shares_it():
     """Documented deviation: with true CFG (Qwen-Image: separate cond and uncond calls) diffusers'
     PAB hands the uncond call the cond call's cached attention. fxcache keeps a state per context:
@@ -150,7 +120,7 @@ def test_pyramid_attention_broadcast_keeps_cfg_state_apart_where_diffusers_share
 
     pipe.transformer = with_diffusers_cache(transformer, diffusers_config())
     shared = tiny.generate(output_type="latent")
-    pipe.transformer = PerContextCopies(transformer, diffusers_config())
+    pipe.transformer = DiffusersCopyPerContext(transformer, diffusers_config())
     per_context = tiny.generate(output_type="latent")
     pipe.transformer = fxcache.transform(
         transformer, [PyramidAttentionBroadcast(spatial_attention_block_skip_range=2,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import fxcache
 from fxcache import ConfigError, tiny_models
 from fxcache.passes import PyramidAttentionBroadcast, Step
-from tests.helpers import relative_difference, with_diffusers_cache
+from tests.helpers import DiffusersCopyPerContext, relative_difference, with_diffusers_cache
 from tests.static_pass_helpers import (assert_one_graph_per_decision_tuple, Clock, count_host_reads, decision_tuples, run_euler, run_scheduler)
 
 STEPS = 8
@@ -155,23 +155,10 @@ def test_deviation_state_per_context_under_sequential_cfg():
     torch.testing.assert_close(ours, uncached_uncond, rtol=1e-6, atol=1e-6)
 
     # over a whole CFG loop, fxcache equals diffusers with one hooked copy per branch
-    per_branch = {name: with_diffusers_cache(tiny.model, PyramidAttentionBroadcastConfig(
-        current_timestep_callback=clock, **config_for(tiny))) for name in ("cond", "uncond")}
-
-    class OneCopyPerContext(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.active = "cond"
-
-        def cache_context(self, name):
-            self.active = name
-            return per_branch[name].cache_context(name)
-
-        def forward(self, **kwargs):
-            return per_branch[self.active](**kwargs)
-
+    per_branch = DiffusersCopyPerContext(tiny.model, PyramidAttentionBroadcastConfig(
+        current_timestep_callback=clock, **config_for(tiny)))
     cached.reset()
-    start, expected = run_euler(OneCopyPerContext(), tiny, STEPS, contexts=("cond", "uncond"), clock=clock)
+    start, expected = run_euler(per_branch, tiny, STEPS, contexts=("cond", "uncond"), clock=clock)
     _, result = run_euler(cached, tiny, STEPS, contexts=("cond", "uncond"), context_fields=True)
     _, shared_result = run_euler(shared, tiny, STEPS, contexts=("cond", "uncond"), clock=clock)
     assert relative_difference(result, expected, start) <= 1e-5

@@ -14,7 +14,8 @@ from fxcache import ConfigError, tiny_models
 from fxcache.passes import Step, TaylorSeer
 from fxcache.passes.taylorseer import CACHE_IDENTIFIERS
 from tests.helpers import relative_difference, with_diffusers_cache
-from tests.static_pass_helpers import (assert_one_graph_per_decision_tuple, decision_tuples, run_euler)
+from tests.static_pass_helpers import (assert_equals_diffusers_over_two_generations,
+                                       assert_one_graph_per_decision_tuple, decision_tuples, run_euler)
 
 STEPS = 9
 CFG = ("cond", "uncond")
@@ -64,14 +65,7 @@ def test_equals_diffusers_hook_with_cfg_over_two_generations(name, fields):
     tiny = tiny_models.build(name)
     reference = with_diffusers_cache(tiny.model, TaylorSeerCacheConfig(**fields))
     cached = fxcache.transform(tiny.model, [TaylorSeer(**fields)], backend="eager")
-    for seed in (0, 1):
-        start, expected = run_euler(reference, tiny, STEPS, contexts=CFG, seed=seed)
-        _, result = run_euler(cached, tiny, STEPS, contexts=CFG, seed=seed)
-        _, uncached = run_euler(tiny.model, tiny, STEPS, contexts=CFG, seed=seed)
-        assert relative_difference(result, expected, start) <= 1e-5
-        assert relative_difference(uncached, expected, start) > 1e-4  # predictions were used
-        reference._reset_stateful_cache()
-        cached._reset_stateful_cache()
+    assert_equals_diffusers_over_two_generations(reference, cached, tiny, STEPS, CFG)
 
 
 @pytest.mark.parametrize("name", ["wan", "cogvideox"])
