@@ -153,7 +153,7 @@ def explain(args) -> int:
                           "ahead of time to draw (drop --png)")
     from . import transform
 
-    bar = _progress(3, "explain", unit="stage")
+    bar = progress_bar(3, "explain", unit="stage")
     tiny = tiny_models.build(args.model)
     cached = transform(tiny.model, [cache_pass], backend="eager")
     timesteps = flow_matching_timesteps(args.steps)
@@ -200,7 +200,7 @@ def calibrate(args) -> int:
     tiny = tiny_models.build(args.model)
     contexts = ("cond",) if args.no_cfg else ("cond", "uncond")
     start = tiny.noise(seed=args.seed)
-    bar = _progress(args.steps * len(contexts), "calibrate", unit="call")
+    bar = progress_bar(args.steps * len(contexts), "calibrate", unit="call")
     measured = measure_mag_ratios(
         tiny.model, lambda recorder: tiny_models.euler_sample(_CountedCalls(recorder, bar), tiny, start,
                                                               args.steps, contexts))
@@ -257,8 +257,10 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, description: str, unit: str):
-    """A tqdm bar on stderr, or nothing where tqdm (the ``demo`` extra) is not installed."""
+def progress_bar(total: int, description: str, unit: str, enabled: bool = True):
+    """A tqdm bar on stderr, or nothing where disabled or tqdm (the ``demo`` extra) is not installed."""
+    if not enabled:
+        return _NoBar()
     try:
         from tqdm import tqdm
     except ImportError:

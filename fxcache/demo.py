@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import tiny_models, transform
+from .cli import progress_bar
 from .flops import count_flops
 from .passes import FirstBlockCache
 
@@ -98,7 +99,7 @@ def run_demo(threshold: float = 0.3, steps: int = 20, backend: str = "eager", mo
     start = tiny.noise(seed=seed)
     contexts = ("cond", "uncond")
     calls = steps * len(contexts)
-    bar = _progress(4, progress)
+    bar = progress_bar(4, "demo", "run", enabled=progress)
 
     reference, flops_full = count_flops(tiny_models.euler_sample, tiny.model, tiny, start, steps, contexts)
     bar.update()
@@ -137,21 +138,3 @@ def format_rows(rows: list[DemoRow]) -> str:
                      f"{row.flops / base.flops:>9.3f} {row.seconds:>7.2f} {base.seconds / row.seconds:>7.2f}x "
                      f"{row.relative_difference:>9.2e}")
     return "\n".join(lines)
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc="demo", unit="run", leave=False)
