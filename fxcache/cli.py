@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -33,7 +31,6 @@ METHODS: dict[str, type] = {
     if isinstance(getattr(passes_module, name), type) and issubclass(getattr(passes_module, name), CachePass)
     and getattr(passes_module, name) is not CachePass
 }
-SPEED_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 
 
 def add_commands(commands) -> None:
@@ -61,13 +58,19 @@ def add_commands(commands) -> None:
     calibrate.add_argument("--png", type=Path, help="also plot the ratios and the skipped steps to this PNG")
 
     bench = commands.add_parser(
-        "bench", help="the speed table, fxcache and diffusers side by side (benchmarks/speed.py)")
+        "bench", help="the speed table: fxcache, diffusers and cache-dit side by side, with the limits "
+                      "(fxcache.bench, also benchmarks/speed.py)")
     bench.add_argument("--dry", action="store_true", help="the GPU script's logic, tiny, on the CPU (~1 min)")
     bench.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available; cpu runs "
                                                                   "a small model with Inductor (minutes)")
     bench.add_argument("--steps", type=int, help="denoising steps (default: 28 on a GPU, 8 otherwise)")
     bench.add_argument("--repeats", type=int, help="timed generations per row (median)")
     bench.add_argument("--json", type=Path, help="also write the rows here")
+    bench.add_argument("--methods", help="comma-separated cases (default all): mag, fbc, fbc-forced, pab, "
+                                         "taylorseer, faster")
+    bench.add_argument("--peers", help="comma-separated peers (default diffusers,cache-dit)")
+    bench.add_argument("--double", type=int, help="GPU: double-stream blocks (default 4; FLUX.1-dev 19)")
+    bench.add_argument("--single", type=int, help="GPU: single-stream blocks (default 8; FLUX.1-dev 38)")
 
 
 def _model_options(parser) -> None:
@@ -232,20 +235,15 @@ def calibrate(args) -> int:
 
 # -- bench ------------------------------------------------------------------------------------------
 def bench(args) -> int:
-    """Run ``benchmarks/speed.py`` of this checkout with the given options."""
-    if not SPEED_SCRIPT.is_file():
-        raise SystemExit(f"fxcache bench runs {SPEED_SCRIPT}, which is not here: it ships with the source "
-                         "checkout (git clone), not with an installed package")
+    """Run :mod:`fxcache.bench` (what ``benchmarks/speed.py`` runs) with the given options."""
+    from . import bench as speed
+
     argv = ["--dry"] if args.dry else []
-    for option in ("device", "steps", "repeats", "json"):
+    for option in ("device", "steps", "repeats", "json", "methods", "peers", "double", "single"):
         value = getattr(args, option)
         if value is not None:
             argv += [f"--{option}", str(value)]
-    spec = importlib.util.spec_from_file_location("fxcache_benchmark_speed", SPEED_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    module.main(argv)
+    speed.main(argv)
     return 0
 
 
