@@ -1,0 +1,184 @@
+"""Per-call host overhead of fxcache's runtime: what a ``CachedModel`` call costs beyond the compiled
+graph it runs, and where that time goes.
+
+    python benchmarks/host_overhead.py                     # ~1 min on a CPU
+    python benchmarks/host_overhead.py --method TaylorSeer --profile 40
+
+On a tiny FLUX transformer (the speed benchmark's ``--dry`` size) with a static pass and the eager
+backend: after two warm-up generations, each model call of a generation is timed as
+
+- *CachedModel*: ``with cached.cache_context("cond"): cached(**inputs)``, what a pipeline does;
+- *graph direct*: the same compiled program (``torch.compile`` of the rewritten graph) called with
+  the exact inputs, state, scalars and flags the CachedModel handed it at that step (recorded);
+- *uncached compiled*: ``torch.compile(model, backend="eager", fullgraph=True)`` on the same inputs.
+
+Overhead = CachedModel - graph direct, per call, median over all calls (generations of the two kinds
+interleaved, so drift hits both). Times are process time (``time.process_time_ns``): the machine may
+be shared. Then cProfile over the CachedModel calls splits the host time by function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import platform
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fxcache import transform  # noqa: E402
+from fxcache.bench import build, current_timestep, flux_config  # noqa: E402
+from fxcache.passes import MagCache, PyramidAttentionBroadcast, TaylorSeer  # noqa: E402
+from fxcache.passes.mag_cache import FLUX_MAG_RATIOS  # noqa: E402
+
+
+def make_pass(method: str, steps: int):
+    if method == "MagCache":
+        return MagCache(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=steps)
+    if method == "PyramidAttentionBroadcast":
+        return PyramidAttentionBroadcast(spatial_attention_block_skip_range=2,
+                                         current_timestep_callback=current_timestep)
+    if method == "TaylorSeer":
+        return TaylorSeer()
+    raise SystemExit(f"unknown static method {method!r}")
+
+
+def step_inputs(fixed, x, sigma):
+    return dict(hidden_states=x, timestep=torch.full((1,), sigma, dtype=x.dtype), return_dict=False, **fixed)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="MagCache", choices=["MagCache", "PyramidAttentionBroadcast", "TaylorSeer"])
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--generations", type=int, default=30, help="timed generations of each kind")
+    parser.add_argument("--profile", type=int, default=25, help="rows of the cProfile breakdown")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(1)
+    size = argparse.Namespace(size="dry", device="cpu", dtype=torch.float32)
+    model, fixed, start = build(size, flux_config(size))
+    cached = transform(model, [make_pass(args.method, args.steps)], backend="eager")
+    sigmas = [1.0 - i / args.steps for i in range(args.steps)]
+    # inputs fixed per step (the Euler update is not what is measured): the same tensors every time
+    inputs = [step_inputs(fixed, start, s) for s in sigmas]
+
+    def cached_generation(timed):
+        cached.reset()
+        for i, kwargs in enumerate(inputs):
+            began = time.process_time_ns()
+            with cached.cache_context("cond"):
+                cached(**kwargs)
+            timed.append(time.process_time_ns() - began)
+
+    for _ in range(2):  # capture, compile every decision tuple
+        cached_generation([])
+    (program,) = cached._programs.values()
+    compiled = program._compiled
+    recorded = []
+
+    def recorder(*flat):
+        recorded.append(flat)
+        return compiled(*flat)
+
+    program._compiled = recorder
+    cached_generation([])
+    program._compiled = compiled
+    assert len(recorded) == args.steps
+
+    def direct_generation(timed):
+        for flat in recorded:
+            began = time.process_time_ns()
+            compiled(*flat)
+            timed.append(time.process_time_ns() - began)
+
+    uncached = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+
+    def uncached_generation(timed):
+        for kwargs in inputs:
+            began = time.process_time_ns()
+            uncached(**kwargs)
+            timed.append(time.process_time_ns() - began)
+
+    uncached_generation([])
+    times = {"CachedModel": [], "graph direct": [], "uncached compiled": []}
+    for _ in range(args.generations):
+        cached_generation(times["CachedModel"])
+        direct_generation(times["graph direct"])
+        uncached_generation(times["uncached compiled"])
+    median = {name: statistics.median(t) / 1e3 for name, t in times.items()}
+    flags = sorted({tuple(bool(f) for f in flat[-len(program.flag_names):]) if program.flag_names else ()
+                    for flat in recorded})
+    print(f"# fxcache host overhead, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, tiny FLUX (bench --dry size), {args.method}, eager backend, "
+          f"{args.steps} calls x {args.generations} generations each, process time; {len(flags)} decision tuples, "
+          f"{len(program.flag_names)} flags, {len(program.state_slots)} state tensors, "
+          f"{len(program.scalar_slots)} scalars")
+    print("| per call | median µs |")
+    print("|---|---|")
+    for name, value in median.items():
+        print(f"| {name} | {value:.0f} |")
+    overhead = [a - b for a, b in zip(times["CachedModel"], times["graph direct"])]
+    print(f"| **overhead: CachedModel - graph direct** (median of per-call differences) | "
+          f"**{statistics.median(overhead) / 1e3:.0f}** |")
+    print(f"| CachedModel - uncached compiled model | {median['CachedModel'] - median['uncached compiled']:.0f} |")
+
+    # where the host time goes: cProfile over CachedModel calls
+    profiler = cProfile.Profile()
+    calls = 10 * args.steps
+    profiler.enable()
+    for _ in range(10):
+        cached_generation([])
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    entries = stats.stats  # (file, line, name) -> (primitive calls, calls, tottime, cumtime, callers)
+    total = sum(tottime for _, _, tottime, _, _ in entries.values())
+
+    def short(key):
+        file, line, name = key
+        parts = Path(file).parts
+        where = "/".join(parts[parts.index("site-packages") + 1:] if "site-packages" in parts else parts[-2:])
+        return f"{where}:{line} {name}"
+
+    print(f"\ncProfile over {calls} CachedModel calls (profiler overhead inflates Python-heavy code; read the "
+          f"shares): {total / calls * 1e6:.0f} µs per call in all")
+    print("| function (cumulative, per call) | µs / call | calls / model call |")
+    print("|---|---|---|")
+    interesting = [key for key in entries if "fxcache" in key[0] or key[2] in (
+        "patch", "__enter__", "__exit__", "_fn", "__call__", "cache_context", "_callback_from_stance")]
+    for key in sorted(interesting, key=lambda k: -entries[k][3])[:args.profile]:
+        _, ncalls, _, cumtime, _ = entries[key]
+        print(f"| {short(key)} | {cumtime / calls * 1e6:.1f} | {ncalls / calls:.1f} |")
+    forward = sum(v[3] for k, v in entries.items() if k[0].endswith("runtime.py") and k[2] == "forward")
+    graph = sum(v[3] for k, v in entries.items() if k[0].endswith("eval_frame.py") and k[2] == "__call__")
+    context = sum(v[3] for k, v in entries.items() if k[0].endswith("runtime.py") and k[2] == "cache_context")
+    host = forward - graph + context
+    print(f"
+host part under the profiler: CachedModel.forward - the compiled program's call + cache_context = "
+          f"{host / calls * 1e6:.0f} µs per call; shares of it:")
+    print("| step of the call | share of host time |")
+    print("|---|---|")
+    parts = {"input_signature (capture.py)": ("capture.py", "input_signature"),
+             "inputs_from: flatten args to graph inputs (capture.py)": ("capture.py", "inputs_from"),
+             "rebuild_output (capture.py)": ("capture.py", "rebuild_output"),
+             "cache_context enter/exit (runtime.py)": ("runtime.py", "cache_context"),
+             "recompile_limit config.patch (lower.py -> _config_module)": ("_config_module.py", "patch"),
+             "_flags: passes decide (runtime.py)": ("runtime.py", "_flags"),
+             "_step: step resolution (runtime.py)": ("runtime.py", "_step"),
+             "_scalars (runtime.py)": ("runtime.py", "_scalars"),
+             "state_for (lower.py)": ("lower.py", "state_for")}
+    for label, (file, name) in parts.items():
+        cum = sum(v[3] for k, v in entries.items() if k[0].endswith(file) and k[2] == name)
+        print(f"| {label} | {cum / host:.0%} |")
+    return median
+
+
+if __name__ == "__main__":
+    main()
