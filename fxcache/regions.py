@@ -173,9 +173,19 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
         and va.dtype == vb.dtype
 
 
+def _broadcasts_to(a: fx.Node, b: fx.Node) -> bool:
+    """``a`` has ``b``'s rank and dtype and each of its sizes is ``b``'s or 1: an encoder input with
+    batch 1 (prompt embeddings computed once) that the block broadcasts over the batch of latents."""
+    va, vb = example_value(a), example_value(b)
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.dim() == vb.dim() \
+        and va.dtype == vb.dtype and all(x in (y, 1) for x, y in zip(va.shape, vb.shape))
+
+
 def _continued_input(output: fx.Node, block: Block) -> fx.Node | None:
-    """The stream input of ``block`` that ``output`` continues: same shape, nearest in the dataflow."""
-    candidates = [i for i in block.inputs if _same_shape(i, output)]
+    """The stream input of ``block`` that ``output`` continues: same shape (else one that broadcasts
+    to it), nearest in the dataflow."""
+    candidates = [i for i in block.inputs if _same_shape(i, output)] or \
+        [i for i in block.inputs if _broadcasts_to(i, output)]
     if not candidates:
         return None
     return min(candidates, key=lambda i: _distance(output, i))
@@ -221,10 +231,9 @@ def find_regions(captured: CapturedGraph) -> ModelRegions:
             f"{model_name}: attention runs in {found}, but not inside the elements of an nn.ModuleList. "
             "fxcache needs the transformer blocks held in a ModuleList (e.g. self.blocks)."
         )
-    owner: dict[fx.Node, str] = {}
-    for node in graph.nodes:
-        if _is_value(node) and (path := _block_path(_stack(node), outer)):
-            owner[node] = path
+    owner = _owners(graph, outer)
+    outer = _denoiser_lists(graph, outer, owner)
+    owner = {node: path for node, path in owner.items() if _INDEXED.match(path).group(1) in outer}
     order: list[str] = []
     for node, path in owner.items():
         if path not in order:
@@ -240,16 +249,79 @@ def find_regions(captured: CapturedGraph) -> ModelRegions:
         if where[a.nodes[-1]] > where[b.nodes[0]]:
             raise RegionError(f"{model_name}: blocks {a.name} and {b.name} interleave in the graph; "
                               "fxcache needs blocks that run one after another")
-    if len(blocks) < 2:
-        raise RegionError(f"{model_name}: found {len(blocks)} transformer block ({order}); block caches "
-                          "need at least two")
     _assign_streams(blocks, owner, captured.input_names, graph, model_name)
     attentions = _find_attentions(blocks, sdpa, captured.module_types)
     return ModelRegions(gm, blocks, attentions, captured.input_names)
 
 
+def _owners(graph: fx.Graph, block_lists: set[str]) -> dict[fx.Node, str]:
+    """Node -> the path of the block (``list.i``) it runs in, for nodes inside a block of ``block_lists``."""
+    owner: dict[fx.Node, str] = {}
+    for node in graph.nodes:
+        if _is_value(node) and (path := _block_path(_stack(node), block_lists)):
+            owner[node] = path
+    return owner
+
+
+def _hidden_input(graph: fx.Graph) -> fx.Node | None:
+    """The ``hidden_states`` input (dynamo may name it ``l_hidden_states``), else the first input."""
+    placeholders = {re.sub(r"^l_", "", str(n.target)).rstrip("_"): n for n in graph.nodes if n.op == "placeholder"}
+    return placeholders.get("hidden_states") or next(iter(placeholders.values()), None)
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen, todo = {node}, [node]
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return seen
+
+
+def _denoiser_lists(graph: fx.Graph, block_lists: set[str], owner: dict[fx.Node, str]) -> set[str]:
+    """The block lists that carry the denoised stream, in a chain; the others are side lists whose
+    blocks become glue: text refiners (HunyuanVideo's ``refiner_blocks``, Kandinsky 5's
+    ``text_transformer_blocks``) never read the ``hidden_states`` input, and control branches
+    (WanVACE's ``vace_blocks``) feed the denoiser's blocks somewhere else than at their first block."""
+    hidden = _hidden_input(graph)
+    if hidden is not None:
+        reached = _descendants(hidden)
+        reading = {p for p in block_lists if any(n in reached for n, q in owner.items() if q.startswith(p + "."))}
+        block_lists = reading or block_lists
+    first_node, last_node = {}, {}
+    for node, path in owner.items():
+        name = _INDEXED.match(path).group(1)
+        if name in block_lists:
+            first_node.setdefault(name, node)
+            last_node[name] = node
+    where = {n: i for i, n in enumerate(graph.nodes)}
+    ordered = sorted(block_lists, key=lambda name: where[first_node[name]])
+    # walk back from the list that runs last: a list joins the chain when its last block's outputs
+    # reach the first block of the list after it in the chain
+    chain = [ordered[-1]]
+    for name in reversed(ordered[:-1]):
+        last_block = owner[last_node[name]]
+        first_block = owner[first_node[chain[0]]]
+        last_region = Region(last_block, [n for n, p in owner.items() if p == last_block])
+        first_region = Region(first_block, [n for n, p in owner.items() if p == first_block])
+        if any(_feeds(out, first_region, owner) is not None for out in last_region.outputs):
+            chain.insert(0, name)
+    return set(chain)
+
+
 def _assign_streams(blocks, owner, input_names, graph, model_name):
     placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
+    if len(blocks) == 1:
+        # no successor tells which outputs are streams: those read after the block that continue an
+        # input of the same shape are
+        block = blocks[0]
+        carried = {out: None for out in block.outputs if _continued_input(out, block) is not None}
+        if not carried:
+            raise RegionError(f"{model_name}: no output of {block.name} continues one of its inputs, so it "
+                              "carries no residual stream")
+        roles = _name_streams(block, carried, placeholders, model_name)
+        block.stream_outputs = {role: out for out, role in roles.items()}
     # streams carried from block k to block k+1
     for block, successor in zip(blocks, blocks[1:]):
         carried = {}
@@ -287,7 +359,7 @@ def _name_streams(block, carried, placeholders, model_name):
     """Name the streams block 0 carries: the hidden one descends from the ``hidden_states`` input
     (or the first input) alone; where both descend from it (CogVideoX embeds text and video together),
     the source's variable names, then the token count, decide."""
-    hidden_input = placeholders.get("hidden_states") or next(iter(placeholders.values()), None)
+    hidden_input = _hidden_input(block.nodes[0].graph)
     others = {p for name, p in placeholders.items() if p is not hidden_input}
     sources = {}
     for out in carried:

@@ -1,0 +1,521 @@
+"""Coverage registry: a tiny random config and inputs for every diffusers transformer class that runs
+blocks of attention from an ``nn.ModuleList``, with what fxcache is expected to do on it.
+
+Each :class:`ModelCase` builds a :class:`fxcache.tiny_models.TinyDenoiser` (model + input builder), so
+one Euler loop drives all of them. ``expected`` maps a method to "supported" or to an
+:class:`Unsupported` row: the error class, a fragment of its message and why. ``NOT_COVERED`` names the
+classes of ``diffusers.models.transformers`` that have no case, each with the reason; a test checks that
+the two together name every class, so a diffusers upgrade that adds one fails until it is placed.
+
+Run as a script to regenerate ``docs/models.md`` (it runs every case, a few minutes on a CPU)::
+
+    python -m tests.model_registry --write-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from fxcache.tiny_models import TinyDenoiser
+
+METHODS = ("FirstBlockCache", "PyramidAttentionBroadcast", "TaylorSeer", "MagCache", "FasterCache")
+SUPPORTED = "supported"
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """A method fxcache cannot run on a class today: ``error`` is raised with ``match`` in its message."""
+
+    error: str  # class name: "CaptureError", "RegionError"
+    match: str
+    reason: str
+
+
+@dataclass
+class ModelCase:
+    """One transformer class at a tiny size. ``expected[method]`` is SUPPORTED or an Unsupported row
+    (methods left out are supported); ``diffusers_hooks`` lists the methods whose diffusers hook runs on
+    this model, so the coverage test compares with it."""
+
+    name: str
+    class_name: str
+    build: Callable[[], TinyDenoiser]
+    expected: dict[str, object] = field(default_factory=dict)
+    diffusers_hooks: tuple[str, ...] = ("FirstBlockCache", "PyramidAttentionBroadcast", "TaylorSeer", "MagCache")
+    not_compared: dict[str, str] = field(default_factory=dict)  # method -> why diffusers' result differs
+
+    def expectation(self, method: str):
+        return self.expected.get(method, SUPPORTED)
+
+
+def _randn(*shape, seed: int = 0) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _text(batch: int, tokens: int, dim: int, condition: int, prompt_batch: int | None = None) -> torch.Tensor:
+    """Prompt embeddings: one per condition (cond 0, uncond 1), repeated over the batch."""
+    one = _randn(1, tokens, dim, seed=1000 + condition)
+    return one.expand(prompt_batch or batch, -1, -1).contiguous()
+
+
+def _model(cls_name: str, **config) -> torch.nn.Module:
+    import diffusers.models.transformers as transformers
+
+    torch.manual_seed(0)
+    return getattr(transformers, cls_name)(**config).eval()
+
+
+def _case(name, cls_name, config, latent_shape, make, timestep_scale=1000.0, **case_fields) -> ModelCase:
+    def build() -> TinyDenoiser:
+        return TinyDenoiser(name, _model(cls_name, **config), latent_shape, make, timestep_scale)
+
+    return ModelCase(name, cls_name, build, **case_fields)
+
+
+# --- the cases -------------------------------------------------------------------------------------
+
+
+def _flux_ids(side: int, text_tokens: int):
+    img_ids = torch.zeros(side, side, 3)
+    img_ids[..., 1] = torch.arange(side)[:, None]
+    img_ids[..., 2] = torch.arange(side)[None, :]
+    return img_ids.reshape(-1, 3), torch.zeros(text_tokens, 3)
+
+
+def _flux(prompt_batch=None):
+    img_ids, txt_ids = _flux_ids(4, 8)
+
+    def make(x, t, c):
+        return dict(hidden_states=x, encoder_hidden_states=_text(x.shape[0], 8, 32, c, prompt_batch),
+                    pooled_projections=_text(x.shape[0], 1, 32, c, prompt_batch)[:, 0], timestep=t,
+                    img_ids=img_ids, txt_ids=txt_ids, return_dict=False)
+    return make
+
+
+FLUX = dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+
+
+def _flux2_make(x, t, c):
+    batch = x.shape[0]
+    img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(4), torch.arange(4), torch.arange(1))
+    txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(8))
+    return dict(hidden_states=x, encoder_hidden_states=_text(batch, 8, 32, c), timestep=t,
+                img_ids=img_ids.expand(batch, -1, -1), txt_ids=txt_ids.expand(batch, -1, -1),
+                guidance=torch.full((batch,), 1.0), return_dict=False)
+
+
+def _chroma_make(x, t, c):
+    img_ids, txt_ids = _flux_ids(4, 8)
+    return dict(hidden_states=x, encoder_hidden_states=_text(x.shape[0], 8, 32, c), timestep=t,
+                img_ids=img_ids, txt_ids=txt_ids, return_dict=False)
+
+
+def _bria_make(x, t, c):
+    img_ids, txt_ids = _flux_ids(4, 8)
+    return dict(hidden_states=x, encoder_hidden_states=_text(x.shape[0], 8, 32, c), timestep=t,
+                img_ids=img_ids, txt_ids=txt_ids, return_dict=False)
+
+
+def _text_video(tokens, dim, **extra):
+    def make(x, t, c):
+        return dict(hidden_states=x, timestep=t, encoder_hidden_states=_text(x.shape[0], tokens, dim, c),
+                    return_dict=False, **extra)
+    return make
+
+
+def _wan_vace_make(x, t, c):
+    control = _randn(x.shape[0], 48, *x.shape[2:], seed=7)
+    return dict(hidden_states=x, timestep=t, encoder_hidden_states=_text(x.shape[0], 8, 32, c),
+                control_hidden_states=control, return_dict=False)
+
+
+def _hunyuan_video_make(x, t, c):
+    batch = x.shape[0]
+    return dict(hidden_states=x, timestep=t, encoder_hidden_states=_text(batch, 8, 16, c),
+                encoder_attention_mask=torch.ones(batch, 8), pooled_projections=_text(batch, 1, 8, c)[:, 0],
+                guidance=torch.full((batch,), 3.5 * 1000), return_dict=False)
+
+
+def _framepack_make(x, t, c):
+    batch, frames = x.shape[0], x.shape[2]
+    clean = _randn(batch, 4, frames - 1, *x.shape[3:], seed=3)
+    return dict(hidden_states=x, timestep=t, encoder_hidden_states=_text(batch, 8, 16, c),
+                encoder_attention_mask=torch.ones(batch, 8), pooled_projections=_text(batch, 1, 8, c)[:, 0],
+                image_embeds=_text(batch, 4, 16, 5), indices_latents=torch.arange(frames),
+                guidance=torch.full((batch,), 3500.0), latents_clean=clean,
+                indices_latents_clean=torch.arange(frames - 1), latents_history_2x=clean,
+                indices_latents_history_2x=torch.arange(frames - 1),
+                latents_history_4x=_randn(batch, 4, 4 * (frames - 1), *x.shape[3:], seed=4),
+                indices_latents_history_4x=torch.arange(4 * (frames - 1)), return_dict=False)
+
+
+def _hunyuan15_make(x, t, c):
+    batch = x.shape[0]
+    return dict(hidden_states=x, timestep=t, encoder_hidden_states=_text(batch, 6, 16, c),
+                encoder_attention_mask=torch.ones(batch, 6), encoder_hidden_states_2=_text(batch, 4, 8, c),
+                encoder_attention_mask_2=torch.ones(batch, 4), image_embeds=torch.zeros(batch, 3, 12),
+                return_dict=False)
+
+
+def _hunyuan_image_make(x, t, c):
+    batch = x.shape[0]
+    return dict(hidden_states=x, timestep=t, encoder_hidden_states=_text(batch, 8, 16, c),
+                encoder_attention_mask=torch.ones(batch, 8), return_dict=False)
+
+
+def _kandinsky5_make(x, t, c):
+    batch = x.shape[0]
+    return dict(hidden_states=x, encoder_hidden_states=_text(batch, 8, 16, c)[0],
+                pooled_projections=_text(batch, 1, 8, c)[:, 0], timestep=t,
+                visual_rope_pos=[torch.arange(x.shape[1]), torch.arange(x.shape[2] // 2),
+                                 torch.arange(x.shape[3] // 2)],
+                text_rope_pos=torch.arange(8), return_dict=False)
+
+
+def _masked_text(tokens, dim, mask_dtype=torch.bool, **extra):
+    def make(x, t, c):
+        batch = x.shape[0]
+        return dict(hidden_states=x, timestep=t, encoder_hidden_states=_text(batch, tokens, dim, c),
+                    encoder_attention_mask=torch.ones(batch, tokens, dtype=mask_dtype), return_dict=False, **extra)
+    return make
+
+
+def _sd3_make(x, t, c):
+    batch = x.shape[0]
+    return dict(hidden_states=x, encoder_hidden_states=_text(batch, 8, 32, c),
+                pooled_projections=_text(batch, 1, 64, c)[:, 0], timestep=t, return_dict=False)
+
+
+def _pixart_make(x, t, c):
+    return dict(hidden_states=x, encoder_hidden_states=_text(x.shape[0], 8, 8, c), timestep=t,
+                added_cond_kwargs={"aspect_ratio": None, "resolution": None}, return_dict=False)
+
+
+def _hidream_make(x, t, c):
+    batch = x.shape[0]
+    return dict(hidden_states=x, timesteps=t, encoder_hidden_states_t5=_text(batch, 8, 8, c),
+                encoder_hidden_states_llama3=_text(2 * batch, 8, 4, c).reshape(2, batch, 8, 4),
+                pooled_embeds=_text(batch, 1, 8, c)[:, 0], return_dict=False)
+
+
+def _cosmos_make(x, t, c):
+    batch = x.shape[0]
+    return dict(hidden_states=x, timestep=t, encoder_hidden_states=_text(batch, 8, 16, c),
+                attention_mask=torch.ones(batch, 8), fps=30, return_dict=False)
+
+
+def _easyanimate_make(x, t, c):
+    return dict(hidden_states=x, timestep=t, encoder_hidden_states=_text(x.shape[0], 8, 16, c), return_dict=False)
+
+
+def _cogview_make(x, t, c):
+    batch = x.shape[0]
+    size = torch.tensor([[64.0, 64.0]]).expand(batch, -1)
+    return dict(hidden_states=x, encoder_hidden_states=_text(batch, 8, 8, c), timestep=t, original_size=size,
+                target_size=size, crop_coords=torch.zeros(batch, 2), return_dict=False)
+
+
+def _hunyuan_dit_make(x, t, c):
+    batch = x.shape[0]
+    meta = torch.tensor([[1024.0, 1024.0, 16.0, 16.0, 0.0, 0.0]]).expand(batch, -1)
+    return dict(hidden_states=x, timestep=t, encoder_hidden_states=_text(batch, 4, 8, c),
+                text_embedding_mask=torch.ones(batch, 4), encoder_hidden_states_t5=_text(batch, 4, 8, c + 2),
+                text_embedding_mask_t5=torch.ones(batch, 4), image_meta_size=meta,
+                style=torch.zeros(batch, dtype=torch.long),
+                image_rotary_emb=[torch.ones(16, 8), torch.zeros(16, 8)], return_dict=False)
+
+
+def _omnigen_make(x, t, c):
+    batch, tokens = x.shape[0], 8
+    length = tokens + 1 + x.shape[-1] * x.shape[-2] // 4
+    ids = torch.randint(0, 10, (1, tokens), generator=torch.Generator().manual_seed(c)).expand(batch, -1)
+    return dict(hidden_states=x, timestep=t, input_ids=ids, input_img_latents=[], input_image_sizes={},
+                attention_mask=torch.ones(batch, length, length),
+                position_ids=torch.arange(length)[None].expand(batch, -1), return_dict=False)
+
+
+def _dit_make(x, t, c):
+    return dict(hidden_states=x, timestep=t, class_labels=torch.full((x.shape[0],), c, dtype=torch.long),
+                return_dict=False)
+
+
+def _consisid_make(x, t, c):
+    return dict(hidden_states=x, encoder_hidden_states=_text(x.shape[0], 8, 8, c), timestep=t, return_dict=False)
+
+
+COGVIDEOX = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+                 text_embed_dim=8, num_layers=2, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
+                 temporal_compression_ratio=4, max_text_seq_length=8)
+WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+           text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+           qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+HUNYUAN_VIDEO = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2,
+                     num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+                     text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4))
+
+_MOCHI_CAPTURE = Unsupported(
+    "CaptureError", "could not capture MochiTransformer3DModel as one graph",
+    "capture: Mochi calls warnings.warn inside its autocast regions, a graph break under fullgraph=True")
+_MERGED_MAGCACHE = Unsupported(
+    "RegionError", "fxcache needs them equal to form the residual",
+    "MagCache: the image stream leaves the last block concatenated with the text tokens (streams merge); "
+    "the pass needs FirstBlockCache's pass-through of merged streams")
+_FRAMEPACK_STREAMS = Unsupported(
+    "RegionError", "has the shape of none of its inputs",
+    "regions: an output of transformer_blocks.0 that the next block reads (`neg_2`) has the shape of none of "
+    "the block's inputs, so it is not taken for a stream; not investigated further yet")
+def _capture_fails(cls_name: str, why: str) -> dict:
+    row = Unsupported("CaptureError", f"could not capture {cls_name} as one graph", f"capture: {why}")
+    return {method: row for method in METHODS}
+
+CASES: list[ModelCase] = [
+    _case("flux", "FluxTransformer2DModel", FLUX, (1, 16, 4), _flux(), 1.0),
+    _case("flux-broadcast-prompt", "FluxTransformer2DModel", FLUX, (2, 16, 4), _flux(prompt_batch=1), 1.0),
+    _case("flux2", "Flux2Transformer2DModel",
+          dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+               num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=256,
+               axes_dims_rope=[4, 4, 4, 4]), (1, 16, 4), _flux2_make, 1.0,
+          diffusers_hooks=("PyramidAttentionBroadcast", "TaylorSeer"), expected={"MagCache": _MERGED_MAGCACHE}),
+    _case("chroma", "ChromaTransformer2DModel",
+          dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+               num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 4, 8],
+               approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1),
+          (1, 16, 4), _chroma_make, 1.0, diffusers_hooks=("PyramidAttentionBroadcast", "TaylorSeer"),
+          expected={"MagCache": _MERGED_MAGCACHE}),
+    _case("bria", "BriaTransformer2DModel",
+          dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=1, attention_head_dim=8,
+               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=None, axes_dims_rope=[0, 4, 4]),
+          (1, 16, 4), _bria_make, 1.0, diffusers_hooks=("PyramidAttentionBroadcast", "TaylorSeer")),
+    _case("wan", "WanTransformer3DModel", WAN, (1, 4, 2, 8, 8), _text_video(8, 16)),
+    _case("wan-vace", "WanVACETransformer3DModel",
+          dict(WAN, in_channels=16, out_channels=16, text_dim=32, num_layers=4, vace_layers=[0, 2],
+               vace_in_channels=48), (1, 16, 2, 8, 8), _wan_vace_make, not_compared={
+              "FirstBlockCache": "on a skipped step diffusers adds this step's control hints on top of a residual "
+                                 "that already holds the previous ones; fxcache's residual is taken past the hints",
+              "PyramidAttentionBroadcast": "diffusers also caches the attention of the control branch (vace_blocks), "
+                                           "which fxcache runs as glue before the blocks",
+              "MagCache": "diffusers' MagCache takes vace_blocks.0 as its head block; fxcache skips the "
+                          "denoiser's blocks and runs the control branch every step"}),
+    _case("skyreels-v2", "SkyReelsV2Transformer3DModel", WAN, (1, 4, 2, 8, 8), _text_video(8, 16)),
+    _case("chronoedit", "ChronoEditTransformer3DModel",
+          dict(WAN, rope_temporal_skip_len=8), (1, 4, 2, 8, 8), _text_video(8, 16)),
+    _case("cogvideox", "CogVideoXTransformer3DModel", COGVIDEOX, (1, 2, 4, 8, 8), _text_video(8, 8)),
+    _case("cogvideox-one-block", "CogVideoXTransformer3DModel", dict(COGVIDEOX, num_layers=1),
+          (1, 2, 4, 8, 8), _text_video(8, 8), expected={
+              "FirstBlockCache": Unsupported("RegionError", "block caches need at least two",
+                                             "one block: nothing is left to skip after the first"),
+          }),
+    _case("consisid", "ConsisIDTransformer3DModel",
+          dict(COGVIDEOX, num_layers=2, is_train_face=False), (1, 2, 4, 8, 8), _consisid_make),
+    _case("hunyuan-video", "HunyuanVideoTransformer3DModel", HUNYUAN_VIDEO, (1, 4, 1, 8, 8), _hunyuan_video_make),
+    _case("hunyuan-video-i2v", "HunyuanVideoTransformer3DModel",
+          dict(HUNYUAN_VIDEO, image_condition_type="token_replace"), (1, 4, 2, 8, 8), _hunyuan_video_make),
+    _case("skyreels-v1", "HunyuanVideoTransformer3DModel",
+          dict(HUNYUAN_VIDEO, in_channels=8, image_condition_type="latent_concat"), (1, 8, 1, 8, 8),
+          _hunyuan_video_make),
+    _case("hunyuan-video-framepack", "HunyuanVideoFramepackTransformer3DModel",
+          dict(HUNYUAN_VIDEO, patch_size=2, image_proj_dim=16, has_image_proj=True, has_clean_x_embedder=True),
+          (1, 4, 3, 4, 4), _framepack_make, expected={m: _FRAMEPACK_STREAMS for m in METHODS}),
+    _case("hunyuan-video-1.5", "HunyuanVideo15Transformer3DModel",
+          dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+               num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
+               text_embed_2_dim=8, image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v"),
+          (1, 4, 1, 8, 8), _hunyuan15_make, expected=_capture_fails(
+              "HunyuanVideo15Transformer3DModel", "data-dependent branching in the forward (dynamo: "
+              "`Unsupported: Data-dependent branching`)")),
+    _case("hunyuan-image-2.1", "HunyuanImageTransformer2DModel",
+          dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+               num_single_layers=1, num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=16,
+               rope_axes_dim=(4, 4)), (1, 4, 8, 8), _hunyuan_image_make),
+    _case("kandinsky5", "Kandinsky5Transformer3DModel",
+          dict(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
+               model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6)),
+          (1, 1, 8, 8, 4), _kandinsky5_make, diffusers_hooks=()),
+    _case("mochi", "MochiTransformer3DModel",
+          dict(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+               in_channels=4, qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4, activation_fn="swiglu",
+               max_sequence_length=8), (1, 4, 2, 8, 8), _masked_text(8, 16),
+          expected={m: _MOCHI_CAPTURE for m in METHODS if m != "FirstBlockCache"}),
+    _case("ltx", "LTXVideoTransformer3DModel",
+          dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+               num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=16),
+          (1, 2 * 4 * 4, 4), _masked_text(8, 16, num_frames=2, height=4, width=4)),
+    _case("sd3", "SD3Transformer2DModel",
+          dict(sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+               caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+               pos_embed_max_size=16), (1, 4, 8, 8), _sd3_make),
+    _case("pixart", "PixArtTransformer2DModel",
+          dict(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+               cross_attention_dim=16, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+               num_embeds_ada_norm=8, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+               use_additional_conditions=False, caption_channels=8), (1, 4, 8, 8), _pixart_make),
+    _case("sana", "SanaTransformer2DModel",
+          dict(patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=4, num_attention_heads=2,
+               num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+               sample_size=8), (1, 4, 8, 8), _text_video(8, 8)),
+    _case("sana-video", "SanaVideoTransformer3DModel",
+          dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2,
+               num_cross_attention_heads=2, cross_attention_head_dim=12, cross_attention_dim=24, caption_channels=16,
+               mlp_ratio=2.5, sample_size=8, patch_size=(1, 2, 2), norm_elementwise_affine=False,
+               qk_norm="rms_norm_across_heads", rope_max_seq_len=32), (1, 4, 2, 8, 8), _text_video(8, 16)),
+    _case("lumina2", "Lumina2Transformer2DModel",
+          dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=24, num_layers=2, num_refiner_layers=1,
+               num_attention_heads=3, num_kv_heads=1, multiple_of=2, norm_eps=1e-5, axes_dim_rope=(4, 2, 2),
+               axes_lens=(128, 128, 128), cap_feat_dim=32), (1, 4, 8, 8), _masked_text(8, 32), 1.0,
+          expected=_capture_fails("Lumina2Transformer2DModel", "sequence lengths read from the attention mask "
+                                  "(dynamo: `Could not extract specialized integer from data-dependent expression`)")),
+    _case("hidream", "HiDreamImageTransformer2DModel",
+          dict(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+               num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=2,
+               num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1),
+               force_inference_output=True), (1, 4, 8, 8), _hidream_make,
+          expected=_capture_fails("HiDreamImageTransformer2DModel", "mixture-of-experts routing sizes tensors by "
+                                  "data (dynamo: `Could not extract specialized integer from data-dependent expression`)")),
+    _case("qwen-image", "QwenImageTransformer2DModel",
+          dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+               num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6)), (1, 16, 16),
+          lambda x, t, c: dict(hidden_states=x, encoder_hidden_states=_text(x.shape[0], 7, 16, c),
+                               encoder_hidden_states_mask=torch.ones(x.shape[0], 7, dtype=torch.long), timestep=t,
+                               img_shapes=[(1, 4, 4)] * x.shape[0], return_dict=False), 1.0),
+    _case("auraflow", "AuraFlowTransformer2DModel",
+          dict(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+               attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+               out_channels=4, pos_embed_max_size=16), (1, 4, 8, 8), _text_video(8, 32)),
+    _case("allegro", "AllegroTransformer3DModel",
+          dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2,
+               cross_attention_dim=16, sample_width=8, sample_height=8, sample_frames=8, caption_channels=8),
+          (1, 4, 2, 8, 8), _text_video(8, 8)),
+    _case("cosmos", "CosmosTransformer3DModel",
+          dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2, mlp_ratio=2,
+               text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32), patch_size=(1, 2, 2),
+               rope_scale=(2.0, 1.0, 1.0), concat_padding_mask=False, extra_pos_embed_type="learnable"),
+          (1, 4, 1, 8, 8), _cosmos_make),
+    _case("easyanimate", "EasyAnimateTransformer3DModel",
+          dict(attention_head_dim=16, num_attention_heads=2, in_channels=4, mmdit_layers=2, num_layers=2,
+               out_channels=4, patch_size=2, sample_height=60, sample_width=90, text_embed_dim=16, time_embed_dim=8,
+               time_position_encoding_type="3d_rope", timestep_activation_fn="silu"),
+          (1, 4, 2, 8, 8), _easyanimate_make),
+    _case("omnigen", "OmniGenTransformer2DModel",
+          dict(hidden_size=16, num_attention_heads=4, num_key_value_heads=4, intermediate_size=32, num_layers=2,
+               pad_token_id=0, vocab_size=1000, in_channels=4, time_step_dim=4,
+               rope_scaling={"long_factor": list(range(1, 3)), "short_factor": list(range(1, 3))}),
+          (1, 4, 8, 8), _omnigen_make, 1.0, expected=_capture_fails(
+              "OmniGenTransformer2DModel", "data-dependent branching in the forward (dynamo: "
+              "`Unsupported: Data-dependent branching`)")),
+    _case("cogview3plus", "CogView3PlusTransformer2DModel",
+          dict(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=4, num_attention_heads=2, out_channels=4,
+               text_embed_dim=8, time_embed_dim=8, condition_dim=2, pos_embed_max_size=8, sample_size=8),
+          (1, 4, 8, 8), _cogview_make),
+    _case("cogview4", "CogView4Transformer2DModel",
+          dict(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=4, num_attention_heads=4, out_channels=4,
+               text_embed_dim=8, time_embed_dim=8, condition_dim=4), (1, 4, 8, 8), _cogview_make),
+    _case("hunyuan-dit", "HunyuanDiT2DModel",
+          dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+               cross_attention_dim=8, cross_attention_dim_t5=8, pooled_projection_dim=4, hidden_size=16, text_len=4,
+               text_len_t5=4, activation_fn="gelu-approximate"), (1, 4, 8, 8), _hunyuan_dit_make),
+    _case("dit", "DiTTransformer2DModel",
+          dict(in_channels=4, out_channels=8, activation_fn="gelu-approximate", num_attention_heads=2,
+               attention_head_dim=4, attention_bias=True, num_layers=2, norm_type="ada_norm_zero",
+               num_embeds_ada_norm=8, patch_size=2, sample_size=8), (1, 4, 8, 8), _dit_make),
+]
+
+BY_NAME = {case.name: case for case in CASES}
+
+# Classes of diffusers.models.transformers without a case, and why. A class lands here only when it is
+# not a denoiser built of attention blocks in a ModuleList, or when no tiny case was written yet (say so).
+NOT_COVERED: dict[str, str] = {
+    "PriorTransformer": "not a diffusion transformer over latents (Kandinsky 2 / unCLIP image-embedding prior)",
+    "T5FilmDecoder": "not a diffusion transformer over latents (spectrogram decoder)",
+    "DualTransformer2DModel": "a wrapper that mixes two Transformer2DModels; not a denoiser by itself",
+    "Transformer2DModel": "the UNet-era building block (used inside UNets), not a standalone denoiser",
+    "TransformerTemporalModel": "a temporal layer used inside UNets, not a standalone denoiser",
+    "MiniMaxMusic3RVQDepthDecoder": "an audio-token decoder, not a diffusion transformer",
+    "LatteTransformer3DModel": "no tiny case yet: the inputs written for it do not run the uncached model "
+                               "(a size mismatch inside its temporal blocks)",
+}
+_NO_CASE_YET = ("no tiny case written yet (issue 11 follow-up): the class postdates the first registry")
+
+
+def diffusers_transformer_classes() -> list[str]:
+    """Every nn.Module class exported by ``diffusers.models.transformers``."""
+    import diffusers.models.transformers as transformers
+
+    return sorted(name for name in dir(transformers) if not name.startswith("_")
+                  and inspect.isclass(getattr(transformers, name))
+                  and issubclass(getattr(transformers, name), torch.nn.Module))
+
+
+def uncovered_classes() -> dict[str, str]:
+    """Classes with no case: the documented exclusions, and the rest marked as not written yet."""
+    covered = {case.class_name for case in CASES}
+    return {name: NOT_COVERED.get(name, _NO_CASE_YET) for name in diffusers_transformer_classes()
+            if name not in covered}
+
+
+# --- the docs table --------------------------------------------------------------------------------
+
+
+def write_docs(path: str) -> str:
+    """Run every case (tests.test_model_coverage's checks) and write the model x method table."""
+    from tests import test_model_coverage as coverage
+
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    rows = []
+    for case in CASES:
+        cells = []
+        for method in METHODS:
+            print(f"{case.name} x {method}", file=sys.stderr, flush=True)
+            cells.append(coverage.table_cell(case, method))
+        rows.append(f"| {case.name} | `{case.class_name}` | " + " | ".join(cells) + " |")
+    import diffusers
+
+    today = datetime.date.today().isoformat()
+    lines = [
+        "# Model coverage",
+        "",
+        f"Generated by `python -m tests.model_registry --write-docs` on {today} (torch {torch.__version__}, "
+        f"diffusers {diffusers.__version__}); do not edit by hand.",
+        "Each cell is measured on a tiny random config (fp32, eager backend, a few steps): see "
+        "`tests/model_registry.py` and `tests/test_model_coverage.py`.",
+        "",
+        "Legend: **exact vs diffusers**: a never-skip config is bit-identical to the uncached model, a skipping "
+        "config executes fewer FLOPs, and the whole loop equals diffusers' own hook within 1e-5. **works "
+        "(diffusers hook cannot)**: the first two hold, diffusers' hook fails on this model (the error is "
+        "given). **unsupported**: fxcache raises the error shown, for the reason shown.",
+        "",
+        "| case | class | " + " | ".join(METHODS) + " |",
+        "|---|---|" + "---|" * len(METHODS),
+        *rows,
+        "",
+        "## Classes without a case",
+        "",
+        "| class | why |",
+        "|---|---|",
+        *(f"| `{name}` | {why} |" for name, why in uncovered_classes().items()),
+        "",
+    ]
+    text = "\n".join(lines)
+    with open(path, "w") as handle:
+        handle.write(text)
+    return text
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write-docs", metavar="PATH", nargs="?", const="docs/models.md", default="docs/models.md",
+                        help="where to write the table (default docs/models.md)")
+    args = parser.parse_args(argv)
+    write_docs(args.write_docs)
+
+
+if __name__ == "__main__":
+    main()
