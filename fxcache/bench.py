@@ -278,13 +278,43 @@ def parse(argv=None):
                         help="comma-separated cases: " + ", ".join(METHODS) + " (none: uncached rows only)")
     parser.add_argument("--peers", default="diffusers,cache-dit",
                         help="comma-separated peers beside fxcache: diffusers, cache-dit (FirstBlockCache cases)")
+    parser.add_argument("--table-from", type=Path, nargs="+", metavar="ROWS_JSONL",
+                        help="print the table of rows an earlier run wrote (--json X leaves X.rows.jsonl row by row, "
+                             "so a run cut short still has a table) and exit")
     parser.add_argument("--no-regional", action="store_true",
                         help="skip the regionally compiled peer rows (the uncached regional row stays)")
     return parser.parse_args(argv)
 
 
+def with_limits(rows: list[Row]) -> list[Row]:
+    """Fill both limits from the uncached regional and whole-graph rows among ``rows`` (when there)."""
+    def baseline(prefix):
+        found = [r.seconds for r in rows if r.label.startswith(prefix)]
+        return found[0] if found else None
+
+    regional_baseline, whole_baseline = baseline("uncached regional compile"), baseline("uncached whole-graph")
+    for row in rows:
+        if regional_baseline is not None:
+            row.regional_limit_seconds = regional_baseline * row.flop_fraction
+        if whole_baseline is not None:
+            row.whole_graph_limit_seconds = whole_baseline * row.flop_fraction
+    return rows
+
+
+def table_from(paths) -> str:
+    """The table of each ``.rows.jsonl`` file (one per run), limits recomputed from its own rows."""
+    tables = []
+    for path in paths:
+        rows = [Row(**json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
+        tables.append(f"{path}:\n\n{format_table(with_limits(rows))}")
+    return "\n\n".join(tables)
+
+
 def main(argv=None):
     args = parse(argv)
+    if args.table_from:
+        print(table_from(args.table_from))
+        return []
     if args.dry:
         args.device, args.size, args.dtype, backend = "cpu", "dry", torch.float32, "eager"
         args.mode = None
@@ -327,14 +357,12 @@ def main(argv=None):
     compile_regional = backend == "inductor"  # the dry run's eager backend has nothing to compile per block
     compiled = regional(copy.deepcopy(model)) if compile_regional else model
     rows.append(measure("uncached regional compile (diffusers compile_repeated_blocks)" if compile_regional
-                        else "uncached (regional compile stand-in: eager backend, not compiled)", compiled, fixed,
+                        else "uncached regional compile (dry: eager backend, nothing compiled)", compiled, fixed,
                         start, args, full_flops))
-    regional_baseline = rows[-1].seconds
     del compiled
     torch._dynamo.reset()
     rows.append(measure(f"uncached whole-graph compile (fullgraph, {backend} {args.mode or ''}".rstrip() + ")",
                         whole_graph(model, backend, args.mode), fixed, start, args, full_flops))
-    whole_baseline = rows[-1].seconds
     torch._dynamo.reset()
     compile_options = dict(backend=backend, mode=args.mode)
 
@@ -388,9 +416,7 @@ def main(argv=None):
                             lambda: regional(peer, fullgraph=False))
             del peer
             torch._dynamo.reset()
-    for row in rows:
-        row.regional_limit_seconds = regional_baseline * row.flop_fraction
-        row.whole_graph_limit_seconds = whole_baseline * row.flop_fraction
+    with_limits(rows)
     print()
     print(format_table(rows))
     inductor = torch._dynamo.utils.counters["inductor"]
