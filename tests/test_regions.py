@@ -111,3 +111,47 @@ def test_attention_outside_a_module_list_is_refused_naming_where_it_runs():
 
     with pytest.raises(RegionError, match=r"attention runs in \['block.cross_attn', 'block.self_attn'\]"):
         find_regions(capture(OneBlock(), (torch.randn(1, 16, 32), torch.randn(1, 8, 16), torch.zeros(1, 32)), {}))
+
+
+def registry_regions(name, batch=1):
+    from tests.model_registry import BY_NAME
+
+    tiny = BY_NAME[name].build()
+    return find_regions(capture(tiny.model, (), tiny.inputs(tiny.noise(batch=batch), sigma=1.0)))
+
+
+def test_a_text_refiner_block_list_is_glue_not_the_first_blocks():
+    """HunyuanVideo's context_embedder.token_refiner.refiner_blocks run attention on the text alone;
+    they were taken as the first blocks (RegionError: cannot tell which stream ... continues)."""
+    regions = registry_regions("hunyuan-video")
+    assert [b.name for b in regions.blocks] == [
+        "transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0"]
+    assert set(regions.blocks[0].stream_outputs) == {HIDDEN, ENCODER}
+
+
+def test_prompt_embeddings_that_broadcast_over_the_batch_are_the_encoder_stream():
+    """Two latents, one prompt embedding (num_images_per_prompt=2 with precomputed embeddings): the
+    block's encoder output has batch 2, its input batch 1 (was: 'has the shape of none of its inputs')."""
+    regions = registry_regions("flux-broadcast-prompt", batch=2)
+    head = regions.blocks[0]
+    assert tuple(example_value(head.stream_inputs[ENCODER]).shape)[0] == 1
+    assert tuple(example_value(head.stream_outputs[ENCODER]).shape)[0] == 2
+
+
+def test_one_block_has_regions_for_per_attention_passes_and_block_caches_refuse_it():
+    import fxcache
+    from fxcache.passes import FirstBlockCache, PyramidAttentionBroadcast
+    from tests.model_registry import BY_NAME
+
+    regions = registry_regions("cogvideox-one-block")
+    assert [b.name for b in regions.blocks] == ["transformer_blocks.0"]
+    assert list(regions.blocks[0].stream_outputs)[0] == HIDDEN
+    tiny = BY_NAME["cogvideox-one-block"].build()
+    inputs = tiny.inputs(tiny.noise(), sigma=1.0)
+    pab = fxcache.transform(tiny.model, [PyramidAttentionBroadcast(spatial_attention_block_skip_range=2)],
+                            backend="eager")
+    with pab.cache_context("cond", step_index=0, num_inference_steps=2, timestep=500.0):
+        assert torch.equal(pab(**inputs)[0], tiny.model(**inputs)[0])  # first call computes
+    fbc = fxcache.transform(tiny.model, [FirstBlockCache()], backend="eager")
+    with pytest.raises(RegionError, match="block caches need at least two"):
+        fbc(**inputs)
