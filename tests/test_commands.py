@@ -70,13 +70,20 @@ def test_explain_refuses_to_draw_a_dynamic_pass(tmp_path):
         main(["explain", "--method", "FirstBlockCache", "--png", str(tmp_path / "x.png")])
 
 
-def test_bench_dry_prints_the_side_by_side_table():
+def test_bench_dry_prints_the_side_by_side_table(tmp_path):
+    """The benchmark ships in the package (fxcache.bench): run from a directory with no checkout in it,
+    one method, two steps; the uncached whole-graph row is there and both limits are filled in."""
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-m", "fxcache", "bench", "--dry", "--steps", "3", "--repeats", "1"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=environment)
+    done = subprocess.run([sys.executable, "-m", "fxcache", "bench", "--dry", "--steps", "2", "--repeats", "1",
+                           "--methods", "fbc-forced"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=environment)
     assert done.returncode == 0, done.stderr[-3000:]
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     labels = [line.split("|")[1].strip() for line in table[1:]]
     assert "uncached eager" in labels
+    assert any(label.startswith("uncached whole-graph compile") for label in labels)
     assert any(label.endswith("fxcache eager") for label in labels)
     assert any(label.endswith("diffusers eager") for label in labels)
+    assert "process time" in done.stdout
+    whole_limit = table[0].split("|").index(" whole-graph limit s ")
+    assert all(row.split("|")[whole_limit].strip() != "-" for row in table[1:])
