@@ -469,10 +469,12 @@ def write_docs(path: str) -> str:
 
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
+    # FasterCache needs a batched-CFG loop that the coverage checks do not run yet
+    methods = [m for m in METHODS if m != "FasterCache"]
     rows = []
     for case in CASES:
         cells = []
-        for method in METHODS:
+        for method in methods:
             print(f"{case.name} x {method}", file=sys.stderr, flush=True)
             cells.append(coverage.table_cell(case, method))
         rows.append(f"| {case.name} | `{case.class_name}` | " + " | ".join(cells) + " |")
@@ -492,8 +494,8 @@ def write_docs(path: str) -> str:
         "(diffusers hook cannot)**: the first two hold, diffusers' hook fails on this model (the error is "
         "given). **unsupported**: fxcache raises the error shown, for the reason shown.",
         "",
-        "| case | class | " + " | ".join(METHODS) + " |",
-        "|---|---|" + "---|" * len(METHODS),
+        "| case | class | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
         *rows,
         "",
         "## Classes without a case",
