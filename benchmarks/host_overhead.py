@@ -160,8 +160,7 @@ def main(argv=None):
     graph = sum(v[3] for k, v in entries.items() if k[0].endswith("eval_frame.py") and k[2] == "__call__")
     context = sum(v[3] for k, v in entries.items() if k[0].endswith("runtime.py") and k[2] == "cache_context")
     host = forward - graph + context
-    print(f"
-host part under the profiler: CachedModel.forward - the compiled program's call + cache_context = "
+    print(f"\nhost part under the profiler: CachedModel.forward - the compiled program's call + cache_context = "
           f"{host / calls * 1e6:.0f} µs per call; shares of it:")
     print("| step of the call | share of host time |")
     print("|---|---|")
@@ -169,13 +168,15 @@ host part under the profiler: CachedModel.forward - the compiled program's call 
              "inputs_from: flatten args to graph inputs (capture.py)": ("capture.py", "inputs_from"),
              "rebuild_output (capture.py)": ("capture.py", "rebuild_output"),
              "cache_context enter/exit (runtime.py)": ("runtime.py", "cache_context"),
-             "recompile_limit config.patch (lower.py -> _config_module)": ("_config_module.py", "patch"),
+             "recompile_limit config.patch, enter and exit (lower.py -> _config_module)":
+                 ("_config_module.py", ("patch", "__enter__", "__exit__")),
              "_flags: passes decide (runtime.py)": ("runtime.py", "_flags"),
              "_step: step resolution (runtime.py)": ("runtime.py", "_step"),
              "_scalars (runtime.py)": ("runtime.py", "_scalars"),
              "state_for (lower.py)": ("lower.py", "state_for")}
-    for label, (file, name) in parts.items():
-        cum = sum(v[3] for k, v in entries.items() if k[0].endswith(file) and k[2] == name)
+    for label, (file, names) in parts.items():
+        names = (names,) if isinstance(names, str) else names
+        cum = sum(v[3] for k, v in entries.items() if k[0].endswith(file) and k[2] in names)
         print(f"| {label} | {cum / host:.0%} |")
     return median
 
