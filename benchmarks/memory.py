@@ -129,7 +129,9 @@ def diffusers_state(model) -> list[tuple[str, tuple, torch.dtype]]:
     held, seen = [], set()
 
     def walk(owner, value, depth=0):
-        if depth > 6 or isinstance(value, (torch.nn.Module, type)) or callable(value) and not hasattr(value, "__dict__"):
+        if depth > 6 or isinstance(value, (torch.nn.Module, type)):
+            return
+        if callable(value) and not hasattr(value, "__dict__"):
             return
         if isinstance(value, torch.Tensor):
             key = (value.untyped_storage().data_ptr(), value.nbytes)

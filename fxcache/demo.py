@@ -4,8 +4,9 @@ By default the model is the small FLUX transformer trained here on real handwrit
 (:mod:`fxcache.digits`): the same grid of digits is generated uncached and with each pass, saved side
 by side as one PNG, and each row reports speed-up, FLOP fraction, PSNR/SSIM against the uncached
 images and the accuracy of a digit classifier on the requested classes. Speed on a CPU is process
-time (``time.process_time``, one thread: steady when other jobs share the machine), on a GPU wall time. ``--model flux`` (or wan,
-cogvideox, qwenimage) runs FirstBlockCache alone on a tiny random-weight model instead.
+time (``time.process_time``: steady when other jobs share the machine), on a GPU wall time.
+``--model flux`` (or wan, cogvideox, qwenimage) runs FirstBlockCache alone on a tiny random-weight
+model instead.
 
 Example::
 
