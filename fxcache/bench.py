@@ -255,9 +255,12 @@ def with_cache_dit(model, threshold: float, steps: int):
 
 
 @contextlib.contextmanager
-def cache_dit_compile_limits():
-    """The recompile limits cache-dit's docs ask for (its ``set_compile_configs`` sets 1024/8192;
-    its Inductor tuning flags are left alone so its rows compile with the same Inductor as the others)."""
+def peer_compile_limits():
+    """The recompile limits cache-dit's docs ask for (its ``set_compile_configs`` sets 1024/8192; its
+    Inductor tuning flags are left alone so its rows compile with the same Inductor as the others),
+    for every regionally compiled peer row: diffusers' PAB and FasterCache hooks replace each
+    attention's ``forward`` with a partial of its own, dynamo guards on that identity, and at the
+    default limit of 8 the later blocks would fall back to eager."""
     with torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=8192):
         yield
 
@@ -404,14 +407,15 @@ def main(argv=None):
             hooked = with_hook(model, diffusers_config)
             attempt(f"{name}: diffusers eager", lambda: hooked)
             if with_regional_rows and with_regional:
-                attempt(f"{name}: diffusers + regional compile", lambda: regional(hooked, fullgraph=False))
+                with peer_compile_limits():
+                    attempt(f"{name}: diffusers + regional compile", lambda: regional(hooked, fullgraph=False))
             del hooked
             torch._dynamo.reset()
         if has_cache_dit and cache_dit_threshold is not None:
             peer = with_cache_dit(model, cache_dit_threshold, args.steps)
             attempt(f"{name}: cache-dit DBCache F1B0 eager", lambda: peer)
             if with_regional_rows:
-                with cache_dit_compile_limits():
+                with peer_compile_limits():
                     attempt(f"{name}: cache-dit DBCache F1B0 + regional compile",
                             lambda: regional(peer, fullgraph=False))
             del peer
