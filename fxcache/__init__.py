@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from .capture import CaptureError
+from .lower import make_backend
 from .passes.base import CachePass, ConfigError
 from .regions import RegionError
 from .runtime import CachedModel
@@ -26,14 +27,18 @@ __version__ = "0.1.0"
 
 def transform(model: torch.nn.Module, passes: Sequence[CachePass], *, backend: str | Callable = "inductor",
               mode: str | None = None, options: dict | None = None, scheduler=None,
-              max_cache_bytes: int | None = None) -> CachedModel:
+              max_cache_bytes: int | None = None, max_programs: int = 8) -> CachedModel:
     """Apply caching ``passes`` to a denoiser and compile it; the module itself is not modified.
 
     ``backend``, ``mode`` and ``options`` mean what they mean in ``torch.compile``. ``scheduler`` (a
     diffusers scheduler, e.g. ``pipe.scheduler``) tells the step index and timesteps without a
-    device->host sync. The graph is captured on the first call of each input signature.
-    ``max_cache_bytes`` bounds the cache state held at once: a call that would allocate past it fails
-    before allocating, with the sizes per pass in the message.
+    device->host sync; pass the pipeline itself (``scheduler=pipe``) and fxcache reads
+    ``pipe.scheduler`` on every call, so replacing the pipeline's scheduler later is seen. The graph is
+    captured on the first call of each input signature, and again when the module changes (LoRA,
+    attention processors, ``train()``/``eval()``). ``max_cache_bytes`` bounds the cache state held at
+    once: a call that would allocate past it fails before allocating, with the sizes per pass in the
+    message. ``max_programs`` bounds the captured programs kept (one per input signature and module
+    state): past it, the least recently used is freed with its state.
 
     Example::
 
@@ -56,12 +61,21 @@ def transform(model: torch.nn.Module, passes: Sequence[CachePass], *, backend: s
     if len(passes) > 1:
         raise ValueError(f"{len(passes)} passes were given; combining passes in one transform is not "
                          "supported yet, so pass one")
-    if scheduler is not None and not (hasattr(scheduler, "step_index") and hasattr(scheduler, "timesteps")):
+    schedule_source = getattr(scheduler, "scheduler", None) if scheduler is not None and not hasattr(
+        scheduler, "step_index") else scheduler
+    if scheduler is not None and not (hasattr(schedule_source, "step_index") and hasattr(schedule_source, "timesteps")):
         raise TypeError(
             f"scheduler={type(scheduler).__name__} keeps no step_index/timesteps on the host, which "
             "fxcache reads the step from (some schedulers, e.g. CogVideoX's DPM ones, keep none). Leave "
             "scheduler= out: steps then come from the pipeline's cache_context fields or a call counter.")
     if max_cache_bytes is not None and (not isinstance(max_cache_bytes, int) or max_cache_bytes < 0):
         raise ValueError(f"max_cache_bytes must be a non-negative int (bytes), got {max_cache_bytes!r}")
+    if isinstance(max_programs, bool) or not isinstance(max_programs, int) or max_programs < 1:
+        raise ValueError(f"max_programs must be a positive int, got {max_programs!r}")
+    try:  # what torch.compile would reject, rejected now rather than after the first capture
+        make_backend(backend, mode, options)
+    except Exception as error:
+        raise ValueError(f"transform(backend={backend!r}, mode={mode!r}, options={options!r}) is not "
+                         f"what torch.compile accepts: {str(error).rstrip('.')}") from None
     return CachedModel(model, passes, backend=backend, mode=mode, options=options, scheduler=scheduler,
-                       max_cache_bytes=max_cache_bytes)
+                       max_cache_bytes=max_cache_bytes, max_programs=max_programs)

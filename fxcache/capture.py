@@ -14,7 +14,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import re
+import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +25,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-__all__ = ["CaptureError", "CapturedGraph", "InputSignature", "capture", "input_signature"]
+__all__ = ["CaptureError", "CaptureGuard", "CapturedGraph", "InputSignature", "capture", "input_signature"]
 
 # meta keys written on every node of a captured graph
 MODULE_STACK = "fxcache_module_stack"  # tuple of module paths, outermost first
@@ -65,6 +68,64 @@ def input_signature(args: tuple, kwargs: dict) -> InputSignature:
     return InputSignature(str(spec), tuple(described))
 
 
+class CaptureGuard:
+    """Dynamo's guards of one capture: whether a call would still give the same graph.
+
+    They cover what the graph baked in: the module's attributes and submodules (attention processors,
+    LoRA scales and enabled adapters, ``training``), parameter identity, the inputs' shapes, dtypes and
+    non-tensor values, and global state such as autocast. The guards live in the cache entry of a code
+    object made for this capture alone, so that the entry is never evicted by other compiles, and no
+    recompile limit is shared with the user's own code.
+
+    Example::
+
+        if not captured.guard.holds(model, args, kwargs):
+            print(captured.guard.why_not(model, args, kwargs))   # e.g. "...training == False"
+    """
+
+    def __init__(self, entry: types.FunctionType):
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        entries = _debug_get_cache_entry_list(entry.__code__)
+        self._entry = entry  # owns the cache entry, hence the guard manager's scope
+        self._manager = entries[0].guard_manager if entries else None
+
+    def holds(self, model, args: tuple, kwargs: dict) -> bool:
+        if self._manager is None:
+            return True
+        f_locals = {"model": model, "args": args, "kwargs": kwargs}
+        if torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            with _capture_mode():
+                return bool(self._manager.check(f_locals))
+        return bool(self._manager.check(f_locals))  # already the capture's mode: the common case
+
+    def why_not(self, model, args: tuple, kwargs: dict) -> str:
+        """The first guard that fails, in dynamo's words (empty when all hold)."""
+        if self._manager is None:
+            return ""
+        with _capture_mode():
+            info = self._manager.check_verbose({"model": model, "args": args, "kwargs": kwargs})
+        return "; ".join(part.split("  #")[0].strip() for part in info.verbose_code_parts)
+
+
+@contextlib.contextmanager
+def _capture_mode():
+    """The global state every capture and every guard check runs under: no autograd (a capture
+    records the forward only) and no inference mode, whatever the caller has on."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def _entry_function() -> types.FunctionType:
+    """A fresh ``model(*args, **kwargs)`` with a code object of its own (see :class:`CaptureGuard`)."""
+
+    def call(model, args, kwargs):
+        return model(*args, **kwargs)
+
+    code = call.__code__.replace(co_name="fxcache_capture")
+    return types.FunctionType(code, call.__globals__, "fxcache_capture")
+
+
 @dataclass
 class CapturedGraph:
     """A standalone graph of one call: ``graph_module(*tensor_leaves) -> flat outputs``.
@@ -82,6 +143,7 @@ class CapturedGraph:
     output_slots: list[Any]  # int: index into the graph's outputs; else the constant leaf itself
     module_types: dict[str, type] = field(default_factory=dict)
     input_spec: pytree.TreeSpec | None = None  # structure of the call's (args, kwargs)
+    guard: CaptureGuard | None = None  # when a later call needs a new capture
 
     def example_call(self, batch_of=None) -> tuple[tuple, dict]:
         """Call arguments with this graph's signature: zeros for tensors (``batch_of(shape)`` may
@@ -109,8 +171,16 @@ class CapturedGraph:
         leaves = pytree.tree_leaves((args, kwargs))
         return [leaves[i] for i in self.input_leaves]
 
-    def rebuild_output(self, flat: tuple) -> Any:
-        leaves = [flat[s] if isinstance(s, int) else s.value for s in self.output_slots]
+    def rebuild_output(self, flat: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
+        leaves, call_leaves = [], None
+        for slot in self.output_slots:
+            if isinstance(slot, int):
+                leaves.append(flat[slot])
+            elif isinstance(slot, _InputLeaf):  # the model returned one of its inputs as it was
+                call_leaves = call_leaves or pytree.tree_leaves((args, kwargs or {}))
+                leaves.append(call_leaves[slot.index])
+            else:
+                leaves.append(slot.value)
         return pytree.tree_unflatten(leaves, self.output_spec)
 
 
@@ -119,9 +189,14 @@ class _Constant:
     value: Any
 
 
+@dataclass(frozen=True)
+class _InputLeaf:
+    index: int  # into the flattened (args, kwargs) of the call
+
+
 def normalize_module_path(dynamo_path: str) -> str:
     """``L['self'].__dict__['_modules']['blocks'].1.attn`` -> ``blocks.1.attn``."""
-    path = dynamo_path.replace("L['self'].", "").replace("L['self']", "")
+    path = re.sub(r"^L\['(self|model)'\]\.?", "", dynamo_path)
     path = re.sub(r"__dict__\['_modules'\]\['([^']+)'\]", r"\1", path)
     path = re.sub(r"_modules\['([^']+)'\]", r"\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
@@ -144,7 +219,14 @@ def _tensor_attributes(model: torch.nn.Module) -> dict[int, str]:
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
-    """Run ``model(*args, **kwargs)`` once under dynamo and return its graph, standalone."""
+    """Run ``model(*args, **kwargs)`` once under dynamo and return its graph, standalone, with the
+    guards that say when a later call needs a new capture.
+
+    The capture runs without autograd and outside any ``TorchDispatchMode`` the caller has active
+    (a ``FlopCounterMode`` around the first call, say): the graph is what the model computes, and the
+    caller's mode sees the compiled program run. ``warnings.warn`` and logging calls inside the model
+    (Mochi warns inside its autocast regions) are moved after the graph instead of breaking it.
+    """
     recorded: dict[str, Any] = {}
 
     def record(gm: fx.GraphModule, example_inputs):
@@ -159,11 +241,13 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
 
         return run
 
-    forward_code = type(model).forward
+    entry = _entry_function()
+    reorderable = set(torch._dynamo.config.reorderable_logging_functions) | {warnings.warn}
     try:
-        with torch.no_grad():
-            compiled = torch.compile(model, backend=record, fullgraph=True, dynamic=False)
-            result = compiled(*args, **kwargs)
+        with _capture_mode(), _outside_dispatch_modes(), \
+                torch._dynamo.config.patch(reorderable_logging_functions=reorderable):
+            compiled = torch.compile(entry, backend=record, fullgraph=True, dynamic=False)
+            result = compiled(model, args, kwargs)
     except Exception as error:  # dynamo reports breaks as several exception types
         raise CaptureError(
             f"dynamo could not capture {type(model).__name__} as one graph with no breaks: "
@@ -171,13 +255,34 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
             "the denoiser's forward to run on these inputs and to be traceable with "
             "torch.compile(fullgraph=True)."
         ) from error
-    finally:
-        # the capture's cache entry lives on the class's forward code: drop it so that repeated
-        # captures never reach dynamo's recompile limit (which would silently skip our backend)
-        torch._dynamo.eval_frame.remove_from_cache(forward_code)
     if "gm" not in recorded:
         raise CaptureError(f"dynamo ran {type(model).__name__} without producing a graph")
-    return _standalone(model, recorded, args, kwargs, result)
+    captured = _standalone(model, recorded, args, kwargs, result)
+    captured.guard = CaptureGuard(entry)
+    return captured
+
+
+@contextlib.contextmanager
+def _outside_dispatch_modes():
+    """Capture the model itself, not the instruments around the call: the caller's dispatch modes,
+    global module hooks (a ``FlopCounterMode`` installs both) and a ``force_eager`` stance are set
+    aside while dynamo traces, and restored after."""
+    from torch.nn.modules import module as nn_module
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    hook_dicts = [getattr(nn_module, name) for name in (
+        "_global_forward_pre_hooks", "_global_forward_hooks", "_global_forward_hooks_always_called",
+        "_global_forward_hooks_with_kwargs", "_global_backward_pre_hooks", "_global_backward_hooks")
+        if isinstance(getattr(nn_module, name, None), dict)]
+    saved = [dict(hooks) for hooks in hook_dicts]
+    for hooks in hook_dicts:
+        hooks.clear()
+    try:
+        with _disable_current_modes(), torch.compiler.set_stance("default"):
+            yield
+    finally:
+        for hooks, entries in zip(hook_dicts, saved):
+            hooks.update(entries)
 
 
 def _standalone(model, recorded, args, kwargs, result) -> CapturedGraph:
@@ -240,9 +345,13 @@ def _standalone(model, recorded, args, kwargs, result) -> CapturedGraph:
     slots: list[Any] = []
     for leaf in out_leaves:
         if isinstance(leaf, torch.Tensor):
-            if id(leaf) not in position:
-                raise CaptureError("an output tensor of the model is not an output of its captured graph")
-            slots.append(position[id(leaf)])
+            if id(leaf) in position:
+                slots.append(position[id(leaf)])
+            elif id(leaf) in leaf_index:
+                slots.append(_InputLeaf(leaf_index[id(leaf)]))
+            else:
+                raise CaptureError("an output tensor of the model is neither an output of its captured "
+                                   "graph nor one of the call's inputs")
         else:
             slots.append(_Constant(leaf))
     return CapturedGraph(gm, input_signature(args, kwargs), input_leaves, input_names, out_spec, slots,

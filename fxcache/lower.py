@@ -55,6 +55,13 @@ def make_backend(backend: str | Callable, mode: str | None, options: dict | None
     return torch._dynamo.lookup_backend(backend)
 
 
+def _room_for_decision_tuples(num_flags: int):
+    """A new decision tuple compiles a graph: the recompile limit counts graphs per code object, so
+    allow one per tuple. Entered only for a tuple not seen before: a config patch on every call kept
+    Python heap per call."""
+    return torch._dynamo.config.patch(recompile_limit=max(64, 2 ** min(num_flags, 10)))
+
+
 @dataclass
 class Program:
     """One captured input signature, rewritten by the passes and compiled.
@@ -73,6 +80,8 @@ class Program:
     cudagraphs: bool = False
     compiles: int = 0
     used: bool = False  # called since the last reset
+    seen_flags: set = field(default_factory=set)  # decision tuples compiled so far
+    group: int = 0  # programs of one group share ``states`` (the runtime assigns it)
     states: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     _compiled: Any = None
 
@@ -95,7 +104,8 @@ class Program:
     # -- state --------------------------------------------------------------------------------------
     def state_for(self, context: str) -> list[torch.Tensor]:
         if context not in self.states:
-            tensors = [slot.new() for slot in self.state_slots]
+            with torch.inference_mode(False):  # never inference tensors: a later plain call updates them
+                tensors = [slot.new() for slot in self.state_slots]
             for t in tensors:
                 # static for CUDA graphs (updated in place, never re-pointed), without a guard on
                 # identity: another context's tensors reuse the same compiled graph, and cudagraph
@@ -105,11 +115,12 @@ class Program:
         return self.states[context]
 
     def reset(self, context: str | None = None) -> None:
-        """Zero the state of one context (or all): the next call starts as a fresh generation."""
+        """Zero the state and counters of one context (or all): the next call starts as a fresh
+        generation."""
         for name, tensors in self.states.items():
             if context is None or name == context:
-                for slot, t in zip(self.state_slots, tensors):
-                    if not slot.counter:
+                with torch.inference_mode(False):
+                    for t in tensors:
                         t.zero_()
 
     def counters(self, context: str) -> dict[str, int]:
@@ -130,11 +141,14 @@ class Program:
     # -- call ---------------------------------------------------------------------------------------
     def __call__(self, inputs, state, scalars, flags) -> tuple:
         self.used = True
-        # the recompile limit counts graphs per code object: allow one per distinct decision tuple
         _planned_break.active = not self.fullgraph
         try:
-            with torch._dynamo.config.patch(recompile_limit=max(64, 2 ** min(len(flags), 10))):
+            if flags in self.seen_flags:
                 outputs = self._compiled(*inputs, *state, *scalars, *flags)
+            else:
+                with _room_for_decision_tuples(len(flags)):
+                    outputs = self._compiled(*inputs, *state, *scalars, *flags)
+                self.seen_flags.add(flags)
         finally:
             _planned_break.active = False
         if self.cudagraphs:

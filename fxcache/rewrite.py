@@ -48,8 +48,9 @@ INPUTS = _Marker("INPUTS")
 
 def copy_into(state: torch.Tensor, value: torch.Tensor) -> None:
     """The one way passes write state: ``aten.copy_`` (FX treats ``Tensor.copy_`` calls as pure and
-    would drop them as dead code)."""
-    torch.ops.aten.copy_.default(state, value)
+    would drop them as dead code), of the value without its autograd history: cache state is a
+    constant to autograd, so a call with grad enabled never chains one generation's graph to the next."""
+    torch.ops.aten.copy_.default(state, value.detach())
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class StateSlot:
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
-    counter: bool = False  # counts work for stats(); survives reset()
+    counter: bool = False  # counts work for stats(); zeroed at reset() after stats() kept its value
     owner: str = ""  # the pass that declared it
 
     @property
@@ -119,7 +120,7 @@ class ProgramBuilder:
         return node
 
     def add_counter(self, name: str) -> fx.Node:
-        """A 0-d int64 tensor that counts work for ``stats()``; reset() leaves it alone."""
+        """A 0-d int64 tensor that counts work for ``stats()`` in the current generation."""
         self.state.append(StateSlot(name, (), torch.int64, self.device, counter=True, owner=self.current_pass))
         node = self._placeholder("state", name)
         node.meta["example_value"] = torch.empty((), dtype=torch.int64, device="meta")

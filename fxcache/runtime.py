@@ -1,8 +1,11 @@
 """Runtime: the cached module. It owns every piece of cache state, knows where the denoising loop is,
 and never lets state from one generation reach the next.
 
-State is kept per input signature (one captured program each) and per cache context name
-(``"cond"``, ``"uncond"``, ``"cond_uncond"``, any name; ``"default"`` outside a context). Steps come,
+State is kept per captured program and per cache context name (``"cond"``, ``"uncond"``,
+``"cond_uncond"``, any name; ``"default"`` outside a context). A program is captured per input
+signature and module state: dynamo's guards on each capture are checked on every call, so a module
+changed after capture (LoRA, attention processors, ``train()``) is captured again, never run stale;
+at most ``max_programs`` are kept, least recently used out. Steps come,
 in order of preference, from a scheduler handed to :func:`fxcache.transform`, from the fields a
 pipeline passes to ``cache_context``, or from a per-context call counter since the last reset.
 
@@ -18,12 +21,15 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import inspect
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from .capture import InputSignature, capture, input_signature
+from .capture import CaptureError, InputSignature, capture, input_signature
 from .lower import Program
 from .passes.base import CachePass, Step
 from .regions import ModelRegions, find_regions
@@ -32,6 +38,11 @@ from .rewrite import ProgramBuilder
 __all__ = ["CachedModel", "DEFAULT_CONTEXT"]
 
 DEFAULT_CONTEXT = "default"
+# captures of one input signature after which a model that keeps changing is an error, not a loop
+MAX_CAPTURES_PER_SIGNATURE = 16
+# calls of one context in a row whose scheduler step does not advance before the scheduler is
+# taken to be stale (replaced in the pipeline after transform)
+STALE_SCHEDULER_CALLS = 3
 
 
 @dataclass
@@ -40,7 +51,11 @@ class _ContextProgress:
 
     calls: int = 0
     last_step: int | None = None
-    first_step: int | None = None  # steps count from the context's first call, as diffusers' counters
+    repeats: int = 0  # calls in a row whose scheduler step did not advance
+    # steps count from the first call of each program in the context (as diffusers' counters do):
+    # a context that joins late, or a new input signature or capture mid-generation, starts its
+    # schedule there, so a cache is never read before this generation wrote it
+    first_step: dict[int, int] = field(default_factory=dict)
     flag_counts: dict[str, list[int]] = field(default_factory=dict)  # flag -> [true, false]
 
 
@@ -52,28 +67,54 @@ class _ActiveContext:
 
 class CachedModel(torch.nn.Module):
     """A denoiser with caching passes applied. Built by :func:`fxcache.transform`; takes exactly the
-    wrapped model's arguments and forwards every other attribute to it."""
+    wrapped model's arguments and forwards every other attribute to it.
+
+    Diffusers pipelines see it as the model it wraps: it is an instance of a subclass of the wrapped
+    class (named alike), whose methods (``load_lora_adapter``, ``set_adapters``, ``save_pretrained``,
+    ...) run on the wrapped model, and ``state_dict()`` is the wrapped model's.
+
+    A captured program holds only while the module is unchanged: dynamo's guards on the capture
+    (attention processors, LoRA scales, adapters enabled, ``training``, parameters replaced, autocast)
+    are checked on every call, and a call they reject captures again.
+    """
+
+    def __new__(cls, model: torch.nn.Module = None, *args, **kwargs):
+        if cls is CachedModel and model is not None and type(model) is not torch.nn.Module:
+            cls = _cached_class(type(model))
+        return torch.nn.Module.__new__(cls)
 
     def __init__(self, model: torch.nn.Module, passes: Sequence[CachePass], *, backend="inductor",
-                 mode=None, options=None, scheduler=None, max_cache_bytes: int | None = None):
-        super().__init__()
+                 mode=None, options=None, scheduler=None, max_cache_bytes: int | None = None,
+                 max_programs: int = 8):
+        # not super().__init__: the next class in line is the wrapped model's, whose __init__ builds
+        # a model of its own
+        torch.nn.Module.__init__(self)
         self._max_cache_bytes = max_cache_bytes
+        self._max_programs = max_programs
         self.original = model
         self._passes = tuple(passes)
         self._compile_args = dict(backend=backend, mode=mode, options=options)
         self._scheduler = scheduler
-        self._programs: dict[InputSignature, Program] = {}
-        self._regions: dict[InputSignature, ModelRegions] = {}
-        self._active: _ActiveContext | None = None
+        # least recently used first; one program per capture (several per signature when the module
+        # changed and changed back, e.g. LoRA on and off)
+        self._programs: OrderedDict[int, Program] = OrderedDict()
+        self._regions: dict[int, ModelRegions] = {}
+        self._captures_by_signature: dict[InputSignature, int] = {}
+        self._local = threading.local()  # the active cache context, per thread
+        self._lock = threading.RLock()  # one call at a time: state and progress are shared
         self._progress: dict[str, _ContextProgress] = {}
+        self._last_generation: dict[str, dict[str, Any]] = {}
+        self._totals: dict[str, dict[str, Any]] = {}
         self._timesteps: list[float] | None = None
         self._captures = 0
+        self._groups = 0  # programs of one group share their state (see _build)
+        self._evicted = 0
         self._scalar_tensors: dict[tuple, torch.Tensor] = {}
 
     # -- attribute forwarding -----------------------------------------------------------------------
     def __getattr__(self, name: str):
         try:
-            return super().__getattr__(name)
+            return torch.nn.Module.__getattr__(self, name)
         except AttributeError:
             return getattr(self._modules["original"], name)
 
@@ -81,12 +122,45 @@ class CachedModel(torch.nn.Module):
     def passes(self) -> tuple[CachePass, ...]:
         return self._passes
 
+    def state_dict(self, *args, **kwargs):
+        """The wrapped model's state dict (its keys, no ``original.`` prefix), so checkpoints load
+        either way; cache state is not part of it."""
+        return self.original.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        """Loads into the wrapped model (keys as ``original.state_dict()`` has them)."""
+        return self.original.load_state_dict(state_dict, *args, **kwargs)
+
+    def save_pretrained(self, *args, **kwargs):
+        """Saves the wrapped model: a pipeline saved with a CachedModel reloads uncached."""
+        return self.original.save_pretrained(*args, **kwargs)
+
+    def __reduce__(self):
+        # copies and pickles rebuild the CachedModel from its parts; cache state, captures and
+        # compiled programs are not carried over (the copy captures on its first call)
+        return (_rebuild, (self.original, self._passes, self._compile_args, self._scheduler,
+                           self._max_cache_bytes, self._max_programs, self.training))
+
+    @property
+    def _active(self) -> _ActiveContext | None:
+        return getattr(self._local, "active", None)
+
+    @_active.setter
+    def _active(self, value: _ActiveContext | None) -> None:
+        self._local.active = value
+
     # -- contexts and lifecycle ---------------------------------------------------------------------
     @contextlib.contextmanager
     def cache_context(self, name: str, **fields) -> Iterator[None]:
         """Run calls under cache context ``name``: one state set per name, created on first use.
         ``fields`` may carry ``step_index``, ``num_inference_steps`` and ``timestep`` (as diffusers
-        pipelines pass them); other fields are accepted and ignored."""
+        pipelines pass them); other fields are accepted and ignored. Contexts are per thread.
+
+        Example::
+
+            with cached.cache_context("uncond"):
+                noise_uncond = cached(**inputs)[0]
+        """
         if not isinstance(name, str) or not name:
             raise ValueError(f"cache_context name must be a non-empty string, got {name!r}")
         previous, self._active = self._active, _ActiveContext(name, fields)
@@ -98,43 +172,81 @@ class CachedModel(torch.nn.Module):
     def reset(self) -> None:
         """Forget all cache state and step progress: the next call starts a new generation.
 
-        State of input signatures not used since the previous reset (an earlier resolution or batch)
-        is freed; the rest is zeroed in place, so compiled code and CUDA graphs keep their addresses."""
-        for program in self._programs.values():
-            if not program.used:
-                program.states.clear()
-            program.reset()
-            program.used = False
-        self._progress.clear()
-        self._timesteps = None
+        State of programs not used since the previous reset (an earlier resolution or batch) is
+        freed; the rest is zeroed in place, so compiled code and CUDA graphs keep their addresses.
+        The generation's figures stay readable in :meth:`stats` until the next call."""
+        with self._lock:
+            generation = self._generation_figures()
+            if self._progress:
+                self._last_generation = generation
+                self._fold_into_totals(generation)
+            used = {program.group for program in self._programs.values() if program.used}
+            for program in self._state_holders():
+                if program.group not in used:
+                    program.states.clear()
+                program.reset()
+            for program in self._programs.values():
+                program.used = False
+            self._progress.clear()
+            self._timesteps = None
+
+    def _fold_into_totals(self, figures: dict[str, dict[str, Any]]) -> None:
+        for name, entry in figures.items():
+            totals = self._totals.setdefault(name, {})
+            _add_figures(totals, entry)
 
     def _reset_stateful_cache(self, recurse: bool = True) -> None:
         """What diffusers pipelines call at the end of ``__call__`` (``maybe_free_model_hooks``)."""
         self.reset()
 
     def _reset_context(self, name: str) -> None:
-        for program in self._programs.values():
+        if name in self._progress:
+            self._fold_into_totals({name: self._generation_figures().get(name, {})})
+        for program in self._state_holders():
             program.reset(name)
         self._progress.pop(name, None)
 
     # -- the call -----------------------------------------------------------------------------------
+    @torch.compiler.disable
     def forward(self, *args, **kwargs):
+        # torch.compile on top of a CachedModel runs this as it is: the work is compiled inside
+        with self._lock:
+            program = self._program_for(args, kwargs)
+            context = self._active.name if self._active else DEFAULT_CONTEXT
+            step = self._step(context, program)
+            flags = self._flags(program, step)
+            scalars = self._scalars(program, step)
+            if context not in program.states:
+                self._check_cache_budget(program, context)
+            flat = program(program.captured.inputs_from(args, kwargs), program.state_for(context),
+                           scalars, flags)
+            return program.captured.rebuild_output(flat, args, kwargs)
+
+    def _program_for(self, args: tuple, kwargs: dict) -> Program:
+        """The program whose capture still holds for this call (most recently used first), or a new
+        capture: the guards say when the module or the inputs changed."""
         signature = input_signature(args, kwargs)
-        program = self._programs.get(signature)
-        if program is None:
-            program = self._build(signature, args, kwargs)
-        context = self._active.name if self._active else DEFAULT_CONTEXT
-        step = self._step(context)
-        flags = self._flags(program, step)
-        scalars = self._scalars(program, step)
-        if context not in program.states:
-            self._check_cache_budget(program, context)
-        flat = program(program.captured.inputs_from(args, kwargs), program.state_for(context), scalars, flags)
-        return program.captured.rebuild_output(flat)
+        for key in reversed(self._programs):
+            program = self._programs[key]
+            if program.captured.signature == signature and program.captured.guard.holds(self.original, args, kwargs):
+                self._programs.move_to_end(key)
+                return program
+        return self._build(signature, args, kwargs)
 
     def _build(self, signature: InputSignature, args, kwargs) -> Program:
+        self._check_call(args, kwargs)
+        captures = self._captures_by_signature.get(signature, 0)
+        if captures >= MAX_CAPTURES_PER_SIGNATURE:
+            stale = next((p for p in reversed(self._programs.values()) if p.captured.signature == signature), None)
+            changed = stale.captured.guard.why_not(self.original, args, kwargs) if stale else ""
+            raise CaptureError(
+                f"fxcache: {type(self.original).__name__} was captured {captures} times for inputs "
+                f"{signature.describe()}: something changes the module (or the call's non-tensor "
+                f"arguments) on every call{f' ({changed})' if changed else ''}. Keep module attributes "
+                "fixed during generation, or pass values that vary as tensors.")
         captured = capture(self.original, args, kwargs)
         self._captures += 1
+        self._captures_by_signature[signature] = captures + 1
         regions = find_regions(captured)
         builder = ProgramBuilder(captured)
         for cache_pass in self._passes:
@@ -142,9 +254,40 @@ class CachedModel(torch.nn.Module):
             cache_pass.rewrite(builder, regions)
         fullgraph = not any(p.dynamic and getattr(p, "lowering", None) == "host" for p in self._passes)
         program = Program.build(builder, fullgraph=fullgraph, **self._compile_args)
-        self._programs[signature] = program
-        self._regions[signature] = regions
+        previous = next((p for p in reversed(self._programs.values()) if p.captured.signature == signature), None)
+        if previous is not None and previous.state_slots == program.state_slots:
+            # the module changed under the same inputs (a LoRA scale, a processor, inference-mode
+            # inputs) and the cache has the same slots: the new program carries on with this
+            # generation's state and schedule, as diffusers' hooks do, instead of starting over
+            program.states, program.group = previous.states, previous.group
+        else:
+            self._groups += 1
+            program.group = self._groups
+        key = id(program)
+        self._programs[key] = program
+        self._regions[key] = regions
+        while len(self._programs) > self._max_programs:
+            evicted, _ = self._programs.popitem(last=False)
+            self._regions.pop(evicted, None)
+            self._evicted += 1
         return program
+
+    def _check_call(self, args: tuple, kwargs: dict) -> None:
+        """Errors a user would get from the uncached model, before a capture turns them into others."""
+        signature = inspect.signature(self.original.forward)
+        name = f"{type(self.original).__name__}.forward()"
+        if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            for key in kwargs:
+                if key not in signature.parameters:  # what Python itself says first
+                    raise TypeError(f"{name} got an unexpected keyword argument {key!r}")
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{name}: {error}") from None
+        for leaf in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == 0:
+                raise ValueError(f"fxcache: an input of shape {tuple(leaf.shape)} has an empty batch; call "
+                                 "the model with at least one sample")
 
     def _check_cache_budget(self, program: Program, context: str) -> None:
         """Fail before allocating a context's state when it would pass ``max_cache_bytes``."""
@@ -159,18 +302,29 @@ class CachedModel(torch.nn.Module):
                 f"already held that passes max_cache_bytes={self._max_cache_bytes:,}. Raise the bound, "
                 "use fewer cache contexts, or call reset() between generations of different sizes.")
 
-    def _step(self, context: str) -> Step:
+    def _current_scheduler(self):
+        """The scheduler handed to transform, or the one a pipeline handed to it holds now."""
+        scheduler = self._scheduler
+        if scheduler is not None and not hasattr(scheduler, "step_index"):
+            scheduler = scheduler.scheduler
+        return scheduler
+
+    def _step(self, context: str, program: Program) -> Step:
         """Resolve the step of this call (see the module docstring) and start a new generation for
         the context when the step does not advance."""
         fields = self._active.fields if self._active else {}
         progress = self._progress.setdefault(context, _ContextProgress())
         num_steps, timestep = None, None
-        if self._scheduler is not None:
-            index = self._scheduler.step_index
-            index = 0 if index is None else int(index)
-            if index == 0 or self._timesteps is None:
+        scheduler = self._current_scheduler()
+        if scheduler is not None:
+            index = scheduler.step_index
+            if index is None:
+                # an img2img pipeline starts the schedule part-way (set_begin_index)
+                index = getattr(scheduler, "begin_index", None) or 0
+            index = int(index)
+            if index == 0 or progress.last_step is None or self._timesteps is None:
                 # read once per generation: a device tensor costs one sync here, not one per step
-                self._timesteps = [float(t) for t in self._scheduler.timesteps.tolist()]
+                self._timesteps = [float(t) for t in scheduler.timesteps.tolist()]
             num_steps = len(self._timesteps)
             timestep = self._timesteps[index] if index < num_steps else None
         elif fields.get("step_index") is not None:
@@ -179,22 +333,28 @@ class CachedModel(torch.nn.Module):
             timestep = fields.get("timestep")
         else:
             index = progress.calls
+        repeats = 0
         if progress.last_step is not None and index <= progress.last_step:
+            repeats = progress.repeats + 1 if index == progress.last_step else 0
+            if scheduler is not None and repeats + 1 >= STALE_SCHEDULER_CALLS:
+                raise RuntimeError(
+                    f"fxcache: the scheduler's step index stayed at {index} over {repeats + 1} calls in "
+                    f"cache context {context!r}: the {type(scheduler).__name__} handed to transform() is "
+                    "not the one being stepped (was pipe.scheduler replaced?). Pass the pipeline instead, "
+                    "transform(..., scheduler=pipe), and fxcache reads pipe.scheduler on every call.")
             # the step went back or repeated: an earlier generation ended (or was interrupted)
             # without a reset; never carry its state into this one
             self._reset_context(context)
             progress = self._progress.setdefault(context, _ContextProgress())
-            if self._scheduler is None and fields.get("step_index") is None:
+            if scheduler is None and fields.get("step_index") is None:
                 index = 0
-        if progress.first_step is None:
-            # a context that joins late (Wan 2.2's second transformer, a guidance interval) starts
-            # its schedule at its own first call: a cache is never read before it was written
-            progress.first_step = index
+        first_step = progress.first_step.setdefault(program.group, index)
+        progress.repeats = repeats
         progress.calls += 1
         progress.last_step = index
         if isinstance(timestep, torch.Tensor):
             timestep = float(timestep.reshape(-1)[0])
-        return Step(index=index - progress.first_step, num_steps=num_steps, timestep=timestep, context=context)
+        return Step(index=index - first_step, num_steps=num_steps, timestep=timestep, context=context)
 
     def _flags(self, program: Program, step: Step) -> tuple[bool, ...]:
         if not program.flag_names:
@@ -224,45 +384,75 @@ class CachedModel(torch.nn.Module):
         recompile whenever the pattern of equal values changes."""
         key = (name, float(value), dtype, device)
         if key not in self._scalar_tensors:
-            self._scalar_tensors[key] = torch.tensor([value], dtype=dtype, device=device)
+            with torch.inference_mode(False):  # usable outside inference mode too
+                self._scalar_tensors[key] = torch.tensor([value], dtype=dtype, device=device)
         return self._scalar_tensors[key]
 
     # -- introspection ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Calls, computed and reused steps per context, graphs compiled, captures, cache bytes."""
-        contexts: dict[str, dict[str, int]] = {}
-        for program in self._programs.values():
+        """What the cache did, per context: ``contexts`` has the figures of the current generation
+        (or of the last one, until the next starts): calls, per flag how often it computed
+        (``true``) or reused (``false``), counters such as ``tail_computed``, and ``cache_bytes``;
+        ``totals`` the same summed over every generation since the transform. Also graphs compiled,
+        captures, programs held (``programs``, at most ``max_programs``), and cache bytes in all and
+        per pass.
+
+        Example::
+
+            pipe(prompt, num_inference_steps=28)
+            print(pipe.transformer.stats()["contexts"]["cond"])  # e.g. {'calls': 28, 'tail_computed': 17, ...}
+        """
+        with self._lock:
+            current = self._generation_figures()
+            contexts = current if self._progress else self._last_generation
+            totals = {name: _add_figures({}, entry) for name, entry in self._totals.items()}
+            if self._progress:
+                for name, entry in current.items():
+                    _add_figures(totals.setdefault(name, {}), entry)
+            by_pass: dict[str, int] = {}
+            for program in self._state_holders():
+                for _ in program.states:
+                    for owner, size in program.state_bytes_by_owner().items():
+                        by_pass[owner] = by_pass.get(owner, 0) + size
+            return {
+                "contexts": contexts,
+                "totals": totals,
+                "compiles": sum(p.compiles for p in self._programs.values()),
+                "captures": self._captures,
+                "programs": len(self._programs),
+                "programs_evicted": self._evicted,
+                "cache_bytes": self._cache_bytes(),
+                "cache_bytes_by_pass": by_pass,
+            }
+
+    def _generation_figures(self) -> dict[str, dict[str, Any]]:
+        """Per context: calls and flag counts since the last reset, counters of the state, bytes held."""
+        contexts: dict[str, dict[str, Any]] = {}
+        for program in self._state_holders():
             for name in program.states:
                 entry = contexts.setdefault(name, {})
                 for counter, value in program.counters(name).items():
                     entry[counter] = entry.get(counter, 0) + value
+                entry["cache_bytes"] = entry.get("cache_bytes", 0) + program.state_bytes
         for name, progress in self._progress.items():
             entry = contexts.setdefault(name, {})
             entry["calls"] = progress.calls
             for flag, (true, false) in progress.flag_counts.items():
                 entry[flag] = {"true": true, "false": false}
-        by_pass: dict[str, int] = {}
-        for program in self._programs.values():
-            for name in program.states:
-                contexts[name]["cache_bytes"] = contexts[name].get("cache_bytes", 0) + program.state_bytes
-                for owner, size in program.state_bytes_by_owner().items():
-                    by_pass[owner] = by_pass.get(owner, 0) + size
-        return {
-            "contexts": contexts,
-            "compiles": sum(p.compiles for p in self._programs.values()),
-            "captures": self._captures,
-            "cache_bytes": self._cache_bytes(),
-            "cache_bytes_by_pass": by_pass,
-        }
+        return contexts
 
     def _cache_bytes(self) -> int:
-        return sum(p.state_bytes * len(p.states) for p in self._programs.values())
+        return sum(p.state_bytes * len(p.states) for p in self._state_holders())
+
+    def _state_holders(self) -> list[Program]:
+        """One program per set of state (programs of one group share it)."""
+        return list({p.group: p for p in self._programs.values()}.values())
 
     def regions(self) -> ModelRegions:
-        """The regions of the most recently captured input signature."""
+        """The regions of the most recently used program."""
         if not self._regions:
             raise RuntimeError("nothing is captured yet: call the model once first")
-        return list(self._regions.values())[-1]
+        return self._regions[next(reversed(self._programs))]
 
     def explain(self, num_steps: int | None = None, timesteps=None) -> str:
         """What was found and what each pass will do, as text; for static passes, the schedule of
@@ -309,12 +499,66 @@ class CachedModel(torch.nn.Module):
 
         if not self._regions:
             raise RuntimeError("plan() reads the regions off the model's graph: call the model once first")
-        signature, regions = list(self._regions.items())[-1]
+        program = self._programs[next(reversed(self._programs))]
+        signature, regions = program.captured.signature, self.regions()
         gated = build_schedule(self._passes, regions, num_steps, timesteps).regions
         costs_by_signature = self.__dict__.setdefault("_plan_costs", {})
         if (signature, tuple(gated)) not in costs_by_signature:
-            args, kwargs = self._programs[signature].captured.example_call()
+            args, kwargs = program.captured.example_call()
             costs_by_signature[(signature, tuple(gated))] = symbolic_costs(self.original, args, kwargs, gated)
-        contexts = tuple(self._progress) or tuple(self._programs[signature].states) or (DEFAULT_CONTEXT,)
+        contexts = tuple(self._progress) or tuple(program.states) or (DEFAULT_CONTEXT,)
         return build_schedule(self._passes, regions, num_steps, timesteps, contexts,
                               costs_by_signature[(signature, tuple(gated))])
+
+
+def _add_figures(into: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
+    """Adds one generation's figures of a context into running totals (bytes held are not summed)."""
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            counts = into.setdefault(key, {"true": 0, "false": 0})
+            for k in counts:
+                counts[k] += value[k]
+        elif key != "cache_bytes":
+            into[key] = into.get(key, 0) + value
+    return into
+
+
+def _rebuild(model, passes, compile_args, scheduler, max_cache_bytes, max_programs, training) -> CachedModel:
+    cached = CachedModel(model, passes, scheduler=scheduler, max_cache_bytes=max_cache_bytes,
+                         max_programs=max_programs, **compile_args)
+    cached.training = training
+    return cached
+
+
+_CACHED_CLASSES: dict[type, type] = {}
+
+
+def _cached_class(model_class: type) -> type:
+    """``CachedModel`` as a subclass of ``model_class`` too, with its name: diffusers pipelines find
+    their components' loading, saving and LoRA methods by class (``issubclass(cls, ModelMixin)``), and
+    record the class name to reload. Every attribute the wrapped class adds to ``nn.Module`` is
+    forwarded to the wrapped model, so those methods act on it, never on the wrapper."""
+    if model_class in _CACHED_CLASSES:
+        return _CACHED_CLASSES[model_class]
+    own = set(dir(CachedModel))
+    namespace: dict[str, Any] = {"__module__": model_class.__module__, "__doc__": CachedModel.__doc__}
+    for name in dir(model_class):
+        if name in own or (name.startswith("__") and name.endswith("__")):
+            continue
+        attribute = inspect.getattr_static(model_class, name)
+        if callable(attribute) or isinstance(attribute, (property, classmethod, staticmethod)):
+            namespace[name] = _forwarded(name)
+    cls = type(model_class.__name__, (CachedModel, model_class), namespace)
+    cls.__qualname__ = model_class.__qualname__
+    _CACHED_CLASSES[model_class] = cls
+    return cls
+
+
+def _forwarded(name: str) -> property:
+    def get(self):
+        return getattr(self._modules["original"], name)
+
+    def set(self, value):
+        setattr(self._modules["original"], name, value)
+
+    return property(get, set, doc=f"The wrapped model's ``{name}``.")

@@ -1,0 +1,164 @@
+"""A model that changes after capture: dynamo's guards on the capture say when, and the next call
+captures again. Each change is checked against the changed model run uncached: the first call of a
+generation computes every block, so a capture that went stale would show as a different output."""
+
+import copy
+
+import pytest
+import torch
+
+import fxcache
+from fxcache import tiny_models, tiny_pipelines
+from fxcache.capture import CaptureError
+from fxcache.passes import FirstBlockCache, TaylorSeer
+
+from .dit import TinyDiT, make_inputs
+
+peft = pytest.importorskip("peft")
+
+
+def _lora_flux():
+    tiny = tiny_models.flux(num_layers=1, num_single_layers=1)
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    tiny.model.add_adapter(config, adapter_name="style")
+    return tiny
+
+
+def _first_call(cached, tiny, x):
+    cached.reset()
+    with cached.cache_context("cond"):
+        return cached(**tiny.inputs(x, 1.0))[0]
+
+
+def test_every_change_users_make_after_capture_is_seen():
+    tiny = _lora_flux()
+    model, x = tiny.model, tiny.noise(seed=3)
+    cached = fxcache.transform(model, [FirstBlockCache(threshold=0.3)], backend="eager")
+    processor = type(model.transformer_blocks[0].attn.processor)
+
+    class ScaledOutput(processor):  # a user's own attention processor
+        def __call__(self, *args, **kwargs):
+            out = super().__call__(*args, **kwargs)
+            return tuple(0.5 * o for o in out) if isinstance(out, tuple) else 0.5 * out
+
+    changes = [
+        ("set_adapters weights", lambda: model.set_adapters(["style"], weights=[0.25])),
+        ("disable_lora", model.disable_lora),
+        ("enable_lora", model.enable_lora),
+        ("set_attn_processor", lambda: model.set_attn_processor(ScaledOutput())),
+        ("unload_lora", model.unload_lora),
+    ]
+    seen = [_first_call(cached, tiny, x)]
+    assert torch.equal(seen[0], model(**tiny.inputs(x, 1.0))[0])
+    for name, change in changes:
+        change()
+        result = _first_call(cached, tiny, x)
+        assert torch.equal(result, model(**tiny.inputs(x, 1.0))[0]), name
+        assert not torch.equal(result, seen[-1]), f"{name} changed nothing: the test would prove nothing"
+        seen.append(result)
+    # enable_lora brings back the module of the set_adapters capture: its program is found again
+    assert cached.stats()["captures"] == len(changes)
+
+
+def test_train_and_eval_after_capture_switch_dropout():
+    torch.manual_seed(0)
+    model = TinyDiT()
+    for block in model.blocks:
+        block.mlp.insert(2, torch.nn.Dropout(0.5))
+    x, t, context = make_inputs()
+    cached = fxcache.transform(model, [FirstBlockCache(threshold=0.0)], backend="eager")
+    model.train()
+    torch.manual_seed(5)
+    noisy = cached(x, t, context)
+    model.eval()
+    cached.reset()
+    assert torch.equal(cached(x, t, context), model(x, t, context))  # dropout off again
+    assert not torch.equal(noisy, model(x, t, context))
+    model.train()
+    cached.reset()
+    torch.manual_seed(6)
+    again = cached(x, t, context)
+    torch.manual_seed(6)
+    assert torch.equal(cached(x, t, context), again) and not torch.equal(again, model.eval()(x, t, context))
+    assert cached.stats()["captures"] == 2  # the train-mode capture is found again, not redone
+
+
+def test_a_module_that_changes_on_every_call_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(fxcache.runtime, "MAX_CAPTURES_PER_SIGNATURE", 5)
+    torch.manual_seed(0)
+    model = TinyDiT()
+
+    class Counting(torch.nn.Module):  # baked into the graph as a constant, so every call differs
+        def __init__(self, dit):
+            super().__init__()
+            self.dit, self.calls = dit, 0
+
+        def forward(self, x, t, context):
+            self.calls += 1
+            return self.dit(x * self.calls, t, context)
+
+    cached = fxcache.transform(Counting(model), [FirstBlockCache(threshold=0.0)], backend="eager",
+                               max_programs=3)
+    x, t, context = make_inputs()
+    with pytest.raises(CaptureError, match="captured 5 times.*changes the module") as error:
+        for _ in range(8):
+            cached(x, t, context)
+    assert "calls" in str(error.value)  # names the attribute that kept changing
+    assert cached.stats()["programs"] == 3 and cached.stats()["programs_evicted"] == 2  # bounded
+
+
+def test_diffusers_pipelines_treat_a_cached_model_as_the_model_it_wraps(tmp_path):
+    from diffusers import FluxPipeline, FluxTransformer2DModel, ModelMixin
+    from peft.utils import get_peft_model_state_dict
+
+    tiny = tiny_pipelines.flux(num_layers=1, num_single_layers=1, steps=2, true_cfg_scale=1.0)
+    pipe = tiny.pipe
+    original = pipe.transformer
+    adapted = copy.deepcopy(original)
+    torch.manual_seed(2)
+    adapted.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"],
+                                        init_lora_weights=False))
+    lora = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(adapted).items()}
+
+    uncached = tiny.generate(output_type="latent")
+    pipe.transformer = fxcache.transform(original, [FirstBlockCache(threshold=0.0)], backend="eager",
+                                         scheduler=pipe)
+    assert isinstance(pipe.transformer, ModelMixin) and isinstance(pipe.transformer, FluxTransformer2DModel)
+    assert torch.equal(tiny.generate(output_type="latent"), uncached)
+
+    pipe.load_lora_weights(lora, adapter_name="style")  # reaches the wrapped transformer
+    assert "style" in original.peft_config
+    with_lora = tiny.generate(output_type="latent")
+    assert not torch.equal(with_lora, uncached)
+    pipe.set_adapters(["style"], adapter_weights=[0.5])
+    half = tiny.generate(output_type="latent")
+    assert not torch.equal(half, with_lora) and not torch.equal(half, uncached)
+    pipe.disable_lora()
+    assert torch.equal(tiny.generate(output_type="latent"), uncached)
+    pipe.enable_lora()
+    assert torch.equal(tiny.generate(output_type="latent"), half)
+    pipe.unload_lora_weights()
+    assert torch.equal(tiny.generate(output_type="latent"), uncached)
+
+    pipe.save_pretrained(tmp_path)  # saves the wrapped transformer; it reloads uncached
+    saved = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer")
+    assert type(saved) is FluxTransformer2DModel
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), original.state_dict().values()))
+    reloaded = FluxPipeline.from_pretrained(tmp_path, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                            tokenizer_2=None)
+    assert type(reloaded.transformer) is FluxTransformer2DModel
+    assert pipe.transformer.state_dict().keys() == original.state_dict().keys()  # no "original." prefix
+
+
+def test_torch_compile_on_top_of_a_cached_model():
+    tiny = tiny_models.flux(num_layers=1, num_single_layers=1)
+    x = tiny.noise(seed=4)
+    cached = fxcache.transform(tiny.model, [TaylorSeer(cache_interval=2, disable_cache_before_step=1)],
+                               backend="eager")
+    compiled = torch.compile(cached, backend="eager")
+    expected = tiny_models.euler_sample(
+        fxcache.transform(tiny.model, [TaylorSeer(cache_interval=2, disable_cache_before_step=1)],
+                          backend="eager"), tiny, x, 4)
+    assert torch.equal(tiny_models.euler_sample(compiled, tiny, x, 4), expected)
+    assert cached.stats()["contexts"]["cond"]["taylorseer_compute"]["false"] > 0
