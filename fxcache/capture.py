@@ -167,17 +167,20 @@ class CapturedGraph:
                 leaves.append(leaf[1])
         return pytree.tree_unflatten(leaves, self.input_spec)
 
-    def inputs_from(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        leaves = pytree.tree_leaves((args, kwargs))
+    def inputs_from(self, args: tuple, kwargs: dict, call_leaves: list | None = None) -> list[torch.Tensor]:
+        """The graph's inputs from a call (``call_leaves``: the call's flattened ``(args, kwargs)``,
+        when the caller has them already)."""
+        leaves = call_leaves if call_leaves is not None else pytree.tree_leaves((args, kwargs))
         return [leaves[i] for i in self.input_leaves]
 
-    def rebuild_output(self, flat: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
-        leaves, call_leaves = [], None
+    def rebuild_output(self, flat: tuple, call_leaves: list | None = None) -> Any:
+        """The module's return value from the graph's flat outputs (``call_leaves`` as above: needed
+        when the model returns one of its inputs)."""
+        leaves = []
         for slot in self.output_slots:
             if isinstance(slot, int):
                 leaves.append(flat[slot])
             elif isinstance(slot, _InputLeaf):  # the model returned one of its inputs as it was
-                call_leaves = call_leaves or pytree.tree_leaves((args, kwargs or {}))
                 leaves.append(call_leaves[slot.index])
             else:
                 leaves.append(slot.value)

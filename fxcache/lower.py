@@ -82,6 +82,9 @@ class Program:
     used: bool = False  # called since the last reset
     seen_flags: set = field(default_factory=set)  # decision tuples compiled so far
     group: int = 0  # programs of one group share ``states`` (the runtime assigns it)
+    touched: set = field(default_factory=set)  # contexts called since their last reset
+    # context -> (counters of its last generation, counters summed over its ended generations)
+    counter_history: dict = field(default_factory=dict)
     states: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     _compiled: Any = None
 
@@ -103,6 +106,7 @@ class Program:
 
     # -- state --------------------------------------------------------------------------------------
     def state_for(self, context: str) -> list[torch.Tensor]:
+        self.touched.add(context)
         if context not in self.states:
             with torch.inference_mode(False):  # never inference tensors: a later plain call updates them
                 tensors = [slot.new() for slot in self.state_slots]
@@ -116,16 +120,38 @@ class Program:
 
     def reset(self, context: str | None = None) -> None:
         """Zero the state and counters of one context (or all): the next call starts as a fresh
-        generation."""
-        for name, tensors in self.states.items():
-            if context is None or name == context:
-                with torch.inference_mode(False):
-                    for t in tensors:
-                        t.zero_()
+        generation. A context used since the last reset keeps its counters as the last generation's
+        and adds them to its totals, on the device: a reset reads nothing back."""
+        with torch.inference_mode(False):
+            if context is None:  # a generation ended: a context it did not call did nothing in it
+                for name, (last, _) in self.counter_history.items():
+                    if name not in self.touched:
+                        for t in last:
+                            t.zero_()
+            for name, tensors in self.states.items():
+                if context is not None and name != context:
+                    continue
+                if name in self.touched:
+                    live = [t for slot, t in zip(self.state_slots, tensors) if slot.counter]
+                    last, total = self.counter_history.setdefault(
+                        name, ([torch.zeros_like(t) for t in live], [torch.zeros_like(t) for t in live]))
+                    for t, previous, running in zip(live, last, total):
+                        previous.copy_(t)
+                        running.add_(t)
+                    self.touched.discard(name)
+                for t in tensors:
+                    t.zero_()
 
-    def counters(self, context: str) -> dict[str, int]:
-        tensors = self.states.get(context, [])
-        return {s.name: int(t) for s, t in zip(self.state_slots, tensors) if s.counter}
+    def counters(self, which: str = "live") -> dict[str, dict[str, int]]:
+        """Per context, the counters of this generation (``"live"``), of the last one (``"last"``)
+        or summed over all ended ones (``"total"``). Reads them from the device."""
+        names = [slot.name for slot in self.state_slots if slot.counter]
+        if which == "live":
+            return {context: {slot.name: int(t) for slot, t in zip(self.state_slots, tensors) if slot.counter}
+                    for context, tensors in self.states.items() if context in self.touched}
+        position = 0 if which == "last" else 1
+        return {context: {name: int(t) for name, t in zip(names, history[position])}
+                for context, history in self.counter_history.items()}
 
     @property
     def state_bytes(self) -> int:

@@ -176,8 +176,10 @@ class CachedModel(torch.nn.Module):
         freed; the rest is zeroed in place, so compiled code and CUDA graphs keep their addresses.
         The generation's figures stay readable in :meth:`stats` until the next call."""
         with self._lock:
-            generation = self._generation_figures()
             if self._progress:
+                # host figures only: the counters move to their own snapshots on the device (Program
+                # .reset), so ending a generation reads nothing back from the device
+                generation = self._generation_figures(counters=None)
                 self._last_generation = generation
                 self._fold_into_totals(generation)
             used = {program.group for program in self._programs.values() if program.used}
@@ -201,7 +203,7 @@ class CachedModel(torch.nn.Module):
 
     def _reset_context(self, name: str) -> None:
         if name in self._progress:
-            self._fold_into_totals({name: self._generation_figures().get(name, {})})
+            self._fold_into_totals({name: self._generation_figures(counters=None).get(name, {})})
         for program in self._state_holders():
             program.reset(name)
         self._progress.pop(name, None)
@@ -211,20 +213,28 @@ class CachedModel(torch.nn.Module):
     def forward(self, *args, **kwargs):
         # torch.compile on top of a CachedModel runs this as it is: the work is compiled inside
         with self._lock:
-            program = self._program_for(args, kwargs)
+            leaves, structure = torch.utils._pytree.tree_flatten((args, kwargs))
+            program = self._program_for(args, kwargs, structure)
             context = self._active.name if self._active else DEFAULT_CONTEXT
             step = self._step(context, program)
             flags = self._flags(program, step)
             scalars = self._scalars(program, step)
             if context not in program.states:
                 self._check_cache_budget(program, context)
-            flat = program(program.captured.inputs_from(args, kwargs), program.state_for(context),
+            flat = program(program.captured.inputs_from(args, kwargs, leaves), program.state_for(context),
                            scalars, flags)
-            return program.captured.rebuild_output(flat, args, kwargs)
+            return program.captured.rebuild_output(flat, leaves)
 
-    def _program_for(self, args: tuple, kwargs: dict) -> Program:
+    def _program_for(self, args: tuple, kwargs: dict, structure) -> Program:
         """The program whose capture still holds for this call (most recently used first), or a new
         capture: the guards say when the module or the inputs changed."""
+        if self._programs:
+            # the common case: the last program again. Its guards cover the inputs' shapes, dtypes,
+            # devices and non-tensor values, so no signature is needed here; the call's structure
+            # must match too (guards accept keyword arguments in another order, the leaves would not)
+            latest = self._programs[next(reversed(self._programs))]
+            if latest.captured.input_spec == structure and latest.captured.guard.holds(self.original, args, kwargs):
+                return latest
         signature = input_signature(args, kwargs)
         for key in reversed(self._programs):
             program = self._programs[key]
@@ -260,6 +270,7 @@ class CachedModel(torch.nn.Module):
             # inputs) and the cache has the same slots: the new program carries on with this
             # generation's state and schedule, as diffusers' hooks do, instead of starting over
             program.states, program.group = previous.states, previous.group
+            program.touched, program.counter_history = previous.touched, previous.counter_history
         else:
             self._groups += 1
             program.group = self._groups
@@ -403,12 +414,15 @@ class CachedModel(torch.nn.Module):
             print(pipe.transformer.stats()["contexts"]["cond"])  # e.g. {'calls': 28, 'tail_computed': 17, ...}
         """
         with self._lock:
-            current = self._generation_figures()
-            contexts = current if self._progress else self._last_generation
+            if self._progress:
+                contexts = self._generation_figures(counters="live")
+            else:
+                contexts = {name: dict(entry) for name, entry in self._last_generation.items()}
+                _add_counters(contexts, self._state_holders(), "last")
             totals = {name: _add_figures({}, entry) for name, entry in self._totals.items()}
             if self._progress:
-                for name, entry in current.items():
-                    _add_figures(totals.setdefault(name, {}), entry)
+                _add_figures_of(totals, self._generation_figures(counters=None))
+            _add_counters(totals, self._state_holders(), "total")
             by_pass: dict[str, int] = {}
             for program in self._state_holders():
                 for _ in program.states:
@@ -425,15 +439,16 @@ class CachedModel(torch.nn.Module):
                 "cache_bytes_by_pass": by_pass,
             }
 
-    def _generation_figures(self) -> dict[str, dict[str, Any]]:
-        """Per context: calls and flag counts since the last reset, counters of the state, bytes held."""
+    def _generation_figures(self, counters: str | None) -> dict[str, dict[str, Any]]:
+        """Per context: calls and flag counts since the last reset, bytes held, and the state's
+        counters (``"live"``: this generation's so far; None: left out, no device read)."""
         contexts: dict[str, dict[str, Any]] = {}
         for program in self._state_holders():
             for name in program.states:
                 entry = contexts.setdefault(name, {})
-                for counter, value in program.counters(name).items():
-                    entry[counter] = entry.get(counter, 0) + value
                 entry["cache_bytes"] = entry.get("cache_bytes", 0) + program.state_bytes
+        if counters is not None:
+            _add_counters(contexts, self._state_holders(), counters)
         for name, progress in self._progress.items():
             entry = contexts.setdefault(name, {})
             entry["calls"] = progress.calls
@@ -521,6 +536,20 @@ def _add_figures(into: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any
         elif key != "cache_bytes":
             into[key] = into.get(key, 0) + value
     return into
+
+
+def _add_figures_of(into: dict[str, dict[str, Any]], figures: dict[str, dict[str, Any]]) -> None:
+    for name, entry in figures.items():
+        _add_figures(into.setdefault(name, {}), entry)
+
+
+def _add_counters(into: dict[str, dict[str, Any]], programs, which: str) -> None:
+    """Adds the programs' counters (``"live"``, ``"last"`` generation or ``"total"``) per context."""
+    for program in programs:
+        for name, values in program.counters(which).items():
+            entry = into.setdefault(name, {})
+            for counter, value in values.items():
+                entry[counter] = entry.get(counter, 0) + value
 
 
 def _rebuild(model, passes, compile_args, scheduler, max_cache_bytes, max_programs, training) -> CachedModel:

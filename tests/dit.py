@@ -50,7 +50,7 @@ class TinyDiT(nn.Module):
         self.head = nn.Linear(dim, channels)
 
     def forward(self, x, t, context):
-        temb = self.time(t.reshape(-1, 1).float())
+        temb = self.time(t.reshape(-1, 1).to(self.embed.weight.dtype))
         h = self.embed(x)
         for block in self.blocks:
             h = block(h, context, temb)

@@ -243,3 +243,11 @@ class _InOneContext(torch.nn.Module):
     def forward(self, *args, **kwargs):
         with self.model.cache_context("cond"):
             return self.model(*args, **kwargs)
+
+
+def test_keyword_arguments_in_another_order_reach_the_right_inputs(flux):
+    cached = fxcache.transform(flux.model, [FirstBlockCache(threshold=0.0)], backend="eager")
+    inputs = flux.inputs(flux.noise(seed=6), 1.0)
+    cached(**inputs)
+    reordered = dict(reversed(list(inputs.items())))
+    assert torch.equal(cached(**reordered)[0], flux.model(**inputs)[0])
