@@ -4,8 +4,9 @@ Nothing here knows a model class. Blocks are the elements of the outermost ``nn.
 elements run attention, in the order the graph executes them (Flux: ``transformer_blocks`` then
 ``single_transformer_blocks``). The *streams* are the values one block hands to the next: the one that
 descends from the model's ``hidden_states`` input is the hidden stream, the other the encoder stream.
-Attention is an ``scaled_dot_product_attention`` call; its module is the innermost module around it, and
-its kind follows from where its keys come from (cross: from the encoder, not the hidden stream) and the
+Attention is a ``scaled_dot_product_attention`` call (or ``nn.MultiheadAttention``'s
+``multi_head_attention_forward``, which dynamo keeps as one call); its module is the innermost module
+around it, and its kind follows from where its keys come from (cross: from the encoder, not the hidden stream) and the
 length it attends over (temporal: fewer positions than the hidden stream has tokens, folded into batch).
 
 Example::
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 
 from .capture import MODULE_STACK, CapturedGraph
 
-__all__ = ["Attention", "Block", "ModelRegions", "Region", "RegionError", "find_regions"]
+__all__ = ["Attention", "Block", "ModelRegions", "Region", "RegionError", "find_regions", "passthrough",
+           "run_glue_before"]
 
 HIDDEN, ENCODER = "hidden", "encoder"
 
@@ -34,6 +36,8 @@ _SDPA_TARGETS = {
     F.scaled_dot_product_attention,
     torch._C._nn.scaled_dot_product_attention,
     torch.ops.aten.scaled_dot_product_attention.default,
+    # nn.MultiheadAttention: dynamo keeps its functional form as one call (query, key, value first)
+    F.multi_head_attention_forward,
 }
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 
@@ -167,10 +171,30 @@ def _distance(src: fx.Node, dst: fx.Node, limit: int = 64) -> int:
     return limit + 1
 
 
+def _may_equal(x, y) -> bool:
+    """Two sizes are equal, or may be: a size read from data (Framepack crops the text to its mask's
+    length with ``.item()``) is an unbacked symbol, compared without a guard."""
+    if isinstance(x, int) and isinstance(y, int):
+        return x == y
+    from torch.fx.experimental.symbolic_shapes import guard_or_true
+
+    return guard_or_true(x == y)
+
+
+def _static_numel(value) -> int:
+    """Elements counted over the sizes known at capture (a size read from data counts as 1)."""
+    if not isinstance(value, torch.Tensor):
+        return 0
+    count = 1
+    for size in value.shape:
+        count *= size if isinstance(size, int) else 1
+    return count
+
+
 def _same_shape(a: fx.Node, b: fx.Node) -> bool:
     va, vb = example_value(a), example_value(b)
-    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape \
-        and va.dtype == vb.dtype
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.dim() == vb.dim() \
+        and va.dtype == vb.dtype and all(_may_equal(x, y) for x, y in zip(va.shape, vb.shape))
 
 
 def _broadcasts_to(a: fx.Node, b: fx.Node) -> bool:
@@ -178,7 +202,8 @@ def _broadcasts_to(a: fx.Node, b: fx.Node) -> bool:
     batch 1 (prompt embeddings computed once) that the block broadcasts over the batch of latents."""
     va, vb = example_value(a), example_value(b)
     return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.dim() == vb.dim() \
-        and va.dtype == vb.dtype and all(x in (y, 1) for x, y in zip(va.shape, vb.shape))
+        and va.dtype == vb.dtype and all(_may_equal(x, y) or (isinstance(x, int) and x == 1)
+                                         for x, y in zip(va.shape, vb.shape))
 
 
 def _continued_input(output: fx.Node, block: Block) -> fx.Node | None:
@@ -215,9 +240,10 @@ def find_regions(captured: CapturedGraph) -> ModelRegions:
     sdpa = [n for n in graph.nodes if n.op == "call_function" and n.target in _SDPA_TARGETS]
     if not sdpa:
         raise RegionError(
-            f"{model_name}: no scaled_dot_product_attention call in the captured graph "
-            f"({len(graph.nodes)} nodes). fxcache caches transformer blocks built around attention; "
-            "this module has none."
+            f"{model_name}: no attention call (scaled_dot_product_attention or nn.MultiheadAttention) in "
+            f"the captured graph ({len(graph.nodes)} nodes). fxcache caches transformer blocks built around "
+            "attention; this module has none (attention written as matmul and softmax is not recognised: "
+            "use F.scaled_dot_product_attention)."
         )
     # block lists are the ModuleLists whose elements run attention
     attention_lists = {m.group(1) for n in sdpa for p in _stack(n)
@@ -249,9 +275,50 @@ def find_regions(captured: CapturedGraph) -> ModelRegions:
         if where[a.nodes[-1]] > where[b.nodes[0]]:
             raise RegionError(f"{model_name}: blocks {a.name} and {b.name} interleave in the graph; "
                               "fxcache needs blocks that run one after another")
-    _assign_streams(blocks, owner, captured.input_names, graph, model_name)
+    try:
+        _assign_streams(blocks, owner, captured.input_names, graph, model_name)
+    except RegionError as error:
+        if _is_unet(blocks, owner):
+            raise RegionError(
+                f"{model_name}: UNets are not supported. Its attention runs inside {sorted(outer)}, whose "
+                "blocks change the resolution (no output of a block has the shape of its input) and hand "
+                "skip connections from the down path to the up path, so no residual stream of one shape "
+                "runs from block to block for a cache to stand in for. fxcache caches diffusion "
+                f"transformers (a ModuleList of blocks that keep the token shape). ({error})") from error
+        raise
+    _require_static_streams(blocks, model_name)
     attentions = _find_attentions(blocks, sdpa, captured.module_types)
     return ModelRegions(gm, blocks, attentions, captured.input_names)
+
+
+def _is_unet(blocks: list[Block], owner: dict[fx.Node, str]) -> bool:
+    """U-shaped: a block hands its successor nothing of an input's shape (it down- or up-samples)
+    and a later block, not the next one, reads a block's output (a skip connection)."""
+    resamples = any(
+        not any(_continued_input(out, block) is not None for out in block.outputs
+                if _feeds(out, successor, owner) is not None)
+        for block, successor in zip(blocks, blocks[1:]))
+    skips = any(_feeds(out, later, owner) is not None
+                for i, block in enumerate(blocks) for later in blocks[i + 2:] for out in block.outputs)
+    return resamples and skips
+
+
+def _require_static_streams(blocks: list[Block], model_name: str) -> None:
+    """Cache state lives in buffers of fixed shape (stable addresses for CUDA graphs), so a stream
+    whose size the model reads from its data cannot be cached."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    for block in blocks:
+        for role, node in {**block.stream_inputs, **block.stream_outputs}.items():
+            value = example_value(node)
+            if isinstance(value, torch.Tensor) and free_unbacked_symbols(value.shape):
+                raise RegionError(
+                    f"{model_name}: the {role} stream of {block.name} has a size read from the data "
+                    f"({tuple(value.shape)}): the model slices it by a value it computes from its inputs "
+                    "(e.g. `tensor[:, :mask.sum().item()]`), so every call may have another length. fxcache "
+                    "keeps cache state in fixed-shape buffers and cannot cache such a stream. Call the model "
+                    "with inputs that keep the size fixed (HunyuanVideo Framepack crops the text to its mask "
+                    "only at batch size 1: batch the conditional and unconditional calls).")
 
 
 def _owners(graph: fx.Graph, block_lists: set[str]) -> dict[fx.Node, str]:
@@ -326,6 +393,8 @@ def _assign_streams(blocks, owner, input_names, graph, model_name):
     for block, successor in zip(blocks, blocks[1:]):
         carried = {}
         for out in block.outputs:
+            if not isinstance(example_value(out), torch.Tensor):
+                continue  # a size computed in the block (Framepack: -text length) is shape glue, not a stream
             target = _feeds(out, successor, owner)
             if target is not None:
                 carried[out] = target
@@ -373,7 +442,7 @@ def _name_streams(block, carried, placeholders, model_name):
         ancestry = _ancestors(sources[out], set()) | {sources[out]}
         exclusive = hidden_input in ancestry and not (others & ancestry)
         value = example_value(out)
-        return (exclusive, "encoder" not in out.name, value.numel() if value is not None else 0)
+        return (exclusive, "encoder" not in out.name, _static_numel(value))
 
     if len(carried) > 2:
         raise RegionError(f"{model_name}: {block.name} carries {len(carried)} values to the next block "
@@ -385,6 +454,72 @@ def _name_streams(block, carried, placeholders, model_name):
     roles = dict(zip(ranked, (HIDDEN, ENCODER)))
     block.stream_inputs = {roles[out]: sources[out] for out in ranked}
     return roles
+
+
+def passthrough(graph: fx.Graph, region: Region, skipped: list[Block], method: str
+                ) -> tuple[list[fx.Node], list[fx.Node]]:
+    """For each output of ``region`` (the skipped blocks and the glue between them), the value it
+    takes when every skipped block hands its stream inputs on unchanged (what diffusers' skipped
+    blocks do) and the glue between blocks still runs. Where
+    blocks follow one another directly this is the head block's stream output itself; where streams
+    merge (Flux 2, Chroma: text and image tokens concatenated before the single-stream blocks) it is
+    that concatenation of the streams entering the skipped blocks, so a stored residual has the
+    region output's shape. Shared by the block caches (FirstBlockCache, MagCache).
+
+    Returns those values and the glue nodes copied to compute them (they run on both branches; the
+    caller places them before the call that replaces the region: :func:`run_glue_before`)."""
+    stream_of: dict[fx.Node, fx.Node] = {}  # a skipped block's stream output -> its stream input
+    block_nodes: set[fx.Node] = set()
+    for block in skipped:
+        block_nodes.update(block.nodes)
+        for role, out in block.stream_outputs.items():
+            if role in block.stream_inputs:
+                stream_of[out] = block.stream_inputs[role]
+    members = set(region.nodes)
+    env: dict[fx.Node, fx.Node | None] = {}
+
+    def value(node: fx.Node) -> fx.Node | None:
+        return env[node] if node in members else node
+
+    anchor, copies = region.nodes[-1], []
+    for node in region.nodes:
+        if node in stream_of:
+            env[node] = value(stream_of[node])
+        elif node in block_nodes or any(value(a) is None for a in node.all_input_nodes):
+            env[node] = None  # computed by a skipped block: no value without running it
+        else:
+            with graph.inserting_after(anchor):
+                env[node] = graph.node_copy(node, lambda n: value(n))
+            env[node].meta = {k: v for k, v in node.meta.items() if k != "nn_module_stack"}
+            anchor = env[node]
+            copies.append(anchor)
+    result = []
+    for out in region.outputs:
+        if env[out] is None:
+            raise RegionError(
+                f"{method}: {out.name}, computed in blocks {skipped[0].name}..{skipped[-1].name}, is read "
+                "after them but is not one of the streams the blocks pass on (found: "
+                f"{sorted(skipped[-1].stream_outputs)}); the skipped blocks cannot be replaced by a residual")
+        result.append(env[out])
+    kept = []
+    for node in reversed(copies):  # glue that no output needs
+        if not node.users and node not in result:
+            graph.erase_node(node)
+        else:
+            kept.insert(0, node)
+    return result, kept
+
+
+def run_glue_before(results: list[fx.Node], glue: list[fx.Node]) -> None:
+    """Move the ``glue`` copied by :func:`passthrough` before the call that replaced the region
+    (``results`` are its outputs): that call reads them, and the outlined region it runs is read
+    just before it."""
+    if not glue:
+        return
+    call = results[0].args[0]
+    module = next(a for a in call.args if isinstance(a, fx.Node) and a.op == "get_attr")
+    for node in glue:
+        module.prepend(node)
 
 
 def _find_attentions(blocks, sdpa, module_types):
@@ -417,6 +552,8 @@ def _attention_kind(call: fx.Node, block: Block, members: set[fx.Node]) -> str:
         return "cross"
     q, h = example_value(query), example_value(hidden) if hidden is not None else None
     if isinstance(q, torch.Tensor) and isinstance(h, torch.Tensor) and h.dim() == 3 and q.dim() == 4:
-        if q.shape[-2] < h.shape[1] and q.shape[0] > h.shape[0]:
+        from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+        if guard_or_false(q.shape[-2] < h.shape[1]) and guard_or_false(q.shape[0] > h.shape[0]):
             return "temporal"
     return "spatial"

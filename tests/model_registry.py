@@ -251,6 +251,24 @@ def _consisid_make(x, t, c):
     return dict(hidden_states=x, encoder_hidden_states=_text(x.shape[0], 8, 8, c), timestep=t, return_dict=False)
 
 
+def _common(text=None, text_key="encoder_hidden_states", time_key="timestep", hidden_key="hidden_states", **fixed):
+    """Inputs of the common signature: latents, the timestep, prompt embeddings ``text=(tokens, dim)``
+    (one per condition) and ``fixed`` extras (a callable is called with the batch size)."""
+    def make(x, t, c):
+        batch = x.shape[0]
+        args = {hidden_key: x, time_key: t, "return_dict": False}
+        if text is not None:
+            args[text_key] = _text(batch, *text, c)
+        args.update({key: value(batch) if callable(value) else value for key, value in fixed.items()})
+        return args
+    return make
+
+
+def _z_image_make(x, t, c):
+    """Z-Image takes lists: one (C, F, H, W) latent and one (tokens, dim) caption per sample."""
+    return dict(x=list(x.unbind(0)), t=t, cap_feats=list(_text(x.shape[0], 8, 16, c).unbind(0)), return_dict=False)
+
+
 COGVIDEOX = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
                  text_embed_dim=8, num_layers=2, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
                  temporal_compression_ratio=4, max_text_seq_length=8)
@@ -261,20 +279,31 @@ HUNYUAN_VIDEO = dict(in_channels=4, out_channels=4, num_attention_heads=2, atten
                      num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
                      text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4))
 
+FRAMEPACK = dict(HUNYUAN_VIDEO, patch_size=2, image_proj_dim=16, has_image_proj=True, has_clean_x_embedder=True)
+
 _MOCHI_CAPTURE = Unsupported(
     "CaptureError", "could not capture MochiTransformer3DModel as one graph",
     "capture: Mochi calls warnings.warn inside its autocast regions, a graph break under fullgraph=True")
-_MERGED_MAGCACHE = Unsupported(
-    "RegionError", "fxcache needs them equal to form the residual",
-    "MagCache: the image stream leaves the last block concatenated with the text tokens (streams merge); "
-    "the pass needs FirstBlockCache's pass-through of merged streams")
-_FRAMEPACK_STREAMS = Unsupported(
-    "RegionError", "has the shape of none of its inputs",
-    "regions: an output of transformer_blocks.0 that the next block reads (`neg_2`) has the shape of none of "
-    "the block's inputs, so it is not taken for a stream; not investigated further yet")
+_FRAMEPACK_CROPPED_TEXT = Unsupported(
+    "RegionError", "has a size read from the data",
+    "at batch size 1 the model crops the text tokens to the attention mask's length (`.item()`), so the "
+    "encoder stream's length is data-dependent and cache state has fixed shapes; batched (batch 2) calls "
+    "mask instead and are supported")
+
+
+_Z_IMAGE_ROPE = Unsupported(
+    "CaptureError", "is neither an argument of the call nor a tensor held by the module",
+    "capture: the rotary table `rope_embedder.freqs_cis` is a list of tensors the module builds and keeps "
+    "at its first call (neither a registered buffer nor an argument), so the captured graph reads an input "
+    "fxcache cannot bind")
+
+
 def _capture_fails(cls_name: str, why: str) -> dict:
     row = Unsupported("CaptureError", f"could not capture {cls_name} as one graph", f"capture: {why}")
     return {method: row for method in METHODS}
+
+# diffusers' block hooks (FirstBlockCache, MagCache) need the block class in their TransformerBlockRegistry
+_NO_BLOCK_REGISTRY = ("PyramidAttentionBroadcast", "TaylorSeer")
 
 CASES: list[ModelCase] = [
     _case("flux", "FluxTransformer2DModel", FLUX, (1, 16, 4), _flux(), 1.0),
@@ -283,13 +312,12 @@ CASES: list[ModelCase] = [
           dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
                num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=256,
                axes_dims_rope=[4, 4, 4, 4]), (1, 16, 4), _flux2_make, 1.0,
-          diffusers_hooks=("PyramidAttentionBroadcast", "TaylorSeer"), expected={"MagCache": _MERGED_MAGCACHE}),
+          diffusers_hooks=("PyramidAttentionBroadcast", "TaylorSeer", "MagCache")),
     _case("chroma", "ChromaTransformer2DModel",
           dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
                num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 4, 8],
                approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1),
-          (1, 16, 4), _chroma_make, 1.0, diffusers_hooks=("PyramidAttentionBroadcast", "TaylorSeer"),
-          expected={"MagCache": _MERGED_MAGCACHE}),
+          (1, 16, 4), _chroma_make, 1.0, diffusers_hooks=("PyramidAttentionBroadcast", "TaylorSeer")),
     _case("bria", "BriaTransformer2DModel",
           dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=1, attention_head_dim=8,
                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=None, axes_dims_rope=[0, 4, 4]),
@@ -304,9 +332,11 @@ CASES: list[ModelCase] = [
                                            "which fxcache runs as glue before the blocks",
               "MagCache": "diffusers' MagCache takes vace_blocks.0 as its head block; fxcache skips the "
                           "denoiser's blocks and runs the control branch every step"}),
-    _case("skyreels-v2", "SkyReelsV2Transformer3DModel", WAN, (1, 4, 2, 8, 8), _text_video(8, 16)),
+    _case("skyreels-v2", "SkyReelsV2Transformer3DModel", WAN, (1, 4, 2, 8, 8), _text_video(8, 16),
+          diffusers_hooks=_NO_BLOCK_REGISTRY),
     _case("chronoedit", "ChronoEditTransformer3DModel",
-          dict(WAN, rope_temporal_skip_len=8), (1, 4, 2, 8, 8), _text_video(8, 16)),
+          dict(WAN, rope_temporal_skip_len=8), (1, 4, 2, 8, 8), _text_video(8, 16),
+          diffusers_hooks=_NO_BLOCK_REGISTRY),
     _case("cogvideox", "CogVideoXTransformer3DModel", COGVIDEOX, (1, 2, 4, 8, 8), _text_video(8, 8)),
     _case("cogvideox-one-block", "CogVideoXTransformer3DModel", dict(COGVIDEOX, num_layers=1),
           (1, 2, 4, 8, 8), _text_video(8, 8), expected={
@@ -321,9 +351,10 @@ CASES: list[ModelCase] = [
     _case("skyreels-v1", "HunyuanVideoTransformer3DModel",
           dict(HUNYUAN_VIDEO, in_channels=8, image_condition_type="latent_concat"), (1, 8, 1, 8, 8),
           _hunyuan_video_make),
-    _case("hunyuan-video-framepack", "HunyuanVideoFramepackTransformer3DModel",
-          dict(HUNYUAN_VIDEO, patch_size=2, image_proj_dim=16, has_image_proj=True, has_clean_x_embedder=True),
-          (1, 4, 3, 4, 4), _framepack_make, expected={m: _FRAMEPACK_STREAMS for m in METHODS}),
+    _case("hunyuan-video-framepack", "HunyuanVideoFramepackTransformer3DModel", FRAMEPACK,
+          (2, 4, 3, 4, 4), _framepack_make),
+    _case("hunyuan-video-framepack-batch1", "HunyuanVideoFramepackTransformer3DModel", FRAMEPACK,
+          (1, 4, 3, 4, 4), _framepack_make, expected={m: _FRAMEPACK_CROPPED_TEXT for m in METHODS}),
     _case("hunyuan-video-1.5", "HunyuanVideo15Transformer3DModel",
           dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
                num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
@@ -425,6 +456,86 @@ CASES: list[ModelCase] = [
           dict(in_channels=4, out_channels=8, activation_fn="gelu-approximate", num_attention_heads=2,
                attention_head_dim=4, attention_bias=True, num_layers=2, norm_type="ada_norm_zero",
                num_embeds_ada_norm=8, patch_size=2, sample_size=8), (1, 4, 8, 8), _dit_make),
+    # --- classes added to diffusers after the first registry -------------------------------------
+    _case("longcat-image", "LongCatImageTransformer2DModel",
+          dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]),
+          (1, 16, 4), _common((8, 32), img_ids=_flux_ids(4, 8)[0], txt_ids=_flux_ids(4, 8)[1],
+                              guidance=lambda b: torch.full((b,), 3.5)), 1.0),
+    _case("ovis-image", "OvisImageTransformer2DModel",
+          dict(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+               num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8)),
+          (1, 16, 4), _common((8, 32), img_ids=_flux_ids(4, 8)[0], txt_ids=_flux_ids(4, 8)[1]), 1.0),
+    _case("bria-fibo", "BriaFiboTransformer2DModel",
+          dict(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+               num_attention_heads=2, joint_attention_dim=64, text_encoder_dim=32, pooled_projection_dim=None,
+               axes_dims_rope=[0, 4, 4]),
+          (1, 16, 8), lambda x, t, c: dict(
+              hidden_states=x, encoder_hidden_states=_text(x.shape[0], 8, 64, c), timestep=t,
+              text_encoder_layers=[_text(x.shape[0], 8, 32, c)] * 2, img_ids=_flux_ids(4, 8)[0],
+              txt_ids=_flux_ids(4, 8)[1], return_dict=False), 1.0),
+    _case("nucleus-moe-image", "NucleusMoEImageTransformer2DModel",
+          dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=4,
+               joint_attention_dim=16, axes_dims_rope=(8, 4, 4), moe_enabled=False, capacity_factors=[8.0, 8.0]),
+          (1, 16, 16), _common((8, 16), encoder_hidden_states_mask=lambda b: torch.ones(b, 8, dtype=torch.long),
+                               img_shapes=lambda b: [(1, 4, 4)] * b), 1.0),
+    _case("joyimage-edit", "JoyImageEditTransformer3DModel",
+          dict(patch_size=[1, 2, 2], in_channels=16, hidden_size=32, num_attention_heads=2, text_dim=16, num_layers=2,
+               rope_dim_list=[4, 6, 6], theta=256), (1, 16, 1, 4, 4), _common((8, 16)), 1.0),
+    _case("ernie-image", "ErnieImageTransformer2DModel",
+          dict(hidden_size=16, num_attention_heads=1, num_layers=2, ffn_hidden_size=16, in_channels=4, out_channels=4,
+               patch_size=1, text_in_dim=16, rope_theta=256, rope_axes_dim=(8, 4, 4), eps=1e-6, qk_layernorm=True),
+          (1, 4, 4, 4), _common((8, 16), text_key="text_bth", text_lens=lambda b: torch.full((b,), 8))),
+    _case("glm-image", "GlmImageTransformer2DModel",
+          dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+               text_embed_dim=32, time_embed_dim=16, condition_dim=8, prior_vq_quantizer_codebook_size=64),
+          (1, 4, 8, 8), _common((8, 32), prior_token_id=lambda b: torch.arange(b) % 64,
+                                prior_token_drop=lambda b: torch.zeros(b, dtype=torch.bool),
+                                target_size=lambda b: torch.tensor([[8.0, 8.0]]).expand(b, -1),
+                                crop_coords=lambda b: torch.zeros(b, 2))),
+    _case("prx", "PRXTransformer2DModel",
+          dict(in_channels=4, patch_size=2, context_in_dim=16, hidden_size=32, mlp_ratio=2.0, num_heads=2, depth=2,
+               axes_dim=[8, 8], theta=10_000), (1, 4, 8, 8), _common((8, 16)), 1.0),
+    _case("z-image", "ZImageTransformer2DModel",
+          dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=16, n_layers=2, n_refiner_layers=1,
+               n_heads=1, n_kv_heads=2, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
+               axes_dims=[8, 4, 4], axes_lens=[256, 32, 32]), (1, 4, 1, 8, 8), _z_image_make, 1.0,
+          expected={m: _Z_IMAGE_ROPE for m in METHODS}),
+    _case("motif-video", "MotifVideoTransformer3DModel",
+          dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=1,
+               num_single_layers=1, num_decoder_layers=0, mlp_ratio=2.0, patch_size=1, patch_size_t=1,
+               qk_norm="rms_norm", norm_type="layer_norm", text_embed_dim=16, image_embed_dim=4, rope_theta=256.0,
+               rope_axes_dim=(4, 4, 4), enable_text_cross_attention_dual=False,
+               enable_text_cross_attention_single=False), (1, 4, 2, 4, 4), _common((8, 16))),
+    _case("lumina-next", "LuminaNextDiT2DModel",
+          dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=24, num_layers=2, num_attention_heads=3,
+               num_kv_heads=1, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5, learn_sigma=False, qk_norm=True,
+               cross_attention_dim=32, scaling_factor=1.0), (1, 4, 8, 8),
+          _common((8, 32), encoder_mask=lambda b: torch.ones(b, 8),
+                  image_rotary_emb=torch.polar(torch.ones(16, 16, 4), _randn(16, 16, 4, seed=9)),
+                  cross_attention_kwargs={}), 1.0),
+    _case("helios", "HeliosTransformer3DModel",
+          dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+               text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+               rope_dim=(4, 4, 4), has_multi_term_memory_patch=True, guidance_cross_attn=True, zero_history_timestep=True,
+               is_amplify_history=False), (1, 4, 2, 8, 8),
+          _common((8, 16), indices_hidden_states=lambda b: torch.ones(b, 2),
+                  indices_latents_history_short=lambda b: torch.ones(b, 1),
+                  indices_latents_history_mid=lambda b: torch.ones(b, 1),
+                  indices_latents_history_long=lambda b: torch.ones(b, 4),
+                  latents_history_short=lambda b: _randn(b, 4, 1, 8, 8, seed=11),
+                  latents_history_mid=lambda b: _randn(b, 4, 1, 8, 8, seed=12),
+                  latents_history_long=lambda b: _randn(b, 4, 4, 8, 8, seed=13))),
+    _case("ltx2", "LTX2VideoTransformer3DModel",
+          dict(in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+               cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+               audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=2, qk_norm="rms_norm_across_heads",
+               caption_channels=16, rope_double_precision=False), (1, 2 * 4 * 4, 4),
+          lambda x, t, c: dict(hidden_states=x, audio_hidden_states=_randn(x.shape[0], 5, 4, seed=5),
+                               encoder_hidden_states=_text(x.shape[0], 8, 16, c),
+                               audio_encoder_hidden_states=_text(x.shape[0], 8, 16, c + 2), timestep=t,
+                               encoder_attention_mask=torch.ones(x.shape[0], 8, dtype=torch.bool), num_frames=2,
+                               height=4, width=4, audio_num_frames=5, fps=25.0, return_dict=False)),
 ]
 
 BY_NAME = {case.name: case for case in CASES}

@@ -96,7 +96,7 @@ def test_temporal_attention_is_recognised_by_the_length_it_attends_over():
 
 def test_a_module_without_attention_is_refused_naming_what_was_found():
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
-    with pytest.raises(RegionError, match="Sequential: no scaled_dot_product_attention"):
+    with pytest.raises(RegionError, match=r"Sequential: no attention call \(scaled_dot_product_attention"):
         find_regions(capture(model, (torch.randn(2, 4),), {}))
 
 
@@ -155,3 +155,98 @@ def test_one_block_has_regions_for_per_attention_passes_and_block_caches_refuse_
     fbc = fxcache.transform(tiny.model, [FirstBlockCache()], backend="eager")
     with pytest.raises(RegionError, match="block caches need at least two"):
         fbc(**inputs)
+
+
+class _MultiheadBlock(torch.nn.Module):
+    """A DiT block built on nn.MultiheadAttention: self-attention, cross-attention to the text, MLP."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.cross_attn = torch.nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.mlp = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, context):
+        x = x + self.attn(x, x, x)[0]
+        x = x + self.cross_attn(x, context, context, need_weights=False)[0]
+        return x + self.mlp(x)
+
+
+class _MultiheadDiT(torch.nn.Module):
+    def __init__(self, depth=2):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_MultiheadBlock() for _ in range(depth)])
+
+    def forward(self, hidden_states, context):
+        for block in self.blocks:
+            hidden_states = block(hidden_states, context)
+        return hidden_states
+
+
+@torch.no_grad()
+def test_a_dit_on_nn_multihead_attention_has_its_attention_found_and_cached():
+    """nn.MultiheadAttention is one ``multi_head_attention_forward`` call in the graph (no
+    scaled_dot_product_attention node): the model was refused as having no attention."""
+    import fxcache
+    from fxcache.passes import PyramidAttentionBroadcast
+
+    torch.manual_seed(0)
+    model = _MultiheadDiT().eval()
+    xs = [torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    context = torch.randn(2, 4, 16)
+    regions = find_regions(capture(model, (xs[0], context), {}))
+    assert [(a.name, a.kind) for a in regions.attentions] == [
+        ("blocks.0.attn", "spatial"), ("blocks.0.cross_attn", "cross"),
+        ("blocks.1.attn", "spatial"), ("blocks.1.cross_attn", "cross")]
+    # PAB reusing the self-attention at step 1 equals the model with step 0's attention outputs put back
+    pab = fxcache.transform(model, [PyramidAttentionBroadcast(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1e9))], backend="eager")
+    outputs = []
+    for step, x in enumerate(xs):
+        with pab.cache_context("cond", step_index=step, num_inference_steps=3, timestep=999.0 - step):
+            outputs.append(pab(x, context))
+    recorded, replay = {}, {"on": False}
+
+    def hook(module, args, output):
+        if replay["on"]:
+            return recorded[module]
+        recorded[module] = output
+
+    handles = [block.attn.register_forward_hook(hook) for block in model.blocks]
+    try:
+        assert torch.equal(outputs[0], model(xs[0], context))
+        replay["on"] = True
+        expected = model(xs[1], context)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert not torch.equal(expected, model(xs[1], context))  # the reuse changes the result
+    torch.testing.assert_close(outputs[1], expected, rtol=0, atol=1e-6)
+    assert torch.equal(outputs[2], model(xs[2], context))  # step 2 computes again
+
+
+def test_a_unet_is_refused_as_a_unet_not_as_a_missing_residual_stream():
+    """UNet2DConditionModel: its down and up blocks resample and pass skip connections; the error
+    said "not a residual stream"."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8), norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8, attention_head_dim=2,
+        in_channels=4, out_channels=4, layers_per_block=1, sample_size=8).eval()
+    inputs = (torch.randn(1, 4, 8, 8), torch.tensor([10.0]), torch.randn(1, 3, 8))
+    with pytest.raises(RegionError, match=r"UNet2DConditionModel: UNets are not supported\. .*change the "
+                                          r"resolution.*skip connections"):
+        find_regions(capture(unet, inputs, {"return_dict": False}))
+
+
+def test_a_stream_whose_size_is_read_from_data_is_refused_clearly():
+    """HunyuanVideo Framepack at batch 1 crops the text to its mask's length with ``.item()``: the
+    encoder stream's length is data-dependent (was: a guard error deep in the rewrite)."""
+    with pytest.raises(RegionError, match=r"encoder stream of transformer_blocks\.0 has a size read from the "
+                                          r"data .*batch the conditional and unconditional calls"):
+        registry_regions("hunyuan-video-framepack-batch1")
+    regions = registry_regions("hunyuan-video-framepack", batch=2)  # batched: masked, fixed sizes
+    assert [b.name for b in regions.blocks] == [
+        "transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..regions import HIDDEN, Block, ModelRegions, Region, RegionError
+from ..regions import HIDDEN, ModelRegions, Region, RegionError, passthrough, run_glue_before
 from ..rewrite import INPUTS, REGION, ProgramBuilder, copy_into
 from .base import CachePass
 
@@ -54,7 +54,7 @@ class FirstBlockCache(CachePass):
                 "pass (PyramidAttentionBroadcast, TaylorSeer, FasterCache) on this model")
         head, rest = regions.blocks[0], regions.blocks[1:]
         tail = Region.closure("first_block_cache.tail", builder.graph, {n for b in rest for n in b.nodes})
-        head_outputs, glue = _passthrough(builder, tail, rest)
+        head_outputs, glue = passthrough(builder.graph, tail, rest, "FirstBlockCache")
         hidden_in, hidden_out = head.stream_inputs[HIDDEN], head.stream_outputs[HIDDEN]
 
         reference = builder.add_state("reference_residual", like=hidden_out)
@@ -72,65 +72,11 @@ class FirstBlockCache(CachePass):
             decision, policy = compute, compute_or_reuse_tail_cond
         results = builder.replace(tail, policy, decision, REGION, head_residual, reference, tuple(head_outputs),
                                   residuals, computed, INPUTS)
-        # the copied glue is read by the call that replaced the tail: run it just before that call
-        module = results[0].args[0].args[1]  # the outlined tail, read just before the call
-        for node in glue:
-            module.prepend(node)
+        run_glue_before(results, glue)
 
 
     def scalars(self, step) -> dict[str, float]:
         return {"first_block_cache_threshold": self.threshold}
-
-
-def _passthrough(builder: ProgramBuilder, tail: Region, skipped: list[Block]) -> tuple[list[fx.Node], list[fx.Node]]:
-    """For each output of ``tail``, the value it takes when every skipped block hands its stream inputs
-    on unchanged (what diffusers' skipped blocks do) and the glue between blocks still runs. Where
-    blocks follow one another directly this is the head block's stream output itself; where streams
-    merge (Flux 2, Chroma: text and image tokens concatenated before the single-stream blocks) it is
-    that concatenation of the head's outputs, so the stored residual has the tail output's shape.
-
-    Returns those values and the glue nodes copied to compute them (they run on both branches; the
-    caller places them before the call that replaces the tail)."""
-    stream_of: dict[fx.Node, fx.Node] = {}  # a skipped block's stream output -> its stream input
-    block_nodes: set[fx.Node] = set()
-    for block in skipped:
-        block_nodes.update(block.nodes)
-        for role, out in block.stream_outputs.items():
-            if role in block.stream_inputs:
-                stream_of[out] = block.stream_inputs[role]
-    members = set(tail.nodes)
-    env: dict[fx.Node, fx.Node | None] = {}
-
-    def value(node: fx.Node) -> fx.Node | None:
-        return env[node] if node in members else node
-
-    anchor, copies = tail.nodes[-1], []
-    for node in tail.nodes:
-        if node in stream_of:
-            env[node] = value(stream_of[node])
-        elif node in block_nodes or any(value(a) is None for a in node.all_input_nodes):
-            env[node] = None  # computed by a skipped block: no value without running it
-        else:
-            with builder.graph.inserting_after(anchor):
-                env[node] = builder.graph.node_copy(node, lambda n: value(n))
-            env[node].meta = {k: v for k, v in node.meta.items() if k != "nn_module_stack"}
-            anchor = env[node]
-            copies.append(anchor)
-    result = []
-    for out in tail.outputs:
-        if env[out] is None:
-            raise RegionError(
-                f"FirstBlockCache: {out.name}, computed in blocks {skipped[0].name}..{skipped[-1].name}, is read "
-                "after them but is not one of the streams the blocks pass on (found: "
-                f"{sorted(skipped[-1].stream_outputs)}); the skipped blocks cannot be replaced by a residual")
-        result.append(env[out])
-    kept = []
-    for node in reversed(copies):  # glue that no output needs
-        if not node.users and node not in result:
-            builder.graph.erase_node(node)
-        else:
-            kept.insert(0, node)
-    return result, kept
 
 
 def should_compute(head_residual: torch.Tensor, reference: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

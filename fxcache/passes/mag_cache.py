@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..capture import capture, input_signature
-from ..regions import HIDDEN, ModelRegions, Region, RegionError, find_regions
+from ..regions import HIDDEN, ModelRegions, Region, RegionError, find_regions, passthrough, run_glue_before
 from ..rewrite import INPUTS, REGION, ProgramBuilder, copy_into
 from .base import CachePass, ConfigError, Step
 
@@ -201,30 +201,19 @@ class MagCache(CachePass):
     def rewrite(self, builder: ProgramBuilder, regions: ModelRegions) -> None:
         head, last = regions.blocks[0], regions.blocks[-1]
         stack = Region.closure("mag_cache.blocks", builder.graph, {n for b in regions.blocks for n in b.nodes})
-        passthrough = []
-        hidden_position = None
-        for i, out in enumerate(stack.outputs):
-            role = next((r for r, n in last.stream_outputs.items() if n is out), None)
-            if role is None or role not in head.stream_inputs:
-                raise RegionError(
-                    f"MagCache: {out.name}, computed in blocks {head.name}..{last.name}, is read after them "
-                    f"but is not a stream the first block takes ({sorted(head.stream_inputs)}); the blocks "
-                    "cannot be replaced by a residual")
-            if role == HIDDEN:
-                hidden_position = i
-            passthrough.append(head.stream_inputs[role])
+        hidden_position = next((i for i, out in enumerate(stack.outputs)
+                                if last.stream_outputs.get(HIDDEN) is out), None)
         if hidden_position is None:
             raise RegionError(f"MagCache: the hidden stream of {last.name} is not read after the blocks")
-        hidden_in, hidden_out = head.stream_inputs[HIDDEN], stack.outputs[hidden_position]
-        if tuple(hidden_in.meta["example_value"].shape) != tuple(hidden_out.meta["example_value"].shape):
-            raise RegionError(
-                f"MagCache: the hidden stream enters {head.name} as {tuple(hidden_in.meta['example_value'].shape)} "
-                f"but leaves {last.name} as {tuple(hidden_out.meta['example_value'].shape)}; fxcache needs "
-                "them equal to form the residual")
+        # a skipped step hands every stream on as if each block passed its inputs through; where
+        # streams merge (Flux 2, Chroma) that is the concatenation the glue between blocks computes
+        streams, glue = passthrough(builder.graph, stack, regions.blocks, "MagCache")
+        hidden_out = stack.outputs[hidden_position]
         residual = builder.add_state("previous_residual", like=hidden_out)
         compute = builder.add_flag("mag_cache_compute_blocks")
-        builder.replace(stack, compute_or_add_residual, compute, REGION, residual, hidden_position,
-                        tuple(passthrough), INPUTS)
+        results = builder.replace(stack, compute_or_add_residual, compute, REGION, residual, hidden_position,
+                                  tuple(streams), INPUTS)
+        run_glue_before(results, glue)
 
     # -- calibration --------------------------------------------------------------------------------
     # `calibrate` is also a field (diffusers' flag); on the class it names this function, see below
@@ -316,15 +305,15 @@ class _CalibrateDescriptor:
 MagCache.calibrate = _CalibrateDescriptor()
 
 
-def compute_or_add_residual(compute: bool, blocks, residual, hidden_position, passthrough, *inputs):
+def compute_or_add_residual(compute: bool, blocks, residual, hidden_position, streams, *inputs):
     """Run the blocks and remember their hidden-stream residual, or add the remembered residual to
-    the hidden input and pass the other streams through unchanged."""
-    hidden_in = passthrough[hidden_position]
+    the hidden stream as it enters the blocks and pass the other streams through unchanged."""
+    hidden_in = streams[hidden_position]
     if compute:
         outputs = blocks(*inputs)
         copy_into(residual, outputs[hidden_position] - hidden_in)
         return outputs
-    return tuple(hidden_in + residual if i == hidden_position else stream for i, stream in enumerate(passthrough))
+    return tuple(hidden_in + residual if i == hidden_position else stream for i, stream in enumerate(streams))
 
 
 # -- measuring ratios ------------------------------------------------------------------------------
