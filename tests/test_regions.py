@@ -250,3 +250,25 @@ def test_a_stream_whose_size_is_read_from_data_is_refused_clearly():
     regions = registry_regions("hunyuan-video-framepack", batch=2)  # batched: masked, fixed sizes
     assert [b.name for b in regions.blocks] == [
         "transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0"]
+
+
+def test_mag_cache_calibrates_where_streams_merge_as_diffusers_does(capsys):
+    """Flux 2: the hidden stream leaves the blocks concatenated with the text tokens; the residual
+    is taken against the same concatenation of the stream entering them (was: a shape mismatch)."""
+    import ast
+
+    from diffusers import MagCacheConfig
+
+    from fxcache.passes import MagCache
+    from tests.helpers import with_diffusers_cache
+    from tests.model_registry import BY_NAME
+    from tests.test_model_coverage import STEPS, run_loop
+
+    tiny = BY_NAME["flux2"].build()
+    printing = with_diffusers_cache(tiny.model, MagCacheConfig(calibrate=True, num_inference_steps=STEPS))
+    capsys.readouterr()
+    run_loop(printing, tiny)
+    printed = [ast.literal_eval(line) for line in capsys.readouterr().out.splitlines()
+               if line.startswith("[") and not line.startswith("[MagCache]")]
+    config = MagCache.calibrate(tiny.model, lambda model: run_loop(model, tiny))
+    torch.testing.assert_close(config.mag_ratios, torch.tensor(printed[0]), rtol=1e-5, atol=0)

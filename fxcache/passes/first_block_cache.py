@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
 
 from ..regions import HIDDEN, ModelRegions, Region, RegionError, passthrough, run_glue_before
 from ..rewrite import INPUTS, REGION, ProgramBuilder, copy_into

@@ -199,7 +199,7 @@ class MagCache(CachePass):
 
     # -- rewrite ------------------------------------------------------------------------------------
     def rewrite(self, builder: ProgramBuilder, regions: ModelRegions) -> None:
-        head, last = regions.blocks[0], regions.blocks[-1]
+        last = regions.blocks[-1]
         stack = Region.closure("mag_cache.blocks", builder.graph, {n for b in regions.blocks for n in b.nodes})
         hidden_position = next((i for i, out in enumerate(stack.outputs)
                                 if last.stream_outputs.get(HIDDEN) is out), None)
@@ -362,7 +362,12 @@ class _Recorder(torch.nn.Module):
                 return value
 
         flat = Watch(captured.graph_module).run(*captured.inputs_from(args, kwargs))
-        residual = seen[hidden_out] - seen[hidden_in]
+        out, first = seen[hidden_out], seen[hidden_in]
+        if out.shape != first.shape and out.dim() == first.dim() == 3 and out.shape[1] > first.shape[1]:
+            # streams merged (Flux 2, Chroma: text then image tokens); as diffusers, the image tokens
+            # are the last ones
+            out = out[:, -first.shape[1]:]
+        residual = out - first
         previous = self._previous.get(self._context)
         if previous is None:
             ratio = 1.0
