@@ -9,8 +9,7 @@ FirstBlockCache hook gives on the pipeline in memory. With a real folder::
     pipe.transformer = fxcache.transform(pipe.transformer, passes=[FirstBlockCache(threshold=0.08)],
                                          scheduler=pipe.scheduler)
 
-Save before transforming (or save ``pipe.transformer.original``): diffusers' ``save_pretrained`` knows
-only its own model classes and skips a CachedModel.
+``pipe.save_pretrained(folder)`` works before or after transforming: it saves the wrapped transformer.
 
     python examples/local_checkpoint.py
 """

@@ -99,6 +99,11 @@ class CaptureGuard:
                 return bool(self._manager.check(f_locals))
         return bool(self._manager.check(f_locals))  # already the capture's mode: the common case
 
+    def release(self) -> None:
+        """Drop the capture's cache entry (and with it the guards and dynamo's tracing state)."""
+        self._manager = None
+        torch._dynamo.eval_frame.remove_from_cache(self._entry.__code__)
+
     def why_not(self, model, args: tuple, kwargs: dict) -> str:
         """The first guard that fails, in dynamo's words (empty when all hold)."""
         if self._manager is None:
@@ -237,8 +242,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
             raise CaptureError("the model was captured as more than one graph")
         recorded["gm"], recorded["inputs"] = gm, list(example_inputs)
 
-        def run(*inputs):
-            outs = gm.forward(*inputs)
+        def run(*inputs):  # reads the graph through ``recorded``, which is emptied after the capture
+            outs = recorded["gm"].forward(*inputs)
             recorded["outputs"] = outs
             return outs
 
@@ -260,7 +265,12 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
         ) from error
     if "gm" not in recorded:
         raise CaptureError(f"dynamo ran {type(model).__name__} without producing a graph")
-    captured = _standalone(model, recorded, args, kwargs, result)
+    try:
+        captured = _standalone(model, recorded, args, kwargs, result)
+    finally:
+        # dynamo keeps the recording backend for the life of the process: let go of the graph and
+        # of the call's tensors it saw
+        recorded.clear()
     captured.guard = CaptureGuard(entry)
     return captured
 

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -96,13 +97,26 @@ class Program:
         program = cls(builder.captured, gm, list(builder.state), list(builder.scalars),
                       list(builder.flags), fullgraph, make_backend(backend, mode, options), cudagraphs)
 
+        # dynamo keeps every backend it was given for the life of the process: the backend holds the
+        # program weakly, so an evicted program (and its graphs) can be freed
+        program_ref = weakref.ref(program)
+        user_backend = program.backend
+
         def counting_backend(graph_module, example_inputs):
-            program.compiles += 1
-            return program.backend(graph_module, example_inputs)
+            alive = program_ref()
+            if alive is not None:
+                alive.compiles += 1
+            return user_backend(graph_module, example_inputs)
 
         program._compiled = torch.compile(gm, backend=counting_backend, fullgraph=fullgraph,
                                           dynamic=False)
         return program
+
+    def release(self) -> None:
+        """Drop dynamo's compiled code for this program (its cache entries keep guards and graphs
+        alive otherwise); called when the runtime evicts it."""
+        torch._dynamo.eval_frame.remove_from_cache(type(self.graph_module).forward.__code__)
+        self.states.clear()
 
     # -- state --------------------------------------------------------------------------------------
     def state_for(self, context: str) -> list[torch.Tensor]:

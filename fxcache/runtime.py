@@ -278,9 +278,14 @@ class CachedModel(torch.nn.Module):
         self._programs[key] = program
         self._regions[key] = regions
         while len(self._programs) > self._max_programs:
-            evicted, _ = self._programs.popitem(last=False)
-            self._regions.pop(evicted, None)
+            evicted_key, evicted = self._programs.popitem(last=False)
+            self._regions.pop(evicted_key, None)
             self._evicted += 1
+            evicted.captured.guard.release()
+            if not any(p.group == evicted.group for p in self._programs.values()):
+                evicted.release()  # its state is no other program's
+            else:
+                torch._dynamo.eval_frame.remove_from_cache(type(evicted.graph_module).forward.__code__)
         return program
 
     def _check_call(self, args: tuple, kwargs: dict) -> None:

@@ -90,10 +90,17 @@ def test_a_batch_change_mid_generation_computes_on_its_first_call(flux, make_pas
 
 
 def test_programs_are_bounded_least_recently_used_first(flux):
+    import gc
+    import weakref
+
     cached = fxcache.transform(flux.model, [FirstBlockCache(threshold=0.3)], backend="eager", max_programs=2)
+    first = None
     for batch in (1, 2, 3, 1):
         cached(**flux.inputs(flux.noise(batch=batch), 1.0))
         cached.reset()
+        first = first or weakref.ref(next(iter(cached._programs.values())))
+    gc.collect()
+    assert first() is None  # evicted and freed: dynamo's caches do not keep it alive
     stats = cached.stats()
     assert stats["programs"] == 2 and stats["programs_evicted"] == 2 and stats["captures"] == 4
     # batches 3 and 1 remain; the state of batch 3, unused in the last generation, was freed at reset
