@@ -94,6 +94,9 @@ class CaptureGuard:
         if self._manager is None:
             return True
         f_locals = {"model": model, "args": args, "kwargs": kwargs}
+        if _instrumented():  # checked as captured: without the caller's modes and global hooks
+            with _capture_mode(), _outside_dispatch_modes():
+                return bool(self._manager.check(f_locals))
         if torch.is_grad_enabled() or torch.is_inference_mode_enabled():
             with _capture_mode():
                 return bool(self._manager.check(f_locals))
@@ -275,18 +278,28 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
     return captured
 
 
+def _global_hook_dicts() -> list[dict]:
+    from torch.nn.modules import module as nn_module
+
+    return [hooks for name in (
+        "_global_forward_pre_hooks", "_global_forward_hooks", "_global_forward_hooks_always_called",
+        "_global_forward_hooks_with_kwargs", "_global_backward_pre_hooks", "_global_backward_hooks")
+        if isinstance(hooks := getattr(nn_module, name, None), dict)]
+
+
+def _instrumented() -> bool:
+    """Whether the caller has a dispatch mode or global module hooks active (a FlopCounterMode)."""
+    return torch._C._len_torch_dispatch_stack() > 0 or any(_global_hook_dicts())
+
+
 @contextlib.contextmanager
 def _outside_dispatch_modes():
     """Capture the model itself, not the instruments around the call: the caller's dispatch modes,
     global module hooks (a ``FlopCounterMode`` installs both) and a ``force_eager`` stance are set
     aside while dynamo traces, and restored after."""
-    from torch.nn.modules import module as nn_module
     from torch.utils._python_dispatch import _disable_current_modes
 
-    hook_dicts = [getattr(nn_module, name) for name in (
-        "_global_forward_pre_hooks", "_global_forward_hooks", "_global_forward_hooks_always_called",
-        "_global_forward_hooks_with_kwargs", "_global_backward_pre_hooks", "_global_backward_hooks")
-        if isinstance(getattr(nn_module, name, None), dict)]
+    hook_dicts = _global_hook_dicts()
     saved = [dict(hooks) for hooks in hook_dicts]
     for hooks in hook_dicts:
         hooks.clear()

@@ -162,3 +162,22 @@ def test_torch_compile_on_top_of_a_cached_model():
                           backend="eager"), tiny, x, 4)
     assert torch.equal(tiny_models.euler_sample(compiled, tiny, x, 4), expected)
     assert cached.stats()["contexts"]["cond"]["taylorseer_compute"]["false"] > 0
+
+
+def test_calls_under_a_flop_counter_capture_once_and_count_what_runs():
+    """A FlopCounterMode (a dispatch mode plus global module hooks) around the first call used to fail
+    the capture; around later calls it must not look like a changed model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tiny = tiny_models.flux(num_layers=1, num_single_layers=1)
+    cached = fxcache.transform(tiny.model, [FirstBlockCache(threshold=0.3)], backend="eager")
+    x = tiny.noise(seed=7)
+    counts = []
+    for step in range(3):
+        with FlopCounterMode(display=False) as counter, cached.cache_context("cond"):
+            out = cached(**tiny.inputs(x, 1 - step / 3))[0]
+        counts.append(counter.get_total_flops())
+        if step == 0:
+            assert torch.equal(out, tiny.model(**tiny.inputs(x, 1.0))[0])
+    assert cached.stats()["captures"] == 1
+    assert counts[0] > 0 and all(c > 0 for c in counts)
