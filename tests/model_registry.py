@@ -80,9 +80,20 @@ def _new_case(*args, **case_fields) -> ModelCase:
     return _case(*args, diffusers_hooks=None, **case_fields)
 
 
-def _case(name, cls_name, config, latent_shape, make, timestep_scale=1000.0, **case_fields) -> ModelCase:
+def _case(name, cls_name, config, latent_shape, make, timestep_scale=1000.0, *, random_zero_init=False,
+          **case_fields) -> ModelCase:
+    """``random_zero_init``: give the layers a model initialises to zero (Kandinsky 5's modulation
+    outputs) small random weights, else every block hands its input on unchanged at init, the first
+    block's residual is 0 and FirstBlockCache's relative change is NaN (which computes)."""
     def build() -> TinyDenoiser:
-        return TinyDenoiser(name, _model(cls_name, **config), latent_shape, make, timestep_scale)
+        model = _model(cls_name, **config)
+        if random_zero_init:
+            generator = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    if not parameter.any():
+                        parameter.copy_(0.02 * torch.randn(parameter.shape, generator=generator))
+        return TinyDenoiser(name, model, latent_shape, make, timestep_scale)
 
     return ModelCase(name, cls_name, build, **case_fields)
 
@@ -153,6 +164,13 @@ def _hunyuan_video_make(x, t, c):
     return dict(hidden_states=x, timestep=t, encoder_hidden_states=_text(batch, 8, 16, c),
                 encoder_attention_mask=torch.ones(batch, 8), pooled_projections=_text(batch, 1, 8, c)[:, 0],
                 guidance=torch.full((batch,), 3.5 * 1000), return_dict=False)
+
+
+def _image_latents_concatenated(make):
+    """SkyReels-V1 I2V: the image latents are concatenated to the noisy latents on the channels."""
+    def with_image(x, t, c):
+        return make(torch.cat([x, _randn(*x.shape, seed=21)], dim=1), t, c)
+    return with_image
 
 
 def _framepack_make(x, t, c):
@@ -360,13 +378,14 @@ CASES: list[ModelCase] = [
                                              "one block: nothing is left to skip after the first"),
           }),
     _case("consisid", "ConsisIDTransformer3DModel",
-          dict(COGVIDEOX, num_layers=2, is_train_face=False), (1, 2, 4, 8, 8), _consisid_make),
+          dict(COGVIDEOX, num_layers=2, is_train_face=False), (1, 2, 4, 8, 8), _consisid_make,
+          diffusers_hooks=_NO_BLOCK_REGISTRY),
     _case("hunyuan-video", "HunyuanVideoTransformer3DModel", HUNYUAN_VIDEO, (1, 4, 1, 8, 8), _hunyuan_video_make),
     _case("hunyuan-video-i2v", "HunyuanVideoTransformer3DModel",
           dict(HUNYUAN_VIDEO, image_condition_type="token_replace"), (1, 4, 2, 8, 8), _hunyuan_video_make),
     _case("skyreels-v1", "HunyuanVideoTransformer3DModel",
-          dict(HUNYUAN_VIDEO, in_channels=8, image_condition_type="latent_concat"), (1, 8, 1, 8, 8),
-          _hunyuan_video_make),
+          dict(HUNYUAN_VIDEO, in_channels=8, image_condition_type="latent_concat"), (1, 4, 1, 8, 8),
+          _image_latents_concatenated(_hunyuan_video_make)),
     _case("hunyuan-video-framepack", "HunyuanVideoFramepackTransformer3DModel", FRAMEPACK,
           (2, 4, 3, 4, 4), _framepack_make),
     _case("hunyuan-video-framepack-batch1", "HunyuanVideoFramepackTransformer3DModel", FRAMEPACK,
@@ -385,7 +404,7 @@ CASES: list[ModelCase] = [
     _case("kandinsky5", "Kandinsky5Transformer3DModel",
           dict(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
                model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6)),
-          (1, 1, 8, 8, 4), _kandinsky5_make, diffusers_hooks=None),
+          (1, 1, 8, 8, 4), _kandinsky5_make, diffusers_hooks=None, random_zero_init=True),
     _case("mochi", "MochiTransformer3DModel",
           dict(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
                in_channels=4, qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4, activation_fn="swiglu",
@@ -398,7 +417,7 @@ CASES: list[ModelCase] = [
     _case("sd3", "SD3Transformer2DModel",
           dict(sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
                caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
-               pos_embed_max_size=16), (1, 4, 8, 8), _sd3_make),
+               pos_embed_max_size=16), (1, 4, 8, 8), _sd3_make, diffusers_hooks=None),
     _case("pixart", "PixArtTransformer2DModel",
           dict(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
                cross_attention_dim=16, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
@@ -624,29 +643,57 @@ def _case_cells(name: str, never_skip: bool = True) -> list[tuple[str, str]]:
 DOCUMENTED_METHODS = tuple(m for m in METHODS if m != "FasterCache")
 
 
-def write_docs(path: str, jobs: int = 1, never_skip: bool = True) -> bool:
+def write_docs(path: str, jobs: int = 1, never_skip: bool = True, resume: bool = False) -> bool:
     """Run every case (tests.test_model_coverage's checks) and write the model x method table; the
-    file is rewritten as each case finishes (rows not run yet say so). Returns whether every cell is
-    what the registry expects (no "fails" cell)."""
+    file is rewritten as each case finishes (rows not run yet say so). ``resume`` keeps the rows of
+    ``path`` that a previous run measured without a failure and runs the others. Returns whether
+    every cell is what the registry expects (no "fails" cell)."""
     import functools
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from tests.model_registry import _case_cells as run_case  # importable by the worker processes
 
-    results: dict[str, list[tuple[str, str]]] = {}
+    results: dict[str, list[tuple[str, str]]] = _measured_rows(path) if resume else {}
     run = functools.partial(run_case, never_skip=never_skip)
     if jobs > 1:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run, case.name): case.name for case in CASES}
+            futures = {pool.submit(run, case.name): case.name for case in CASES if case.name not in results}
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
                 _write_table(path, results, never_skip)
     else:
         for case in CASES:
-            results[case.name] = run(case.name)
-            _write_table(path, results, never_skip)
+            if case.name not in results:
+                results[case.name] = run(case.name)
+                _write_table(path, results, never_skip)
     return not any(label == "**fails**" for cells in results.values() for label, _ in cells)
+
+
+def _measured_rows(path: str) -> dict[str, list[tuple[str, str]]]:
+    """The rows of a table this script wrote that were measured and did not fail, as (label, detail)
+    cells: a note reference is replaced by the note's text."""
+    import os
+    import re
+
+    if not os.path.exists(path):
+        return {}
+    text = open(path).read()
+    notes = {int(number): detail for number, detail in
+             re.findall(r'^<a id="note-(\d+)"></a>\d+\. (.*)$', text, flags=re.MULTILINE)}
+    classes = {case.name: case.class_name for case in CASES}
+    rows = {}
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
+        if len(parts) != 2 + len(DOCUMENTED_METHODS) or classes.get(parts[0]) != parts[1].strip("`"):
+            continue
+        cells = []
+        for raw in parts[2:]:
+            match = re.fullmatch(r"(.*) \[(\d+)\]\(#note-\d+\)", raw)
+            cells.append((match.group(1), notes[int(match.group(2))]) if match else (raw, ""))
+        if not any(label in ("**fails**", "not run in this generation") for label, _ in cells):
+            rows[parts[0]] = cells
+    return rows
 
 
 def _write_table(path: str, results: dict[str, list[tuple[str, str]]], never_skip: bool) -> None:
@@ -714,8 +761,10 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="cases run in this many processes at once")
     parser.add_argument("--no-never-skip", dest="never_skip", action="store_false",
                         help="leave out the never-skip bit-identity check (half the captures; the table says so)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of the existing table that were measured without a failure")
     args = parser.parse_args(argv)
-    if not write_docs(args.write_docs, jobs=args.jobs, never_skip=args.never_skip):
+    if not write_docs(args.write_docs, jobs=args.jobs, never_skip=args.never_skip, resume=args.resume):
         print(f"{args.write_docs}: some checks failed (cells marked **fails**)", file=sys.stderr)
         sys.exit(1)
 

@@ -13,6 +13,8 @@ never-skip check for each, which is what ``python -m tests.model_registry --writ
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import os
 
@@ -85,6 +87,8 @@ def run_loop(model, tiny, *, count=False):
             velocity = out[0] if isinstance(out, (tuple, list)) else out
             if isinstance(velocity, list):  # one tensor per sample (Z-Image)
                 velocity = torch.stack(velocity)
+            if velocity.shape[1] == 2 * x.shape[1]:  # learned sigma (PixArt, DiT): pipelines keep the first half
+                velocity = velocity[:, : x.shape[1]]
             x = x + (sigmas[i + 1] - sigmas[i]) * velocity
         return x
 
@@ -114,9 +118,41 @@ def diffusers_hooked(tiny, method: str, config):
     clock = Clock()
     if method == "PyramidAttentionBroadcast":
         config.current_timestep_callback = clock
-    hooked = with_diffusers_cache(tiny.model, config)
+    if hasattr(tiny.model, "enable_cache"):
+        hooked = with_diffusers_cache(tiny.model, config)
+    else:
+        hooked = _AppliedHook(tiny.model, config)
     hooked.clock = clock
     return hooked
+
+
+class _AppliedHook(torch.nn.Module):
+    """diffusers' hook on a model class that has no ``enable_cache`` (not a ``CacheMixin``: ConsisID),
+    applied as such a model's user would, with the ``apply_*`` function; ``cache_context`` is
+    ``CacheMixin.cache_context``."""
+
+    def __init__(self, model, config):
+        super().__init__()
+        from diffusers import hooks
+
+        self.model = copy.deepcopy(model)
+        apply = {FirstBlockCacheConfig: hooks.apply_first_block_cache, MagCacheConfig: hooks.apply_mag_cache,
+                 PyramidAttentionBroadcastConfig: hooks.apply_pyramid_attention_broadcast,
+                 TaylorSeerCacheConfig: hooks.apply_taylorseer_cache}[type(config)]
+        apply(self.model, config)
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **fields):
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+        _set_cache_context(self.model, CacheContext(name, **fields))
+        try:
+            yield
+        finally:
+            _set_cache_context(self.model, None)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
 
 
 def _error_class(name: str) -> type:
