@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import types
 import warnings
@@ -235,8 +236,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
 
     The capture runs without autograd and outside any ``TorchDispatchMode`` the caller has active
     (a ``FlopCounterMode`` around the first call, say): the graph is what the model computes, and the
-    caller's mode sees the compiled program run. ``warnings.warn`` and logging calls inside the model
-    (Mochi warns inside its autocast regions) are moved after the graph instead of breaking it.
+    caller's mode sees the compiled program run. ``warnings.warn`` inside the model (Mochi warns inside
+    its autocast regions) is moved after the graph instead of breaking it; ``logging.Logger`` calls
+    are left out of the graph.
     """
     recorded: dict[str, Any] = {}
 
@@ -253,10 +255,15 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
         return run
 
     entry = _entry_function()
-    reorderable = set(torch._dynamo.config.reorderable_logging_functions) | {warnings.warn}
+    # a warning inside the model is moved after the graph; a logger call is left out of it (dynamo
+    # can only drop those), as diffusers logs "scale … is ineffective" without peft
+    quiet = {"reorderable_logging_functions": set(torch._dynamo.config.reorderable_logging_functions) | {warnings.warn}}
+    ignored = "ignore_logging_functions" if hasattr(torch._dynamo.config, "ignore_logging_functions") \
+        else "ignore_logger_methods"
+    quiet[ignored] = set(getattr(torch._dynamo.config, ignored)) | {
+        logging.Logger.debug, logging.Logger.info, logging.Logger.warning}
     try:
-        with _capture_mode(), _outside_dispatch_modes(), \
-                torch._dynamo.config.patch(reorderable_logging_functions=reorderable):
+        with _capture_mode(), _outside_dispatch_modes(), torch._dynamo.config.patch(**quiet):
             compiled = torch.compile(entry, backend=record, fullgraph=True, dynamic=False)
             result = compiled(model, args, kwargs)
     except Exception as error:  # dynamo reports breaks as several exception types
