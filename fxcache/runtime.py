@@ -38,7 +38,8 @@ from .rewrite import ProgramBuilder
 __all__ = ["CachedModel", "DEFAULT_CONTEXT"]
 
 DEFAULT_CONTEXT = "default"
-# captures of one input signature after which a model that keeps changing is an error, not a loop
+# captures in a row of one input signature (no program of it found again in between) after which a
+# model that keeps changing is an error, not a loop
 MAX_CAPTURES_PER_SIGNATURE = 16
 # calls of one context in a row whose scheduler step does not advance before the scheduler is
 # taken to be stale (replaced in the pipeline after transform)
@@ -99,7 +100,9 @@ class CachedModel(torch.nn.Module):
         # changed and changed back, e.g. LoRA on and off)
         self._programs: OrderedDict[int, Program] = OrderedDict()
         self._regions: dict[int, ModelRegions] = {}
-        self._captures_by_signature: dict[InputSignature, int] = {}
+        # captures of a signature since a program of it was last found again: only a module that
+        # changes on every call keeps counting (a torch._dynamo.reset() costs one capture each)
+        self._recaptures: dict[InputSignature, int] = {}
         self._local = threading.local()  # the active cache context, per thread
         self._lock = threading.RLock()  # one call at a time: state and progress are shared
         self._progress: dict[str, _ContextProgress] = {}
@@ -234,29 +237,31 @@ class CachedModel(torch.nn.Module):
             # must match too (guards accept keyword arguments in another order, the leaves would not)
             latest = self._programs[next(reversed(self._programs))]
             if latest.captured.input_spec == structure and latest.captured.guard.holds(self.original, args, kwargs):
+                self._recaptures[latest.captured.signature] = 0
                 return latest
         signature = input_signature(args, kwargs)
         for key in reversed(self._programs):
             program = self._programs[key]
             if program.captured.signature == signature and program.captured.guard.holds(self.original, args, kwargs):
                 self._programs.move_to_end(key)
+                self._recaptures[signature] = 0
                 return program
         return self._build(signature, args, kwargs)
 
     def _build(self, signature: InputSignature, args, kwargs) -> Program:
         self._check_call(args, kwargs)
-        captures = self._captures_by_signature.get(signature, 0)
+        captures = self._recaptures.get(signature, 0)
         if captures >= MAX_CAPTURES_PER_SIGNATURE:
             stale = next((p for p in reversed(self._programs.values()) if p.captured.signature == signature), None)
             changed = stale.captured.guard.why_not(self.original, args, kwargs) if stale else ""
             raise CaptureError(
-                f"fxcache: {type(self.original).__name__} was captured {captures} times for inputs "
+                f"fxcache: {type(self.original).__name__} was captured {captures} times in a row for inputs "
                 f"{signature.describe()}: something changes the module (or the call's non-tensor "
                 f"arguments) on every call{f' ({changed})' if changed else ''}. Keep module attributes "
                 "fixed during generation, or pass values that vary as tensors.")
         captured = capture(self.original, args, kwargs)
         self._captures += 1
-        self._captures_by_signature[signature] = captures + 1
+        self._recaptures[signature] = captures + 1
         regions = find_regions(captured)
         builder = ProgramBuilder(captured)
         for cache_pass in self._passes:

@@ -102,7 +102,7 @@ def test_a_module_that_changes_on_every_call_is_a_clear_error(monkeypatch):
     cached = fxcache.transform(Counting(model), [FirstBlockCache(threshold=0.0)], backend="eager",
                                max_programs=3)
     x, t, context = make_inputs()
-    with pytest.raises(CaptureError, match="captured 5 times.*changes the module") as error:
+    with pytest.raises(CaptureError, match="captured 5 times in a row.*changes the module") as error:
         for _ in range(8):
             cached(x, t, context)
     assert "calls" in str(error.value)  # names the attribute that kept changing
@@ -182,3 +182,17 @@ def test_calls_under_a_flop_counter_capture_once_and_count_what_runs():
             assert torch.equal(out, tiny.model(**tiny.inputs(x, 1.0))[0])
     assert cached.stats()["captures"] == 1
     assert counts[0] > 0 and all(c > 0 for c in counts)
+
+
+def test_a_dynamo_reset_between_generations_costs_one_capture_not_an_error(monkeypatch):
+    monkeypatch.setattr(fxcache.runtime, "MAX_CAPTURES_PER_SIGNATURE", 2)
+    torch.manual_seed(0)
+    model = TinyDiT()
+    cached = fxcache.transform(model, [FirstBlockCache(threshold=0.0)], backend="eager")
+    x, t, context = make_inputs()
+    for _ in range(4):  # a user's torch._dynamo.reset() drops every guard: one capture each, and on
+        cached(x, t, context)
+        cached(x, t, context)
+        cached.reset()
+        torch._dynamo.reset()
+    assert cached.stats()["captures"] == 4
