@@ -320,8 +320,10 @@ _VACE_HINTS_TWICE = (
 FRAMEPACK = dict(HUNYUAN_VIDEO, patch_size=2, image_proj_dim=16, has_image_proj=True, has_clean_x_embedder=True)
 
 _MOCHI_CAPTURE = Unsupported(
-    "CaptureError", "could not capture MochiTransformer3DModel as one graph",
-    "capture: Mochi calls warnings.warn inside its autocast regions, a graph break under fullgraph=True")
+    "Unsupported", "_warnings.warn",
+    "capture: Mochi calls warnings.warn inside its autocast regions; the static passes compile with "
+    "fullgraph=True and dynamo raises `Unsupported: Attempted to call function marked as skipped` on it "
+    "(FirstBlockCache, compiled without fullgraph, works)")
 _FRAMEPACK_CROPPED_TEXT = Unsupported(
     "RegionError", "has a size read from the data",
     "at batch size 1 the model crops the text tokens to the attention mask's length (`.item()`), so the "
@@ -330,10 +332,9 @@ _FRAMEPACK_CROPPED_TEXT = Unsupported(
 
 
 _Z_IMAGE_ROPE = Unsupported(
-    "CaptureError", "is neither an argument of the call nor a tensor held by the module",
-    "capture: the rotary table `rope_embedder.freqs_cis` is a list of tensors the module builds and keeps "
-    "at its first call (neither a registered buffer nor an argument), so the captured graph reads an input "
-    "fxcache cannot bind")
+    "CaptureError", "could not capture ZImageTransformer2DModel as one graph",
+    "capture: dynamo stops at a context manager in the forward it does not support (`Unsupported: "
+    "Unsupported context manager`), so the model is not one graph")
 
 
 def _capture_fails(cls_name: str, why: str) -> dict:
@@ -647,11 +648,13 @@ def _case_cells(name: str, never_skip: bool = True) -> list[tuple[str, str]]:
 DOCUMENTED_METHODS = tuple(m for m in METHODS if m != "FasterCache")
 
 
-def write_docs(path: str, jobs: int = 1, never_skip: bool = True, resume: bool = False) -> bool:
+def write_docs(path: str, jobs: int = 1, never_skip: bool = True, resume: bool = False,
+               only: tuple[str, ...] = ()) -> bool:
     """Run every case (tests.test_model_coverage's checks) and write the model x method table; the
     file is rewritten as each case finishes (rows not run yet say so). ``resume`` keeps the rows of
     ``path`` that a previous run measured without a failure and runs the others. Returns whether
-    every cell is what the registry expects (no "fails" cell)."""
+    every cell is what the registry expects (no "fails" cell). ``only`` runs just the named cases and
+    keeps every other row of ``path`` as it was measured."""
     import functools
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -659,6 +662,8 @@ def write_docs(path: str, jobs: int = 1, never_skip: bool = True, resume: bool =
     from tests.model_registry import _case_cells as run_case  # importable by the worker processes
 
     results: dict[str, list[tuple[str, str]]] = _measured_rows(path) if resume else {}
+    if only:
+        results = {name: cells for name, cells in _measured_rows(path, keep_failed=True).items() if name not in only}
     run = functools.partial(run_case, never_skip=never_skip)
     if jobs > 1:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -674,9 +679,9 @@ def write_docs(path: str, jobs: int = 1, never_skip: bool = True, resume: bool =
     return not any(label == "**fails**" for cells in results.values() for label, _ in cells)
 
 
-def _measured_rows(path: str) -> dict[str, list[tuple[str, str]]]:
-    """The rows of a table this script wrote that were measured and did not fail, as (label, detail)
-    cells: a note reference is replaced by the note's text."""
+def _measured_rows(path: str, keep_failed: bool = False) -> dict[str, list[tuple[str, str]]]:
+    """The rows of a table this script wrote that were measured (and, unless ``keep_failed``, did not
+    fail), as (label, detail) cells: a note reference is replaced by the note's text."""
     import os
     import re
 
@@ -695,7 +700,8 @@ def _measured_rows(path: str) -> dict[str, list[tuple[str, str]]]:
         for raw in parts[2:]:
             match = re.fullmatch(r"(.*) \[(\d+)\]\(#note-\d+\)", raw)
             cells.append((match.group(1), notes[int(match.group(2))]) if match else (raw, ""))
-        if not any(label in ("**fails**", "not run in this generation") for label, _ in cells):
+        skip = ("not run in this generation",) if keep_failed else ("**fails**", "not run in this generation")
+        if not any(label in skip for label, _ in cells):
             rows[parts[0]] = cells
     return rows
 
@@ -767,8 +773,10 @@ def main(argv=None):
                         help="leave out the never-skip bit-identity check (half the captures; the table says so)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows of the existing table that were measured without a failure")
+    parser.add_argument("--only", default="", help="comma-separated case names to run; other rows are kept")
     args = parser.parse_args(argv)
-    if not write_docs(args.write_docs, jobs=args.jobs, never_skip=args.never_skip, resume=args.resume):
+    only = tuple(name for name in args.only.split(",") if name)
+    if not write_docs(args.write_docs, jobs=args.jobs, never_skip=args.never_skip, resume=args.resume, only=only):
         print(f"{args.write_docs}: some checks failed (cells marked **fails**)", file=sys.stderr)
         sys.exit(1)
 

@@ -33,8 +33,9 @@ from tests.static_pass_helpers import Clock
 STEPS = 3  # every skipping config below computes at step 0 and reuses at step 1
 FULL = os.environ.get("FXCACHE_FULL_COVERAGE") == "1"
 # every attention module inside a block, whatever the block list and the module are called (Kandinsky 5:
-# visual_transformer_blocks.0.self_attention); diffusers' defaults miss some, fxcache's too
-ANY_BLOCK_ATTENTION = (r".*blocks\.\d+\.[^.]*attn[^.]*", r".*blocks\.\d+\.[^.]*attention[^.]*")
+# visual_transformer_blocks.0.self_attention, Lumina-Next: layers.0.attn1); diffusers' defaults miss
+# some, fxcache's too
+ANY_BLOCK_ATTENTION = (r".*(blocks|layers)\.\d+\.[^.]*attn[^.]*", r".*(blocks|layers)\.\d+\.[^.]*attention[^.]*")
 WIDE = (-1.0, 1e9)  # a timestep range every step is inside
 
 
@@ -156,7 +157,8 @@ class _AppliedHook(torch.nn.Module):
 
 
 def _error_class(name: str) -> type:
-    return {"CaptureError": fxcache.CaptureError, "RegionError": fxcache.RegionError}[name]
+    return {"CaptureError": fxcache.CaptureError, "RegionError": fxcache.RegionError,
+            "Unsupported": torch._dynamo.exc.Unsupported}[name]
 
 
 def check_skipping(case, method: str) -> tuple[str, str]:
