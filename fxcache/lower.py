@@ -112,11 +112,13 @@ class Program:
                                           dynamic=False)
         return program
 
-    def release(self) -> None:
+    def release(self, free_state: bool = True) -> None:
         """Drop dynamo's compiled code for this program (its cache entries keep guards and graphs
-        alive otherwise); called when the runtime evicts it."""
+        alive otherwise), and its state unless another program shares it; called when the runtime
+        evicts it."""
         torch._dynamo.eval_frame.remove_from_cache(type(self.graph_module).forward.__code__)
-        self.states.clear()
+        if free_state:
+            self.states.clear()
 
     # -- state --------------------------------------------------------------------------------------
     def state_for(self, context: str) -> list[torch.Tensor]:

@@ -287,10 +287,7 @@ class CachedModel(torch.nn.Module):
             self._regions.pop(evicted_key, None)
             self._evicted += 1
             evicted.captured.guard.release()
-            if not any(p.group == evicted.group for p in self._programs.values()):
-                evicted.release()  # its state is no other program's
-            else:
-                torch._dynamo.eval_frame.remove_from_cache(type(evicted.graph_module).forward.__code__)
+            evicted.release(free_state=not any(p.group == evicted.group for p in self._programs.values()))
         return program
 
     def _check_call(self, args: tuple, kwargs: dict) -> None:
