@@ -33,7 +33,7 @@ pipe.transformer = fxcache.transform(pipe.transformer, passes=[FirstBlockCache(t
                                      backend="eager", scheduler=pipe.scheduler)
 cached = generate(output_type="latent").images
 # counted per context over the transformer's life; this is the first generation's
-computed = sum(c.get("tail_computed", 0) for c in pipe.transformer.stats()["contexts"].values())
+computed = sum(c.get("first_block_cache.tail_computed", 0) for c in pipe.transformer.stats()["contexts"].values())
 again = generate(output_type="latent").images  # the pipeline reset the cache at the end of the last call
 image = generate(output_type="pil").images[0]
 

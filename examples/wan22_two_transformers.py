@@ -37,7 +37,7 @@ video = generate(output_type="np")
 difference = float((cached - uncached).norm() / uncached.norm())
 for name in ("transformer", "transformer_2"):
     contexts = getattr(pipe, name).stats()["contexts"]
-    computed = {context: entry.get("tail_computed", 0) for context, entry in sorted(contexts.items())}
+    computed = {context: entry.get("first_block_cache.tail_computed", 0) for context, entry in sorted(contexts.items())}
     print(f"{name}: blocks after the first computed per context {computed}")
 print(f"Wan 2.2 with two cached transformers: relative difference to uncached {difference:.2e}; "
       f"video {video.shape[1]} frames of {video.shape[2]}x{video.shape[3]}")

@@ -30,6 +30,10 @@ def transform(model: torch.nn.Module, passes: Sequence[CachePass], *, backend: s
               max_cache_bytes: int | None = None, max_programs: int = 8) -> CachedModel:
     """Apply caching ``passes`` to a denoiser and compile it; the module itself is not modified.
 
+    Several passes compose where their regions are disjoint or nest at different scopes (PAB on
+    attention with MagCache on the blocks), and a forecaster with a block cache
+    (``TaylorSeer(target="reused")`` with FirstBlockCache); other overlaps are an error naming both.
+
     ``backend``, ``mode`` and ``options`` mean what they mean in ``torch.compile``. ``scheduler`` (a
     diffusers scheduler, e.g. ``pipe.scheduler``) tells the step index and timesteps without a
     device->host sync; pass the pipeline itself (``scheduler=pipe``) and fxcache reads
@@ -58,9 +62,10 @@ def transform(model: torch.nn.Module, passes: Sequence[CachePass], *, backend: s
         if not isinstance(p, CachePass):
             raise TypeError(f"passes must be fxcache.passes objects, got {type(p).__name__}; "
                             "e.g. fxcache.passes.FirstBlockCache(threshold=0.08)")
-    if len(passes) > 1:
-        raise ValueError(f"{len(passes)} passes were given; combining passes in one transform is not "
-                         "supported yet, so pass one")
+    names = [type(p).__name__ for p in passes]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"passes: {name} is given {names.count(name)} times; combine its settings into one")
     schedule_source = getattr(scheduler, "scheduler", None) if scheduler is not None and not hasattr(
         scheduler, "step_index") else scheduler
     if scheduler is not None and not (hasattr(schedule_source, "step_index") and hasattr(schedule_source, "timesteps")):

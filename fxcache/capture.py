@@ -389,3 +389,32 @@ def _standalone(model, recorded, args, kwargs, result) -> CapturedGraph:
             slots.append(_Constant(leaf))
     return CapturedGraph(gm, input_signature(args, kwargs), input_leaves, input_names, out_spec, slots,
                          module_types, input_spec=pytree.tree_flatten((args, kwargs))[1])
+
+
+def capture_dynamic(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, list]:
+    """Dynamo's own graph of one call, with the sizes the caller marked dynamic
+    (``torch._dynamo.maybe_mark_dynamic``) left symbolic: its nodes' ``example_value`` are fake
+    tensors whose sizes are symbols. Returns the graph and the example inputs dynamo handed over
+    (for :func:`fxcache.schedule.symbolic_costs`: FLOPs as formulas in the token count).
+
+    Example::
+
+        torch._dynamo.maybe_mark_dynamic(hidden, 1)
+        graph_module, example_inputs = capture_dynamic(model, (), {"hidden_states": hidden, ...})
+    """
+    recorded: dict[str, Any] = {}
+
+    def record(gm, example_inputs):
+        recorded["gm"], recorded["inputs"] = gm, example_inputs
+        return gm.forward
+
+    entry = _entry_function()
+    try:
+        with _capture_mode(), _outside_dispatch_modes():
+            torch.compile(entry, backend=record, fullgraph=True, dynamic=False)(model, args, kwargs)
+    except Exception as error:
+        raise CaptureError(f"dynamo could not capture {type(model).__name__} with symbolic sizes: "
+                           f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
+    finally:
+        torch._dynamo.eval_frame.remove_from_cache(entry.__code__)
+    return recorded["gm"], list(recorded["inputs"])

@@ -138,7 +138,7 @@ def run_demo(threshold: float = 0.3, steps: int = 20, backend: str = "eager", mo
 
 
 def _tail_computed(cached) -> int:
-    return sum(c.get("tail_computed", 0) for c in cached.stats()["contexts"].values())
+    return sum(c.get("first_block_cache.tail_computed", 0) for c in cached.stats()["contexts"].values())
 
 
 def format_rows(rows: list[DemoRow]) -> str:

@@ -8,8 +8,8 @@ with ``torch.cond`` it stays one graph. Cache state enters as inputs updated in 
 
 Example::
 
-    program = Program.build(builder, passes, backend="eager")
-    flat_outputs = program(inputs, program.state_for("cond"), scalars=[], flags=(True,))
+    program = Program.build(ProgramBuilder(captured, regions).rewrite(passes), backend="eager")
+    flat_outputs = program(inputs, program.state.for_context("cond"), scalars=[], flags=(True,))
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from .capture import CapturedGraph
-from .rewrite import ProgramBuilder, ScalarSlot, StateSlot
+from .rewrite import RewrittenProgram
+from .state import CacheState
 
 __all__ = ["Program", "make_backend"]
 
@@ -63,39 +63,39 @@ def _room_for_decision_tuples(num_flags: int):
     return torch._dynamo.config.patch(recompile_limit=max(64, 2 ** min(num_flags, 10)))
 
 
-@dataclass
+@dataclass(eq=False)
 class Program:
-    """One captured input signature, rewritten by the passes and compiled.
+    """One :class:`RewrittenProgram` compiled, with the :class:`CacheState` it runs on (shared by
+    programs of one group) and the count of graphs its compiler was handed."""
 
-    Holds the per-context cache state (one list of tensors per context name, created on first use)
-    and counts the graphs its compiler was handed.
-    """
-
-    captured: CapturedGraph
-    graph_module: fx.GraphModule
-    state_slots: list[StateSlot]
-    scalar_slots: list[ScalarSlot]
-    flag_names: list[str]
+    rewritten: RewrittenProgram
+    state: CacheState
     fullgraph: bool
     backend: Callable
     cudagraphs: bool = False
     compiles: int = 0
     used: bool = False  # called since the last reset
     seen_flags: set = field(default_factory=set)  # decision tuples compiled so far
-    group: int = 0  # programs of one group share ``states`` (the runtime assigns it)
-    touched: set = field(default_factory=set)  # contexts called since their last reset
-    # context -> (counters of its last generation, counters summed over its ended generations)
-    counter_history: dict = field(default_factory=dict)
-    states: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    group: int = 0  # programs of one group share ``state`` (the runtime assigns it)
     _compiled: Any = None
 
+    @property
+    def captured(self):
+        return self.rewritten.captured
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self.rewritten.graph_module
+
     @classmethod
-    def build(cls, builder: ProgramBuilder, *, backend, mode=None, options=None,
-              fullgraph: bool = True) -> "Program":
-        gm = builder.finish()
+    def build(cls, rewritten: RewrittenProgram, *, backend, mode=None, options=None,
+              state: CacheState | None = None) -> "Program":
+        """Compile ``rewritten``: as one graph, or, where a pass reads a decision back to the host
+        (``g.host_bool``), without ``fullgraph`` so dynamo splits it there."""
         cudagraphs = mode in ("reduce-overhead", "max-autotune") or bool((options or {}).get("triton.cudagraphs"))
-        program = cls(builder.captured, gm, list(builder.state), list(builder.scalars),
-                      list(builder.flags), fullgraph, make_backend(backend, mode, options), cudagraphs)
+        fullgraph = rewritten.host_reads == 0
+        program = cls(rewritten, state if state is not None else CacheState(rewritten.state), fullgraph,
+                      make_backend(backend, mode, options), cudagraphs)
 
         # dynamo keeps every backend it was given for the life of the process: the backend holds the
         # program weakly, so an evicted program (and its graphs) can be freed
@@ -108,7 +108,7 @@ class Program:
                 alive.compiles += 1
             return user_backend(graph_module, example_inputs)
 
-        program._compiled = torch.compile(gm, backend=counting_backend, fullgraph=fullgraph,
+        program._compiled = torch.compile(rewritten.graph_module, backend=counting_backend, fullgraph=fullgraph,
                                           dynamic=False)
         return program
 
@@ -118,67 +118,7 @@ class Program:
         evicts it."""
         torch._dynamo.eval_frame.remove_from_cache(type(self.graph_module).forward.__code__)
         if free_state:
-            self.states.clear()
-
-    # -- state --------------------------------------------------------------------------------------
-    def state_for(self, context: str) -> list[torch.Tensor]:
-        self.touched.add(context)
-        if context not in self.states:
-            with torch.inference_mode(False):  # never inference tensors: a later plain call updates them
-                tensors = [slot.new() for slot in self.state_slots]
-            for t in tensors:
-                # static for CUDA graphs (updated in place, never re-pointed), without a guard on
-                # identity: another context's tensors reuse the same compiled graph, and cudagraph
-                # trees keep one recording per set of state addresses
-                torch._dynamo.mark_static_address(t, guard=False)
-            self.states[context] = tensors
-        return self.states[context]
-
-    def reset(self, context: str | None = None) -> None:
-        """Zero the state and counters of one context (or all): the next call starts as a fresh
-        generation. A context used since the last reset keeps its counters as the last generation's
-        and adds them to its totals, on the device: a reset reads nothing back."""
-        with torch.inference_mode(False):
-            if context is None:  # a generation ended: a context it did not call did nothing in it
-                for name, (last, _) in self.counter_history.items():
-                    if name not in self.touched:
-                        for t in last:
-                            t.zero_()
-            for name, tensors in self.states.items():
-                if context is not None and name != context:
-                    continue
-                if name in self.touched:
-                    live = [t for slot, t in zip(self.state_slots, tensors) if slot.counter]
-                    last, total = self.counter_history.setdefault(
-                        name, ([torch.zeros_like(t) for t in live], [torch.zeros_like(t) for t in live]))
-                    for t, previous, running in zip(live, last, total):
-                        previous.copy_(t)
-                        running.add_(t)
-                    self.touched.discard(name)
-                for t in tensors:
-                    t.zero_()
-
-    def counters(self, which: str = "live") -> dict[str, dict[str, int]]:
-        """Per context, the counters of this generation (``"live"``), of the last one (``"last"``)
-        or summed over all ended ones (``"total"``). Reads them from the device."""
-        names = [slot.name for slot in self.state_slots if slot.counter]
-        if which == "live":
-            return {context: {slot.name: int(t) for slot, t in zip(self.state_slots, tensors) if slot.counter}
-                    for context, tensors in self.states.items() if context in self.touched}
-        position = 0 if which == "last" else 1
-        return {context: {name: int(t) for name, t in zip(names, history[position])}
-                for context, history in self.counter_history.items()}
-
-    @property
-    def state_bytes(self) -> int:
-        """Bytes of cache state one context holds."""
-        return sum(slot.nbytes for slot in self.state_slots)
-
-    def state_bytes_by_owner(self) -> dict[str, int]:
-        sizes: dict[str, int] = {}
-        for slot in self.state_slots:
-            sizes[slot.owner] = sizes.get(slot.owner, 0) + slot.nbytes
-        return sizes
+            self.state.free()
 
     # -- call ---------------------------------------------------------------------------------------
     def __call__(self, inputs, state, scalars, flags) -> tuple:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -27,8 +28,8 @@ import torch.nn.functional as F
 
 from .capture import MODULE_STACK, CapturedGraph
 
-__all__ = ["Attention", "Block", "ModelRegions", "Region", "RegionError", "find_regions", "passthrough",
-           "run_glue_before"]
+__all__ = ["Attention", "Block", "BlockRange", "ModelRegions", "Region", "RegionError", "WholeModel",
+           "find_regions"]
 
 HIDDEN, ENCODER = "hidden", "encoder"
 
@@ -60,13 +61,22 @@ class Region:
     """A set of graph nodes with the values flowing in and out of it.
 
     ``inputs`` are nodes outside the region that it reads (parameters excluded: they travel with the
-    region); ``outputs`` are region nodes read outside it, in graph order.
+    region); ``outputs`` are region nodes read outside it, in graph order. ``scope`` says what kind of
+    region it is (``"modules"``: one module, ``"blocks"``: blocks, ``"model"``: the whole call); a pass
+    replaces regions of its own scope, and regions of different scopes nest.
     """
+
+    scope: ClassVar[str] = "modules"
 
     name: str
     nodes: list[fx.Node]
     inputs: list[fx.Node] = field(init=False)
     outputs: list[fx.Node] = field(init=False)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The module paths the region covers (what a schedule gates and FLOPs are counted by)."""
+        return (self.name,)
 
     def __post_init__(self):
         members = set(self.nodes)
@@ -96,6 +106,8 @@ class Region:
 class Block(Region):
     """One transformer block; ``stream_inputs``/``stream_outputs`` map a stream name to its node."""
 
+    scope: ClassVar[str] = "blocks"
+
     index: int = 0
     module_type: type | None = None
     stream_inputs: dict[str, fx.Node] = field(default_factory=dict)
@@ -108,6 +120,30 @@ class Attention(Region):
 
     block: Block | None = None
     kind: str = "spatial"
+
+
+@dataclass
+class BlockRange(Region):
+    """Consecutive blocks and the glue between them, as one region."""
+
+    scope: ClassVar[str] = "blocks"
+
+    blocks: list[Block] = field(default_factory=list)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(block.name for block in self.blocks)
+
+
+@dataclass
+class WholeModel(Region):
+    """Every computation of the call (FasterCache's CFG-Cache replaces it by a half-batch call)."""
+
+    scope: ClassVar[str] = "model"
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return ()
 
 
 @dataclass
@@ -454,72 +490,6 @@ def _name_streams(block, carried, placeholders, model_name):
     roles = dict(zip(ranked, (HIDDEN, ENCODER)))
     block.stream_inputs = {roles[out]: sources[out] for out in ranked}
     return roles
-
-
-def passthrough(graph: fx.Graph, region: Region, skipped: list[Block], method: str
-                ) -> tuple[list[fx.Node], list[fx.Node]]:
-    """For each output of ``region`` (the skipped blocks and the glue between them), the value it
-    takes when every skipped block hands its stream inputs on unchanged (what diffusers' skipped
-    blocks do) and the glue between blocks still runs. Where
-    blocks follow one another directly this is the head block's stream output itself; where streams
-    merge (Flux 2, Chroma: text and image tokens concatenated before the single-stream blocks) it is
-    that concatenation of the streams entering the skipped blocks, so a stored residual has the
-    region output's shape. Shared by the block caches (FirstBlockCache, MagCache).
-
-    Returns those values and the glue nodes copied to compute them (they run on both branches; the
-    caller places them before the call that replaces the region: :func:`run_glue_before`)."""
-    stream_of: dict[fx.Node, fx.Node] = {}  # a skipped block's stream output -> its stream input
-    block_nodes: set[fx.Node] = set()
-    for block in skipped:
-        block_nodes.update(block.nodes)
-        for role, out in block.stream_outputs.items():
-            if role in block.stream_inputs:
-                stream_of[out] = block.stream_inputs[role]
-    members = set(region.nodes)
-    env: dict[fx.Node, fx.Node | None] = {}
-
-    def value(node: fx.Node) -> fx.Node | None:
-        return env[node] if node in members else node
-
-    anchor, copies = region.nodes[-1], []
-    for node in region.nodes:
-        if node in stream_of:
-            env[node] = value(stream_of[node])
-        elif node in block_nodes or any(value(a) is None for a in node.all_input_nodes):
-            env[node] = None  # computed by a skipped block: no value without running it
-        else:
-            with graph.inserting_after(anchor):
-                env[node] = graph.node_copy(node, lambda n: value(n))
-            env[node].meta = {k: v for k, v in node.meta.items() if k != "nn_module_stack"}
-            anchor = env[node]
-            copies.append(anchor)
-    result = []
-    for out in region.outputs:
-        if env[out] is None:
-            raise RegionError(
-                f"{method}: {out.name}, computed in blocks {skipped[0].name}..{skipped[-1].name}, is read "
-                "after them but is not one of the streams the blocks pass on (found: "
-                f"{sorted(skipped[-1].stream_outputs)}); the skipped blocks cannot be replaced by a residual")
-        result.append(env[out])
-    kept = []
-    for node in reversed(copies):  # glue that no output needs
-        if not node.users and node not in result:
-            graph.erase_node(node)
-        else:
-            kept.insert(0, node)
-    return result, kept
-
-
-def run_glue_before(results: list[fx.Node], glue: list[fx.Node]) -> None:
-    """Move the ``glue`` copied by :func:`passthrough` before the call that replaced the region
-    (``results`` are its outputs): that call reads them, and the outlined region it runs is read
-    just before it."""
-    if not glue:
-        return
-    call = results[0].args[0]
-    module = next(a for a in call.args if isinstance(a, fx.Node) and a.op == "get_attr")
-    for node in glue:
-        module.prepend(node)
 
 
 def _find_attentions(blocks, sdpa, module_types):

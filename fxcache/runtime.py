@@ -33,7 +33,8 @@ from .capture import CaptureError, InputSignature, capture, input_signature
 from .lower import Program
 from .passes.base import CachePass, Step
 from .regions import ModelRegions, find_regions
-from .rewrite import ProgramBuilder
+from .rewrite import ProgramBuilder, RewrittenProgram
+from .state import CacheState
 
 __all__ = ["CachedModel", "DEFAULT_CONTEXT"]
 
@@ -99,7 +100,6 @@ class CachedModel(torch.nn.Module):
         # least recently used first; one program per capture (several per signature when the module
         # changed and changed back, e.g. LoRA on and off)
         self._programs: OrderedDict[int, Program] = OrderedDict()
-        self._regions: dict[int, ModelRegions] = {}
         # captures of a signature since a program of it was last found again: only a module that
         # changes on every call keeps counting (a torch._dynamo.reset() costs one capture each)
         self._recaptures: dict[InputSignature, int] = {}
@@ -113,6 +113,7 @@ class CachedModel(torch.nn.Module):
         self._groups = 0  # programs of one group share their state (see _build)
         self._evicted = 0
         self._scalar_tensors: dict[tuple, torch.Tensor] = {}
+        self._plan_costs: dict[tuple, Any] = {}  # FLOP formulas per signature and gated regions (plan())
 
     # -- attribute forwarding -----------------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -186,10 +187,10 @@ class CachedModel(torch.nn.Module):
                 self._last_generation = generation
                 self._fold_into_totals(generation)
             used = {program.group for program in self._programs.values() if program.used}
-            for program in self._state_holders():
-                if program.group not in used:
-                    program.states.clear()
-                program.reset()
+            for state, group in self._states():
+                if group not in used:
+                    state.free()
+                state.reset()
             for program in self._programs.values():
                 program.used = False
             self._progress.clear()
@@ -207,8 +208,8 @@ class CachedModel(torch.nn.Module):
     def _reset_context(self, name: str) -> None:
         if name in self._progress:
             self._fold_into_totals({name: self._generation_figures(counters=None).get(name, {})})
-        for program in self._state_holders():
-            program.reset(name)
+        for state, _ in self._states():
+            state.reset(name)
         self._progress.pop(name, None)
 
     # -- the call -----------------------------------------------------------------------------------
@@ -222,9 +223,9 @@ class CachedModel(torch.nn.Module):
             step = self._step(context, program)
             flags = self._flags(program, step)
             scalars = self._scalars(program, step)
-            if context not in program.states:
+            if context not in program.state.tensors:
                 self._check_cache_budget(program, context)
-            flat = program(program.captured.inputs_from(args, kwargs, leaves), program.state_for(context),
+            flat = program(program.captured.inputs_from(args, kwargs, leaves), program.state.for_context(context),
                            scalars, flags)
             return program.captured.rebuild_output(flat, leaves)
 
@@ -262,29 +263,21 @@ class CachedModel(torch.nn.Module):
         captured = capture(self.original, args, kwargs)
         self._captures += 1
         self._recaptures[signature] = captures + 1
-        regions = find_regions(captured)
-        builder = ProgramBuilder(captured)
-        for cache_pass in self._passes:
-            builder.current_pass = type(cache_pass).__name__
-            cache_pass.rewrite(builder, regions)
-        fullgraph = not any(p.dynamic and getattr(p, "lowering", None) == "host" for p in self._passes)
-        program = Program.build(builder, fullgraph=fullgraph, **self._compile_args)
+        rewritten = ProgramBuilder(captured, find_regions(captured)).rewrite(self._passes)
         previous = next((p for p in reversed(self._programs.values()) if p.captured.signature == signature), None)
-        if previous is not None and previous.state_slots == program.state_slots:
+        if previous is not None and previous.state.slots == rewritten.state:
             # the module changed under the same inputs (a LoRA scale, a processor, inference-mode
             # inputs) and the cache has the same slots: the new program carries on with this
             # generation's state and schedule, as diffusers' hooks do, instead of starting over
-            program.states, program.group = previous.states, previous.group
-            program.touched, program.counter_history = previous.touched, previous.counter_history
+            program = Program.build(rewritten, state=previous.state, **self._compile_args)
+            program.group = previous.group
         else:
+            program = Program.build(rewritten, **self._compile_args)
             self._groups += 1
             program.group = self._groups
-        key = id(program)
-        self._programs[key] = program
-        self._regions[key] = regions
+        self._programs[id(program)] = program
         while len(self._programs) > self._max_programs:
-            evicted_key, evicted = self._programs.popitem(last=False)
-            self._regions.pop(evicted_key, None)
+            _, evicted = self._programs.popitem(last=False)
             self._evicted += 1
             evicted.captured.guard.release()
             evicted.release(free_state=not any(p.group == evicted.group for p in self._programs.values()))
@@ -312,10 +305,14 @@ class CachedModel(torch.nn.Module):
         if self._max_cache_bytes is None:
             return
         held = self._cache_bytes()
-        if held + program.state_bytes > self._max_cache_bytes:
-            by_pass = ", ".join(f"{name} {size:,} B" for name, size in program.state_bytes_by_owner().items())
+        needed = program.state.bytes_per_context
+        if held + needed > self._max_cache_bytes:
+            sizes: dict[str, int] = {}
+            for slot in program.state.slots:
+                sizes[slot.owner] = sizes.get(slot.owner, 0) + slot.nbytes
+            by_pass = ", ".join(f"{name} {size:,} B" for name, size in sizes.items())
             raise MemoryError(
-                f"fxcache: cache context {context!r} needs {program.state_bytes:,} bytes of cache state "
+                f"fxcache: cache context {context!r} needs {needed:,} bytes of cache state "
                 f"({by_pass}) for inputs {program.captured.signature.describe()}; with the {held:,} bytes "
                 f"already held that passes max_cache_bytes={self._max_cache_bytes:,}. Raise the bound, "
                 "use fewer cache contexts, or call reset() between generations of different sizes.")
@@ -375,24 +372,17 @@ class CachedModel(torch.nn.Module):
         return Step(index=index - first_step, num_steps=num_steps, timestep=timestep, context=context)
 
     def _flags(self, program: Program, step: Step) -> tuple[bool, ...]:
-        if not program.flag_names:
+        specs = program.rewritten.flags
+        if not specs:
             return ()
-        decided: dict[str, bool] = {}
-        for cache_pass in self._passes:
-            decided.update(cache_pass.decide(step))
-        flags = tuple(bool(decided[name]) for name in program.flag_names)
+        flags = tuple(bool(spec.decide(step)) for spec in specs)
         counts = self._progress[step.context].flag_counts
-        for name, value in zip(program.flag_names, flags):
-            counts.setdefault(name, [0, 0])[0 if value else 1] += 1
+        for spec, value in zip(specs, flags):
+            counts.setdefault(spec.name, [0, 0])[0 if value else 1] += 1
         return flags
 
     def _scalars(self, program: Program, step: Step) -> list[torch.Tensor]:
-        if not program.scalar_slots:
-            return []
-        values: dict[str, float] = {}
-        for cache_pass in self._passes:
-            values.update(cache_pass.scalars(step))
-        return [self._scalar_tensor(values[s.name], s.dtype, s.device, s.name) for s in program.scalar_slots]
+        return [self._scalar_tensor(s.at(step), s.dtype, s.device, s.name) for s in program.rewritten.scalars]
 
     def _scalar_tensor(self, value: float, dtype: torch.dtype, device: torch.device, name: str = "") -> torch.Tensor:
         """One device tensor per scalar name and distinct value, made once: building it per call would
@@ -410,7 +400,7 @@ class CachedModel(torch.nn.Module):
     def stats(self) -> dict[str, Any]:
         """What the cache did, per context: ``contexts`` has the figures of the current generation
         (or of the last one, until the next starts): calls, per flag how often it computed
-        (``true``) or reused (``false``), counters such as ``tail_computed``, and ``cache_bytes``;
+        (``true``) or reused (``false``), counters such as ``first_block_cache.tail_computed``, and ``cache_bytes``;
         ``totals`` the same summed over every generation since the transform. Also graphs compiled,
         captures, programs held (``programs``, at most ``max_programs``), and cache bytes in all and
         per pass.
@@ -418,23 +408,22 @@ class CachedModel(torch.nn.Module):
         Example::
 
             pipe(prompt, num_inference_steps=28)
-            print(pipe.transformer.stats()["contexts"]["cond"])  # e.g. {'calls': 28, 'tail_computed': 17, ...}
+            print(pipe.transformer.stats()["contexts"]["cond"])  # e.g. {'calls': 28, 'first_block_cache.tail_computed': 17, ...}
         """
         with self._lock:
             if self._progress:
                 contexts = self._generation_figures(counters="live")
             else:
                 contexts = {name: dict(entry) for name, entry in self._last_generation.items()}
-                _add_counters(contexts, self._state_holders(), "last")
+                _add_counters(contexts, self._states(), "last")
             totals = {name: _add_figures({}, entry) for name, entry in self._totals.items()}
             if self._progress:
                 _add_figures_of(totals, self._generation_figures(counters=None))
-            _add_counters(totals, self._state_holders(), "total")
+            _add_counters(totals, self._states(), "total")
             by_pass: dict[str, int] = {}
-            for program in self._state_holders():
-                for _ in program.states:
-                    for owner, size in program.state_bytes_by_owner().items():
-                        by_pass[owner] = by_pass.get(owner, 0) + size
+            for state, _ in self._states():
+                for owner, size in state.bytes_by_owner().items():
+                    by_pass[owner] = by_pass.get(owner, 0) + size
             return {
                 "contexts": contexts,
                 "totals": totals,
@@ -450,12 +439,12 @@ class CachedModel(torch.nn.Module):
         """Per context: calls and flag counts since the last reset, bytes held, and the state's
         counters (``"live"``: this generation's so far; None: left out, no device read)."""
         contexts: dict[str, dict[str, Any]] = {}
-        for program in self._state_holders():
-            for name in program.states:
+        for state, _ in self._states():
+            for name in state.contexts:
                 entry = contexts.setdefault(name, {})
-                entry["cache_bytes"] = entry.get("cache_bytes", 0) + program.state_bytes
+                entry["cache_bytes"] = entry.get("cache_bytes", 0) + state.bytes_per_context
         if counters is not None:
-            _add_counters(contexts, self._state_holders(), counters)
+            _add_counters(contexts, self._states(), counters)
         for name, progress in self._progress.items():
             entry = contexts.setdefault(name, {})
             entry["calls"] = progress.calls
@@ -464,39 +453,71 @@ class CachedModel(torch.nn.Module):
         return contexts
 
     def _cache_bytes(self) -> int:
-        return sum(p.state_bytes * len(p.states) for p in self._state_holders())
+        return sum(state.nbytes for state, _ in self._states())
 
-    def _state_holders(self) -> list[Program]:
-        """One program per set of state (programs of one group share it)."""
-        return list({p.group: p for p in self._programs.values()}.values())
+    def _states(self) -> list[tuple[CacheState, int]]:
+        """Each set of cache state once, with its group (programs of one group share it)."""
+        return list({p.group: (p.state, p.group) for p in self._programs.values()}.values())
+
+    def programs(self) -> list[RewrittenProgram]:
+        """What was built: one rewritten program per input signature and module state held now, least
+        recently used first. Each has ``code()`` (the rewritten graph, readable), ``captured_code()``
+        (the graph as captured) and ``describe()``.
+
+        Example::
+
+            print(cached.programs()[-1].code())
+        """
+        return [program.rewritten for program in self._programs.values()]
 
     def regions(self) -> ModelRegions:
-        """The regions of the most recently used program."""
-        if not self._regions:
+        """The regions of the most recently used program (found on its graph as captured)."""
+        if not self._programs:
             raise RuntimeError("nothing is captured yet: call the model once first")
-        return self._regions[next(reversed(self._programs))]
+        return self._latest().rewritten.regions
+
+    def _latest(self) -> Program:
+        return self._programs[next(reversed(self._programs))]
+
+    def write_repro(self, path) -> str:
+        """Write a self-contained Python script that rebuilds this model class from its config with
+        random weights, applies the same passes and runs the last input signature, for a bug report;
+        the rewritten program is included as a comment. Returns the path.
+
+        Example::
+
+            cached.write_repro("fxcache_repro.py")
+        """
+        from .report import repro_source
+
+        if not self._programs:
+            raise RuntimeError("nothing is captured yet: call the model once first, then write the repro")
+        source = repro_source(self.original, self._passes, self._latest().rewritten, self._compile_args)
+        with open(path, "w") as file:
+            file.write(source)
+        return str(path)
 
     def explain(self, num_steps: int | None = None, timesteps=None) -> str:
-        """What was found and what each pass will do, as text; for static passes, the schedule of
-        ``num_steps`` steps (default: the scheduler's, else the pass's ``num_inference_steps``) and
-        its predicted FLOPs (see :meth:`plan`)."""
+        """What was found and what each pass will do, as text: the regions, what each pass replaced,
+        and, for passes that decide from the step, the schedule of ``num_steps`` steps (default: the
+        scheduler's, else a pass's ``num_inference_steps``) with its predicted FLOPs (see :meth:`plan`)."""
         lines = [f"fxcache: {type(self.original).__name__} with "
                  + ", ".join(p.describe() for p in self._passes)]
-        if self._regions:
-            lines.append(self.regions().describe())
-        else:
+        if not self._programs:
             lines.append("(regions are read when the model is first called)")
-        for cache_pass in self._passes:
-            if cache_pass.dynamic:
-                lines.append(f"{type(cache_pass).__name__}: decided in the graph at every call; "
-                             "no schedule ahead of time")
-        static = [p for p in self._passes if not p.dynamic]
-        if static and self._regions:
+            return "\n".join(lines)
+        program = self._latest().rewritten
+        lines.append(self.regions().describe())
+        lines.append(program.describe())
+        for rewrite in program.passes:
+            if rewrite.decides_in_graph:
+                lines.append(f"{rewrite.name}: decided in the graph at every call; no schedule ahead of time")
+        if program.flags:
             if timesteps is None and self._timesteps is not None:
                 timesteps = self._timesteps
             if num_steps is None:
                 num_steps = len(timesteps) if timesteps is not None else next(
-                    (p.num_inference_steps for p in static if hasattr(p, "num_inference_steps")), None)
+                    (p.num_inference_steps for p in self._passes if hasattr(p, "num_inference_steps")), None)
             if num_steps is None:
                 lines.append("(call explain(num_steps, timesteps) for the schedule)")
             else:
@@ -507,11 +528,11 @@ class CachedModel(torch.nn.Module):
         return "\n".join(lines)
 
     def plan(self, num_steps: int, timesteps=None):
-        """The schedule of the static passes for a generation of ``num_steps`` steps: which region
-        computes at which step, per cache context, and the predicted fraction of FLOPs as a formula
-        in the token count (:class:`fxcache.schedule.Schedule`). Needs one call of the model first
-        (the regions are read off its graph); ``timesteps`` are needed where a pass has a timestep
-        range (PAB).
+        """The schedule of the passes that decide from the step, for a generation of ``num_steps``
+        steps: which region computes at which step, per cache context, and the predicted fraction of
+        FLOPs as a formula in the token count (:class:`fxcache.schedule.Schedule`). Needs one call of
+        the model first (the regions are read off its graph); ``timesteps`` are needed where a pass
+        has a timestep range (PAB).
 
         Example::
 
@@ -519,18 +540,17 @@ class CachedModel(torch.nn.Module):
         """
         from .schedule import build_schedule, symbolic_costs
 
-        if not self._regions:
+        if not self._programs:
             raise RuntimeError("plan() reads the regions off the model's graph: call the model once first")
-        program = self._programs[next(reversed(self._programs))]
-        signature, regions = program.captured.signature, self.regions()
-        gated = build_schedule(self._passes, regions, num_steps, timesteps).regions
-        costs_by_signature = self.__dict__.setdefault("_plan_costs", {})
-        if (signature, tuple(gated)) not in costs_by_signature:
+        program = self._latest()
+        rewritten = program.rewritten
+        gated = build_schedule(rewritten, num_steps, timesteps).regions
+        key = (program.captured.signature, tuple(gated))
+        if key not in self._plan_costs:
             args, kwargs = program.captured.example_call()
-            costs_by_signature[(signature, tuple(gated))] = symbolic_costs(self.original, args, kwargs, gated)
-        contexts = tuple(self._progress) or tuple(program.states) or (DEFAULT_CONTEXT,)
-        return build_schedule(self._passes, regions, num_steps, timesteps, contexts,
-                              costs_by_signature[(signature, tuple(gated))])
+            self._plan_costs[key] = symbolic_costs(self.original, args, kwargs, gated)
+        contexts = tuple(self._progress) or tuple(program.state.contexts) or (DEFAULT_CONTEXT,)
+        return build_schedule(rewritten, num_steps, timesteps, contexts, self._plan_costs[key])
 
 
 def _add_figures(into: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
@@ -550,10 +570,11 @@ def _add_figures_of(into: dict[str, dict[str, Any]], figures: dict[str, dict[str
         _add_figures(into.setdefault(name, {}), entry)
 
 
-def _add_counters(into: dict[str, dict[str, Any]], programs, which: str) -> None:
-    """Adds the programs' counters (``"live"``, ``"last"`` generation or ``"total"``) per context."""
-    for program in programs:
-        for name, values in program.counters(which).items():
+def _add_counters(into: dict[str, dict[str, Any]], states, which: str) -> None:
+    """Adds the counters (``"live"``, ``"last"`` generation or ``"total"``) of each ``(state, group)``
+    per context."""
+    for state, _ in states:
+        for name, values in state.counters(which).items():
             entry = into.setdefault(name, {})
             for counter, value in values.items():
                 entry[counter] = entry.get(counter, 0) + value

@@ -1,8 +1,9 @@
 """Schedules of static passes: which region computes at which step, per cache context, and the
 fraction of FLOPs a generation is predicted to execute, as a formula in the token count.
 
-A static pass decides from the step alone (:meth:`CachePass.decide`) and says which regions each of
-its flags gates (``flag_regions``), so the whole schedule is known before the first step. The cost of
+A pass that decides from the step alone declares host flags (``g.flag(name, decide=...)``); the
+builder records which module paths each flag gates, so the whole schedule is known before the first
+step. The cost of
 each region comes from the graph, not from a fit: the model is captured once more by dynamo with the
 token dimension of its ``hidden_states`` marked dynamic, the graph is run on fake tensors whose sizes
 are symbols, under ``torch.utils.flop_counter``, and every node's FLOPs (a sympy expression in the
@@ -19,7 +20,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -29,8 +29,8 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .capture import normalize_module_path
-from .passes.base import CachePass, ConfigError, Step
+from .capture import capture_dynamic, normalize_module_path
+from .passes.base import ConfigError, Step
 
 __all__ = ["RegionCost", "Schedule", "build_schedule", "flop_counter", "symbolic_costs"]
 
@@ -141,14 +141,15 @@ class Schedule:
         return "\n".join(lines)
 
 
-def build_schedule(passes: Sequence[CachePass], regions, num_steps: int, timesteps: Sequence[float] | None = None,
+def build_schedule(program, num_steps: int, timesteps: Sequence[float] | None = None,
                    contexts: Sequence[str] = ("default",), costs: RegionCost | None = None) -> Schedule:
-    """The schedule of static ``passes`` over ``num_steps`` steps (``timesteps`` where a pass needs
-    them), for each context.
+    """The schedule of a rewritten program's host flags over ``num_steps`` steps (``timesteps``
+    where a flag needs them), for each context: each flag's ``decide(step)`` says whether the module
+    paths it gates compute.
 
     Example::
 
-        build_schedule([MagCache(mag_ratios=FLUX_MAG_RATIOS)], cached.regions(), 28)
+        build_schedule(cached.programs()[-1], 28)
     """
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
@@ -156,34 +157,25 @@ def build_schedule(passes: Sequence[CachePass], regions, num_steps: int, timeste
         timesteps = [float(t) for t in (timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps)]
         if len(timesteps) != num_steps:
             raise ValueError(f"{len(timesteps)} timesteps were given for {num_steps} steps")
-    planned, gates, notes = [], {}, []
-    for cache_pass in passes:
-        if cache_pass.dynamic:
-            notes.append(f"{type(cache_pass).__name__} decides in the graph at every call: no schedule ahead")
-            continue
-        if getattr(cache_pass, "current_timestep_callback", None) is not None:
-            # plan from the given timesteps, never from the callback's current value
-            cache_pass = dataclasses.replace(cache_pass, current_timestep_callback=None)
-        planned.append(cache_pass)
-        gates.update(cache_pass.flag_regions(regions))
+    notes = [f"{rewrite.name} decides in the graph at every call: no schedule ahead"
+             for rewrite in program.passes if rewrite.decides_in_graph]
+    flags = [spec for spec in program.flags if spec.gates]
     names: list[str] = []
-    for gated in gates.values():
-        names.extend(r for r in gated if r not in names)
+    for spec in flags:
+        names.extend(r for r in spec.gates if r not in names)
     computes: dict[str, list[dict[str, bool]]] = {}
     for context in contexts:
         rows = []
         for index in range(num_steps):
-            step = Step(index, num_steps, timesteps[index] if timesteps else None, context)
-            flags: dict[str, bool] = {}
-            for cache_pass in planned:
+            step = Step(index, num_steps, timesteps[index] if timesteps else None, context, planned=True)
+            row = {name: True for name in names}
+            for spec in flags:
                 try:
-                    flags.update(cache_pass.decide(step))
+                    decision = bool(spec.decide(step))
                 except ConfigError as error:
                     raise ConfigError(f"plan(): {error} (give plan() the timesteps)") from error
-            row = {name: True for name in names}
-            for flag, gated in gates.items():
-                for region in gated:
-                    row[region] = row[region] and flags[flag]
+                for region in spec.gates:
+                    row[region] = row[region] and decision
             rows.append(row)
         computes[context] = rows
     return Schedule(num_steps, timesteps, tuple(contexts), names, computes, costs, notes)
@@ -212,22 +204,11 @@ def symbolic_costs(model: torch.nn.Module, args: tuple, kwargs: dict, region_nam
             # a table with one row per image token (Flux's img_ids) follows the token count
             if isinstance(leaf, torch.Tensor) and leaf.dim() == 2 and leaf.shape[0] == size and size > 1:
                 torch._dynamo.maybe_mark_dynamic(leaf, 0)
-    recorded = {}
-
-    def record(gm, example_inputs):
-        recorded["gm"], recorded["inputs"] = gm, example_inputs
-        return gm.forward
-
-    try:
-        with torch.no_grad():
-            torch.compile(model, backend=record, fullgraph=True, dynamic=False)(*args, **kwargs)
-    finally:
-        torch._dynamo.eval_frame.remove_from_cache(type(model).forward)
-    gm: fx.GraphModule = recorded["gm"]
+    gm, example_inputs = capture_dynamic(model, args, kwargs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fakes = [n.meta.get("example_value") for n in placeholders]
     fake_mode = torch._guards.detect_fake_mode([f for f in fakes if isinstance(f, torch.Tensor)])
-    hidden_fake = next((f for f, real in zip(fakes, recorded["inputs"]) if real is hidden), None)
+    hidden_fake = next((f for f, real in zip(fakes, example_inputs) if real is hidden), None)
     symbol = hidden_fake.shape[dim] if hidden_fake is not None else size
     symbolic = isinstance(symbol, torch.SymInt) and bool(symbol.node.expr.free_symbols)
     per_region = {name: sympy.Integer(0) for name in region_names}

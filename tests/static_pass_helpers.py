@@ -69,9 +69,11 @@ def run_scheduler(model, tiny: tiny_models.TinyDenoiser, scheduler, num_steps: i
     return start, x
 
 
-def decision_tuples(config, steps) -> set:
-    """The distinct host flag tuples a static pass decides over ``steps``."""
-    return {tuple(sorted(config.decide(step).items())) for step in steps}
+def decision_tuples(cached, steps) -> set:
+    """The distinct host flag tuples the last captured program decides over ``steps`` (each flag's
+    ``decide``, as the runtime calls it)."""
+    flags = cached.programs()[-1].flags
+    return {tuple(spec.decide(step) for spec in flags) for step in steps}
 
 
 def assert_equals_diffusers_over_two_generations(reference, cached, tiny, num_steps: int, contexts) -> None:

@@ -34,7 +34,7 @@ def test_a_replaced_pipeline_scheduler_is_read_through_the_pipeline_or_named_in_
     first = tiny.generate(output_type="latent")
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=2.0)
     swapped = tiny.generate(output_type="latent")
-    counts = pipe.transformer.stats()["contexts"]["cond"]["taylorseer_compute"]
+    counts = pipe.transformer.stats()["contexts"]["cond"]["taylorseer.compute"]
     assert counts == {"true": 2, "false": 2}  # still caching: the new scheduler's steps were read
     fresh = fxcache.transform(transformer, [taylorseer()], backend="eager", scheduler=pipe.scheduler)
     pipe.transformer = fresh
@@ -181,9 +181,9 @@ def test_stats_keep_the_last_generation_and_totals(flux):
         tiny.generate(output_type="latent")
     stats = tiny.pipe.transformer.stats()
     assert stats["contexts"]["cond"]["calls"] == 4  # the last generation, after the pipeline's reset
-    assert stats["contexts"]["cond"]["taylorseer_compute"] == {"true": 2, "false": 2}
+    assert stats["contexts"]["cond"]["taylorseer.compute"] == {"true": 2, "false": 2}
     assert stats["totals"]["cond"]["calls"] == 8
-    assert stats["totals"]["cond"]["taylorseer_compute"] == {"true": 4, "false": 4}
+    assert stats["totals"]["cond"]["taylorseer.compute"] == {"true": 4, "false": 4}
 
 
 def test_threads_each_in_their_own_context_get_the_sequential_results(flux):
@@ -228,7 +228,7 @@ def test_img2img_starts_its_schedule_at_the_pipelines_first_step():
     reference = run()
     pipe.transformer = fxcache.transform(transformer, [taylorseer()], backend="eager", scheduler=pipe)
     assert torch.equal(run(), reference)
-    assert pipe.transformer.stats()["contexts"]["default"]["taylorseer_compute"] == {"true": 3, "false": 3}
+    assert pipe.transformer.stats()["contexts"]["default"]["taylorseer.compute"] == {"true": 3, "false": 3}
 
 
 def _diffusers_taylorseer():

@@ -87,10 +87,11 @@ def test_schedule_matches_the_diffusers_worked_example():
     # diffusers-hooks.md §3.4 and §3.5: n_u = 3, N = 2, spatial range (-1, 681), uncond range (-1, 641)
     config = FasterCache(unconditional_batch_skip_range=3, attention_weight_callback=lambda _: 0.5)
     timesteps = [999, 900, 700, 680, 600, 500, 400, 300, 200, 100, 50, 0]
-    flags = [config.decide(Step(i, len(timesteps), t)) for i, t in enumerate(timesteps)]
-    assert "".join("F" if f["compute_uncond"] else "c" for f in flags) == "FFFFccFccFcc"
+    uncond = [config.computes_uncond(i, t) for i, t in enumerate(timesteps)]
+    assert "".join("F" if f else "c" for f in uncond) == "FFFFccFccFcc"
     # attention extrapolates only on conditional-only calls at odd iterations: 5, 7 and 11
-    assert [i for i, f in enumerate(flags) if not f["compute_spatial_attention"]] == [5, 7, 11]
+    attention = [config.computes_attention("spatial", i, t) for i, t in enumerate(timesteps)]
+    assert [i for i, computes in enumerate(attention) if not computes] == [5, 7, 11]
 
 
 @pytest.mark.parametrize("name", ["flux", "qwenimage"])
@@ -106,7 +107,7 @@ def test_guidance_distilled_equals_diffusers_hook_over_two_generations(name):
         _, uncached = run_euler(tiny.model, tiny, STEPS, seed=seed)
         assert relative_difference(result, expected, start) <= 1e-5
         assert relative_difference(uncached, expected, start) > 1e-4  # the cache did extrapolate
-        assert cached.stats()["contexts"]["cond"]["compute_spatial_attention"]["false"] == 4
+        assert cached.stats()["contexts"]["cond"]["faster_cache.compute_spatial_attention"]["false"] == 4
         reference._reset_stateful_cache()
         cached._reset_stateful_cache()
 
@@ -123,8 +124,8 @@ def test_batched_cfg_with_uncond_synthesis_equals_diffusers_hook(name, tensor_fo
         _, result = run_batched_cfg(cached, tiny, STEPS, context_fields=True, seed=seed)
         assert relative_difference(result, expected, start) <= 1e-5
         counts = cached.stats()["contexts"]["cond_uncond"]
-        assert counts["compute_uncond"] == {"true": 3, "false": 5}
-        assert counts["compute_spatial_attention"]["false"] == 3
+        assert counts["faster_cache.compute_uncond"] == {"true": 3, "false": 5}
+        assert counts["faster_cache.compute_spatial_attention"]["false"] == 3
         reference._reset_stateful_cache()
         cached._reset_stateful_cache()
     _, exact = run_batched_cfg(tiny.model, tiny, STEPS, seed=1)
@@ -206,7 +207,7 @@ def test_token_layout_uncond_synthesis_equals_an_independent_reference():
             outputs.append(cached(**batched_inputs(tiny, x + sigma, sigma))[0])
     uncond0, cond0 = tiny.model(**batched_inputs(tiny, x + 1.0, 1.0))[0].chunk(2)
     cond1 = tiny.model(**tiny.inputs(x + 0.75, 0.75, condition=0))[0]
-    assert cached.stats()["contexts"]["cond_uncond"]["compute_uncond"] == {"true": 1, "false": 1}
+    assert cached.stats()["contexts"]["cond_uncond"]["faster_cache.compute_uncond"] == {"true": 1, "false": 1}
     torch.testing.assert_close(outputs[1][1:], cond1, rtol=1e-5, atol=1e-6)
     expected = reference_uncond(uncond0, cond0, cond1, (4, 4), 1.25, 0.8)
     torch.testing.assert_close(outputs[1][:1], expected, rtol=1e-5, atol=1e-5)
@@ -237,7 +238,7 @@ def test_one_graph_per_decision_tuple_no_breaks():
         run_batched_cfg(cached, tiny, STEPS, context_fields=True, seed=seed)
         cached.reset()
     sigmas = torch.linspace(1.0, 0.0, STEPS + 1).tolist()
-    tuples = decision_tuples(config, [Step(i, STEPS, s * tiny.timestep_scale) for i, s in enumerate(sigmas[:-1])])
+    tuples = decision_tuples(cached, [Step(i, STEPS, s * tiny.timestep_scale) for i, s in enumerate(sigmas[:-1])])
     assert len(tuples) == 3  # full batch; conditional-only computing; conditional-only extrapolating
     # dynamo also counts the two captures: the full batch and the conditional-only batch
     assert_one_graph_per_decision_tuple(cached, tuples, captures_per_signature=2)

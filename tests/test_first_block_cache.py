@@ -26,7 +26,7 @@ def test_equals_diffusers_hook_over_a_whole_loop_and_again_after_reset(name):
         expected = tiny_models.euler_sample(hooked, tiny, start, STEPS, CFG)
         result = tiny_models.euler_sample(cached, tiny, start, STEPS, CFG)
         assert relative_difference(result, expected, start) <= 1e-5
-        computed = sum(c["tail_computed"] for c in cached.stats()["contexts"].values())
+        computed = sum(c["first_block_cache.tail_computed"] for c in cached.stats()["contexts"].values())
         assert 2 * (generation + 1) < computed < 2 * STEPS * (generation + 1), "both compute and skip"
         hooked._reset_stateful_cache()
         cached._reset_stateful_cache()
@@ -80,7 +80,7 @@ def test_nan_change_computes_where_diffusers_skips():
     exact = tiny.model(**tiny.inputs(second, 0.5))[0]
     assert torch.equal(outputs["fxcache"], exact)
     assert not torch.allclose(outputs["diffusers"], exact, atol=1e-3)
-    assert cached.stats()["contexts"]["cond"]["tail_computed"] == 2
+    assert cached.stats()["contexts"]["cond"]["first_block_cache.tail_computed"] == 2
 
 
 @pytest.mark.inductor

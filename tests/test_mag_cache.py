@@ -155,7 +155,7 @@ def test_one_graph_per_decision_tuple_no_breaks():
     for seed in (0, 1):
         run_euler(cached, tiny, STEPS, contexts=CFG, seed=seed)
         cached.reset()
-    tuples = decision_tuples(config, [Step(i, STEPS) for i in range(STEPS)])
+    tuples = decision_tuples(cached, [Step(i, STEPS) for i in range(STEPS)])
     assert len(tuples) == 2
     assert_one_graph_per_decision_tuple(cached, tuples)
 

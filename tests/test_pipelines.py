@@ -34,7 +34,7 @@ def _scheduler(pipe):
 
 def _tail_computed(pipe, attribute="transformer") -> dict[str, int]:
     contexts = getattr(pipe, attribute).stats()["contexts"]
-    return {name: entry.get("tail_computed", 0) for name, entry in contexts.items()}
+    return {name: entry.get("first_block_cache.tail_computed", 0) for name, entry in contexts.items()}
 
 
 @pytest.mark.parametrize("name, threshold", [("flux", 0.3), ("cogvideox", 0.3), ("qwenimage", 0.5)])

@@ -45,7 +45,7 @@ def test_a_threshold_that_never_skips_is_bit_identical_to_the_model(config, shap
     for args in trajectory(model, shape, seed):
         with cached.cache_context("cond"):
             assert torch.equal(cached(*args), model(*args))
-    assert cached.stats()["contexts"]["cond"]["tail_computed"] == 4
+    assert cached.stats()["contexts"]["cond"]["first_block_cache.tail_computed"] == 4
 
 
 @given(configs, st.integers(0, 2**16), st.integers(0, 2**16), st.floats(0.05, 2.0))

@@ -55,7 +55,7 @@ def test_schedule_matches_the_diffusers_worked_example():
     # diffusers-hooks.md §2.4: N = 2, range (100, 800), both ends exclusive, parity counted from call 0
     config = PyramidAttentionBroadcast(spatial_attention_block_skip_range=2)
     timesteps = [999, 900, 800, 799, 700, 600, 500, 400, 300, 200, 101, 100, 50, 0]
-    flags = [config.decide(Step(i, len(timesteps), t))["compute_spatial_attention"] for i, t in enumerate(timesteps)]
+    flags = [config.compute("spatial", i, t) for i, t in enumerate(timesteps)]
     assert "".join("C" if f else "s" for f in flags) == "CCCsCsCsCsCCCC"
 
 
@@ -72,7 +72,7 @@ def test_equals_diffusers_hook_over_two_generations(name):
         _, uncached = run_euler(tiny.model, tiny, STEPS, seed=seed)
         assert relative_difference(result, expected, start) <= 1e-5
         assert relative_difference(uncached, expected, start) > 1e-4  # the cache did reuse something
-        assert cached.stats()["contexts"]["cond"]["compute_spatial_attention"]["false"] > 0
+        assert cached.stats()["contexts"]["cond"]["pyramid_attention_broadcast.compute_spatial_attention"]["false"] > 0
         reference._reset_stateful_cache()
         cached._reset_stateful_cache()
 
@@ -173,7 +173,7 @@ def test_one_graph_per_decision_tuple_no_breaks():
         run_euler(cached, tiny, STEPS, context_fields=True, seed=seed)
         cached.reset()
     sigmas = torch.linspace(1.0, 0.0, STEPS + 1).tolist()
-    tuples = decision_tuples(config, [Step(i, STEPS, s * tiny.timestep_scale) for i, s in enumerate(sigmas[:-1])])
+    tuples = decision_tuples(cached, [Step(i, STEPS, s * tiny.timestep_scale) for i, s in enumerate(sigmas[:-1])])
     assert len(tuples) == 4
     assert_one_graph_per_decision_tuple(cached, tuples)
 
@@ -187,7 +187,8 @@ def test_first_step_computes_and_reuse_needs_range(spatial, cross, lo, width, st
                                        cross_attention_timestep_skip_range=(lo, lo + width))
     sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
     for i, sigma in enumerate(sigmas[:-1]):
-        flags = config.decide(Step(i, steps, sigma))
+        flags = {kind: config.compute(kind, i, sigma) for kind in ("spatial", "cross")
+                 if getattr(config, f"{kind}_attention_block_skip_range") is not None}
         if i == 0 or not lo < sigma < lo + width:
             assert all(flags.values())
 

@@ -123,7 +123,7 @@ def test_a_context_that_joins_late_computes_on_its_first_call(flux):
             out = cached(**flux.inputs(x, 1 - step / 8))[0]
         if step == 5:
             assert torch.equal(out, flux.model(**flux.inputs(x, 1 - step / 8))[0])
-    assert cached.stats()["contexts"]["cond"]["mag_cache_compute_blocks"] == {"true": 1, "false": 1}
+    assert cached.stats()["contexts"]["cond"]["mag_cache.compute_blocks"] == {"true": 1, "false": 1}
 
 
 def test_a_static_pass_re_plans_when_the_scheduler_runs_another_step_count(flux):
@@ -146,5 +146,5 @@ def test_a_static_pass_re_plans_when_the_scheduler_runs_another_step_count(flux)
     planned = MagCache(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=10, retention_ratio=0.0,
                        threshold=0.5).schedule()
     assert config.schedule_for(10) == planned != config.schedule()[:10]
-    counts = cached.stats()["contexts"]["cond"]["mag_cache_compute_blocks"]
+    counts = cached.stats()["contexts"]["cond"]["mag_cache.compute_blocks"]
     assert counts == {"true": planned.count(True), "false": planned.count(False)}

@@ -156,7 +156,7 @@ def test_stats_count_calls_computed_steps_and_cache_bytes(flux):
     stats = cached.stats()
     # reference residual + hidden tail residual: (1, 16, 32) fp32 each, + one int64 counter
     per_context = 2 * 16 * 32 * 4 + 8
-    assert stats["contexts"]["cond"] == {"tail_computed": 5, "calls": 5, "cache_bytes": per_context}
+    assert stats["contexts"]["cond"] == {"first_block_cache.tail_computed": 5, "calls": 5, "cache_bytes": per_context}
     assert stats["cache_bytes"] == per_context
     assert stats["cache_bytes_by_pass"] == {"FirstBlockCache": per_context}
     assert relative_difference(result, tiny_models.euler_sample(flux.model, flux, start, 5), start) == 0.0

@@ -111,6 +111,6 @@ def test_plan_is_what_executes(config, steps):
         assert executed[step] == costs.at(costs.total) - skipped, f"step {step}"
     assert all(schedule.computes["cond"][0].values())  # the first step computes
     flags = cached.stats()["contexts"]["cond"]
-    for flag, gated in config.flag_regions(cached.regions()).items():
-        planned = sum(schedule.computes["cond"][i][gated[0]] for i in range(steps))
-        assert flags[flag]["true"] == planned
+    for spec in cached.programs()[-1].flags:
+        planned = sum(schedule.computes["cond"][i][spec.gates[0]] for i in range(steps))
+        assert flags[spec.name]["true"] == planned

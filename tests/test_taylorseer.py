@@ -39,6 +39,7 @@ CASES = [
 def test_fields_and_defaults_are_diffusers():
     ours = {f.name: f.default for f in dataclasses.fields(TaylorSeer)}
     theirs = {f.name: f.default for f in dataclasses.fields(TaylorSeerCacheConfig)}
+    assert ours.pop("target") == "modules"  # the one addition: forecasting what other passes reuse
     assert ours == theirs
 
 
@@ -54,7 +55,7 @@ def test_bad_fields_are_named(field, value):
 
 def test_schedule_matches_diffusers_examples():
     # diffusers-hooks.md §5.4: D=3, I=5 computes 0,1,2,4,9,14; D=1, I=3: C p C p p C
-    default = [i for i in range(16) if TaylorSeer().decide(Step(i))["taylorseer_compute"]]
+    default = [i for i in range(16) if TaylorSeer().computes(i)]
     assert default == [0, 1, 2, 4, 9, 14]
     short = TaylorSeer(cache_interval=3, disable_cache_before_step=1)
     assert "".join("C" if short.computes(i) else "p" for i in range(6)) == "CpCppC"
@@ -81,7 +82,7 @@ def test_deviation_default_identifiers_cover_attn1_attn2(name):
     ours = TaylorSeer(taylor_factors_dtype=torch.float32, cache_interval=2, disable_cache_before_step=1)
     cached = fxcache.transform(tiny.model, [ours], backend="eager")
     _, result = run_euler(cached, tiny, 6)
-    targets = ours.flag_regions(cached.regions())["taylorseer_compute"]
+    targets = cached.programs()[-1].flags[0].gates
     assert targets and all(t.rsplit(".", 1)[-1] in ("attn1", "attn2") for t in targets)
     # the same as diffusers told explicitly to cache those modules
     explicit = with_diffusers_cache(tiny.model, TaylorSeerCacheConfig(
@@ -114,7 +115,7 @@ def test_one_graph_per_decision_tuple_no_breaks():
     for seed in (0, 1):
         run_euler(cached, tiny, STEPS, contexts=CFG, seed=seed)
         cached.reset()
-    tuples = decision_tuples(config, [Step(i, STEPS) for i in range(STEPS)])
+    tuples = decision_tuples(cached, [Step(i, STEPS) for i in range(STEPS)])
     assert len(tuples) == 2
     assert_one_graph_per_decision_tuple(cached, tuples)
 
@@ -126,14 +127,14 @@ def test_first_step_computes_and_predictions_follow_an_update(interval, before, 
                         max_order=order)
     assert config.computes(0)
     for index in range(1, 30):
-        values = config.scalars(Step(index))
+        _, coefficients = config.step_scalars(index)
         if not config.computes(index):
             last = max(i for i in range(index) if config.computes(i))
-            assert values["taylorseer_coefficient_0"] == 1.0
+            assert coefficients[0] == 1.0
             if order >= 1:
                 updates = sum(config.computes(i) for i in range(index))
                 expected = float(index - last) if updates >= 2 else 0.0
-                assert values["taylorseer_coefficient_1"] == expected
+                assert coefficients[1] == expected
 
 
 @given(steps=st.integers(2, 6), before=st.integers(0, 3), seed=st.integers(0, 3))

@@ -6,6 +6,7 @@ from .first_block_cache import FirstBlockCache
 from .mag_cache import MagCache
 from .pyramid_attention_broadcast import PyramidAttentionBroadcast
 from .taylorseer import TaylorSeer
+from .teacache import TeaCache
 
 __all__ = ["CachePass", "ConfigError", "FasterCache", "FirstBlockCache", "MagCache", "PyramidAttentionBroadcast",
-           "Step", "TaylorSeer"]
+           "Step", "TaylorSeer", "TeaCache"]

@@ -1,8 +1,10 @@
-"""What every pass is: a frozen, validated config plus a rewrite, and (for static passes) a schedule.
+"""What every pass is: a frozen, validated config and a ``rewrite(g)``. The whole contract is here and
+in :mod:`fxcache.rewrite`; docs/concepts.md ("Writing a pass") walks through it.
 
-A *static* pass decides from the step alone: :meth:`CachePass.decide` returns the host flags it
-declared, so the whole schedule is known before the first step. A *dynamic* pass computes its
-decision inside the graph and declares no flags.
+A pass declares what it needs through ``g`` (a :class:`~fxcache.rewrite.PassBuilder`): state, caches,
+counters, host flags with their ``decide(step)``, scalars with their ``value(step)``; and it replaces
+regions of its ``scope`` with a policy function. A *static* decision (from the step alone) is a flag,
+so the schedule is known before the first step; a *dynamic* one is computed in the graph.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from ..regions import Attention, ModelRegions, RegionError
-from ..rewrite import ProgramBuilder
+from ..rewrite import PassBuilder
 
 __all__ = ["AttentionKindsPass", "CachePass", "ConfigError", "Step", "attention_settings"]
 
@@ -26,30 +28,37 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Step:
-    """Where the denoising loop is when a call is made."""
+    """Where the denoising loop is when a call is made. ``index`` counts from the context's first
+    call of this program in the generation; ``planned`` is True when ``plan()`` asks, ahead of time."""
 
     index: int
     num_steps: int | None = None
     timestep: float | None = None
     context: str = "default"
+    planned: bool = False
 
 
 class CachePass:
-    """Base class of the passes. Subclasses are frozen dataclasses; ``__post_init__`` validates."""
+    """Base class of the passes. Subclasses are frozen dataclasses whose ``__post_init__`` validates
+    (raising :class:`ConfigError` naming the field) and which implement :meth:`rewrite`.
 
-    dynamic: ClassVar[bool] = False
+    ``scope`` is the kind of region the pass replaces: ``"modules"`` (attention or any module),
+    ``"blocks"`` (block ranges), ``"model"`` (the whole call), or ``"forecast"`` (replaces nothing,
+    forecasts what other passes reuse). Passes rewrite innermost scope first; regions of different
+    scopes nest, so passes on them compose. A config holds no runtime state: what a pass needs per
+    program lives in the closures it hands to ``g.flag``/``g.scalar``.
+    """
 
-    def rewrite(self, builder: ProgramBuilder, regions: ModelRegions) -> None:
-        """Rewrite the graph through ``builder``; declare state, flags and scalars there."""
+    scope: ClassVar[str] = "modules"
+
+    def rewrite(self, g: PassBuilder) -> None:
+        """Declare state, flags and scalars through ``g`` and replace regions (see the module doc)."""
         raise NotImplementedError
 
-    def decide(self, step: Step) -> dict[str, bool]:
-        """Host flags for this call, by the names declared in :meth:`rewrite` (static passes)."""
-        return {}
-
-    def scalars(self, step: Step) -> dict[str, float]:
-        """Per-step numbers for this call, by the names declared in :meth:`rewrite`."""
-        return {}
+    @property
+    def namespace(self) -> str:
+        """Prefix of every name the pass declares: its class name in snake case."""
+        return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", type(self).__name__).lower()
 
     def describe(self) -> str:
         values = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
@@ -127,11 +136,16 @@ class AttentionKindsPass(CachePass):
     def flag_name(kind: str) -> str:
         return f"compute_{kind}_attention"
 
+    def declare_flags(self, g: PassBuilder, kinds, computes) -> dict:
+        """One host flag per attention kind, ``computes(kind, step)``."""
+        return {kind: g.flag(self.flag_name(kind), decide=lambda step, kind=kind: computes(kind, step))
+                for kind in kinds}
+
     def timestep(self, step: Step) -> float:
         """The call's timestep: ``current_timestep_callback()`` when set (diffusers' way), else the
         step's (a scheduler handed to ``transform``, or ``cache_context(timestep=...)``)."""
         callback = getattr(self, "current_timestep_callback", None)
-        if callback is not None:
+        if callback is not None and not step.planned:  # a plan reads the timesteps it is given
             value = callback()
             return float(value.reshape(-1)[0]) if isinstance(value, torch.Tensor) else float(value)
         if step.timestep is None:
@@ -140,6 +154,3 @@ class AttentionKindsPass(CachePass):
                 "fxcache.transform, timestep=... to cache_context, or current_timestep_callback")
         return float(step.timestep)
 
-    def flag_regions(self, regions: ModelRegions) -> dict[str, list[str]]:
-        """Flag name -> the region names it gates (True computes them)."""
-        return {self.flag_name(kind): [a.name for a in attns] for kind, attns in self.targets(regions).items()}

@@ -67,9 +67,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from ..capture import capture
-from ..regions import Attention, ModelRegions, Region, RegionError, example_value, find_regions
-from ..rewrite import INPUTS, REGION, ProgramBuilder, copy_into
+from ..regions import Attention, RegionError, example_value
+from ..rewrite import INPUTS, REGION, Flag, PassBuilder, Scalar, State, call_variant, copy_into
 from .base import AttentionKindsPass, ConfigError, Step, attention_settings
 
 __all__ = ["FasterCache", "split_frames", "merge_frames", "frequency_mask"]
@@ -162,8 +161,11 @@ class FasterCache(AttentionKindsPass):
         if self.attention_weight_callback is None:
             logger.warning("FasterCache: no attention_weight_callback; using a weight of 0.5 at every "
                            "step (as diffusers)")
-        # modules the callbacks are called with, by scalar name; filled by rewrite (not a field)
-        object.__setattr__(self, "_callback_modules", {})
+
+    @property
+    def scope(self) -> str:
+        # CFG-Cache replaces the whole call by a half-batch one; a distilled model caches attention only
+        return "modules" if self.is_guidance_distilled else "model"
 
     # -- which attention is cached ------------------------------------------------------------------
     def kind_of(self, attention: Attention) -> str | None:
@@ -176,24 +178,19 @@ class FasterCache(AttentionKindsPass):
         return attention_settings(self, attention, order)
 
     # -- rewrite ------------------------------------------------------------------------------------
-    def rewrite(self, builder: ProgramBuilder, regions: ModelRegions) -> None:
-        by_kind = self.targets(regions)
-        model = builder.captured.graph_module.model
-        for kind, attns in by_kind.items():
-            for attention in attns:
-                self._callback_modules[_weight_name(attention)] = (model.get_submodule(attention.name), kind)
-        self._callback_modules["denoiser"] = (model, None)
+    def rewrite(self, g: PassBuilder) -> None:
+        by_kind = self.targets(g.regions)
+        model = g.model
         if self.is_guidance_distilled:
-            nodes = _declare(builder, by_kind, cache_like=lambda out: example_value(out).shape)
-            _rewrite_attention(builder, by_kind, nodes, extrapolate_or_compute, store_cond_half=False)
+            declared = self._declare(g, by_kind, model, half_batch=False)
+            _rewrite_attention(g, by_kind, declared, extrapolate_or_compute)
             return
-        self._rewrite_cfg(builder, regions, by_kind)
+        self._rewrite_cfg(g, by_kind, model)
 
-    def _rewrite_cfg(self, builder: ProgramBuilder, regions: ModelRegions, by_kind) -> None:
-        captured = builder.captured
-        primary = "hidden_states" if "hidden_states" in captured.input_names else captured.input_names[0]
-        placeholders = [n for n in builder.graph.nodes if n.op == "placeholder"]
-        inputs = dict(zip(captured.input_names, placeholders))
+    def _rewrite_cfg(self, g: PassBuilder, by_kind, model) -> None:
+        captured = g.captured
+        inputs = g.inputs
+        primary = "hidden_states" if "hidden_states" in inputs else captured.input_names[0]
         full_batch = example_value(inputs[primary]).shape[0]
         if full_batch % 2:
             raise RegionError(
@@ -201,58 +198,79 @@ class FasterCache(AttentionKindsPass):
                 "denoiser must be called with the CFG batch [uncond; cond] concatenated (an even batch). "
                 "For guidance-distilled models (Flux, Qwen-Image) set is_guidance_distilled=True.")
         batch = full_batch // 2
-        output_node = next(n for n in builder.graph.nodes if n.op == "output")
-        flat_outputs = list(output_node.args[0])
-        sample_position = next(s for s in captured.output_slots if isinstance(s, int))
-        sample = flat_outputs[sample_position]
+        sample = g.sample
         layout = self._layout(sample, captured, batch)
 
-        # the conditional-only step: the model captured again with the cond half of batched inputs
-        batched = tuple(example_value(inputs[name]).dim() > 0 and example_value(inputs[name]).shape[0]
-                        == full_batch for name in captured.input_names)
-        args, kwargs = captured.example_call(
-            batch_of=lambda shape: (batch, *shape[1:]) if shape and shape[0] == full_batch else shape)
-        half = capture(captured.graph_module.model, args, kwargs)
-        if half.input_names != captured.input_names:
-            raise RegionError(f"FasterCache: the conditional-only capture takes inputs {half.input_names}, "
-                              f"the full one {captured.input_names}; cannot map one onto the other")
-        half_regions = find_regions(half)
-        half_by_kind = self.targets(half_regions)
-        half_builder = ProgramBuilder(half)
-        half_nodes = _declare(half_builder, half_by_kind, cache_like=lambda out: example_value(out).shape)
-        _rewrite_attention(half_builder, half_by_kind, half_nodes, extrapolate_or_compute, store_cond_half=False)
-        half_module = half_builder.finish()
-        half_sample_position = next(s for s in half.output_slots if isinstance(s, int))
-
         # the full step: attention always computes and remembers the conditional half
-        nodes = _declare(builder, by_kind,
-                         cache_like=lambda out: (example_value(out).shape[0] // 2, *example_value(out).shape[1:]))
-        compute_uncond = builder.add_flag("compute_uncond")
-        delta = builder.add_state("frequency_delta", shape=layout.frames_shape, dtype=torch.complex64,
-                                  device=example_value(sample).device)
-        low_weight = builder.add_scalar("low_frequency_weight")
-        high_weight = builder.add_scalar("high_frequency_weight")
-        _rewrite_attention(builder, by_kind, nodes, compute_and_store_cond, store_cond_half=True)
+        declared = self._declare(g, by_kind, model, half_batch=True)
+        compute_uncond = g.flag("compute_uncond", decide=lambda step: self.computes_uncond(
+            step.index, self.timestep(step)))
+        delta = g.state("frequency_delta", shape=layout.frames_shape, dtype=torch.complex64,
+                        device=example_value(sample).device)
+        low_weight = g.scalar("low_frequency_weight", value=lambda step: self._band_weight("low", step, model))
+        high_weight = g.scalar("high_frequency_weight", value=lambda step: self._band_weight("high", step, model))
+        _rewrite_attention(g, by_kind, declared, compute_and_store_cond)
 
-        # everything the graph computes becomes the full branch; the conditional-only graph the other
-        half_name = "faster_cache_conditional_only"
-        builder.graph_module.add_submodule(half_name, half_module)
-        body = Region("faster_cache.full_batch", [n for n in builder.graph.nodes
-                                                   if n.op not in ("placeholder", "output", "get_attr")])
-        positions = tuple(flat_outputs.index(out) for out in body.outputs)
+        # the conditional-only step: the model captured again with the cond half of batched inputs
+        # (see Note [The half-batch variant])
+        half = g.variant(batch_of=lambda shape: (batch, *shape[1:]) if shape and shape[0] == full_batch else shape)
+        half_by_kind = self.targets(half.regions)
+        half_declared = self._declare(half, half_by_kind, model, half_batch=False)
+        _rewrite_attention(half, half_by_kind, half_declared, extrapolate_or_compute)
+        half_sample_position = half.outputs.index(half.sample)
+        conditional_only = g.embed(half, "conditional_only")
+
+        batched = tuple(example_value(node).dim() > 0 and example_value(node).shape[0] == full_batch
+                        for node in inputs.values())
+        body = g.whole("full_batch")
         if sample not in body.outputs:
             raise RegionError("FasterCache: the model's output sample is one of its inputs; nothing to cache")
-        # the conditional-only graph's state, scalars and flags are the full graph's, by name
-        by_name = {**nodes.by_name, "compute_uncond": compute_uncond}
-        extra = tuple(by_name[slot.name] for slot in half_builder.state) + \
-            tuple(by_name[slot.name] for slot in half_builder.scalars) + \
-            tuple(by_name[name] for name in half_builder.flags)
-        with builder.graph.inserting_before(body.nodes[0]):
-            half_callable = builder.graph.get_attr(half_name)
-        builder.replace(body, full_or_conditional_only, compute_uncond, REGION, half_callable,
-                        tuple(placeholders[: len(captured.input_names)]), batched, batch, extra, positions,
-                        body.outputs.index(sample), half_sample_position, delta, low_weight, high_weight,
-                        layout.tensor_format, layout.grid, INPUTS)
+        positions = tuple(g.outputs.index(out) for out in body.outputs)
+        g.replace(body, full_or_conditional_only, compute_uncond, REGION, conditional_only,
+                  tuple(inputs.values()), batched, batch, positions, body.outputs.index(sample),
+                  half_sample_position, delta, low_weight, high_weight, layout.tensor_format, layout.grid, INPUTS)
+
+    def _declare(self, g: PassBuilder, by_kind, model, half_batch: bool) -> "_Declared":
+        """State, scalars and flags of the attention caches, in one order for every capture."""
+        declared = _Declared({}, {}, {}, {})
+        for kind in KINDS:
+            if kind not in by_kind:
+                continue
+            declared.flags[kind] = g.flag(self.flag_name(kind), decide=lambda step, kind=kind: self.computes_attention(
+                kind, step.index, self.timestep(step)))
+            for attention in by_kind[kind]:
+                slots = []
+                for i, out in enumerate(attention.outputs):
+                    value = example_value(out)
+                    shape = (value.shape[0] // 2, *value.shape[1:]) if half_batch else tuple(value.shape)
+                    slots.append(tuple(g.state(f"{attention.name}.out{i}.{age}", shape=tuple(shape), dtype=value.dtype,
+                                               device=value.device) for age in ("older", "newer")))
+                declared.caches[attention.name] = tuple(slots)
+                declared.filled[attention.name] = g.state(f"{attention.name}.filled", shape=(1,), dtype=torch.bool)
+                module = model.get_submodule(attention.name)
+                declared.weights[attention.name] = g.scalar(
+                    f"{attention.name}.attention_weight",
+                    value=lambda step, module=module, kind=kind: self._attention_weight(kind, step, module))
+        return declared
+
+    def _attention_weight(self, kind: str, step: Step, module: torch.nn.Module) -> float:
+        """The extrapolation weight of one attention module at this step (its callback is called only
+        where the value is used, as diffusers)."""
+        if self.computes_attention(kind, step.index, self.timestep(step)):
+            return 0.0
+        callback = self.attention_weight_callback or (lambda _: 0.5)
+        return float(callback(module))
+
+    def _band_weight(self, band: str, step: Step, denoiser: torch.nn.Module) -> float:
+        """The low or high frequency weight at a conditional-only call (1 at a full call)."""
+        timestep = self.timestep(step)
+        if self.computes_uncond(step.index, timestep):
+            return 1.0
+        callback = getattr(self, f"{band}_frequency_weight_callback")
+        if callback is not None:
+            return float(callback(denoiser))
+        lo, hi = getattr(self, f"{band}_frequency_weight_update_timestep_range")
+        return getattr(self, f"alpha_{band}_frequency") if lo < timestep < hi else 1.0
 
     def _layout(self, sample: fx.Node, captured, batch: int) -> "_Layout":
         value = example_value(sample)
@@ -290,41 +308,6 @@ class FasterCache(AttentionKindsPass):
             return True
         return not self.is_guidance_distilled and self.computes_uncond(index, timestep)
 
-    def decide(self, step: Step) -> dict[str, bool]:
-        timestep = self.timestep(step)
-        flags = {self.flag_name(kind): self.computes_attention(kind, step.index, timestep) for kind in KINDS
-                 if getattr(self, f"{kind}_attention_block_skip_range") is not None}
-        if not self.is_guidance_distilled:
-            flags["compute_uncond"] = self.computes_uncond(step.index, timestep)
-        return flags
-
-    def scalars(self, step: Step) -> dict[str, float]:
-        """The attention weights of extrapolating modules and, at conditional-only calls, the low and
-        high frequency weights; callbacks are called only where their value is used, as diffusers."""
-        flags = self.decide(step)
-        timestep = self.timestep(step)
-        values = {}
-        for name, (module, kind) in self._callback_modules.items():
-            if kind is None:
-                continue
-            extrapolates = not flags.get(self.flag_name(kind), True)
-            callback = self.attention_weight_callback or (lambda _: 0.5)
-            values[name] = float(callback(module)) if extrapolates else 0.0
-        if not self.is_guidance_distilled:
-            conditional_only = not flags["compute_uncond"]
-            denoiser = self._callback_modules.get("denoiser", (None, None))[0]
-            for band in ("low", "high"):
-                callback = getattr(self, f"{band}_frequency_weight_callback")
-                if not conditional_only:
-                    weight = 1.0
-                elif callback is not None:
-                    weight = float(callback(denoiser))
-                else:
-                    lo, hi = getattr(self, f"{band}_frequency_weight_update_timestep_range")
-                    weight = getattr(self, f"alpha_{band}_frequency") if lo < timestep < hi else 1.0
-                values[f"{band}_frequency_weight"] = weight
-        return values
-
 
 @dataclass(frozen=True)
 class _Layout:
@@ -336,54 +319,16 @@ class _Layout:
 @dataclass
 class _Declared:
     caches: dict[str, tuple]  # attention name -> ((older, newer) per output)
-    filled: dict[str, fx.Node]  # attention name -> bool state: the cache holds an output
-    weights: dict[str, fx.Node]  # attention name -> extrapolation weight scalar
-    flags: dict[str, fx.Node]  # kind -> host flag
-    by_name: dict[str, fx.Node]
+    filled: dict[str, State]  # attention name -> bool state: the cache holds an output
+    weights: dict[str, Scalar]  # attention name -> extrapolation weight scalar
+    flags: dict[str, Flag]  # kind -> host flag
 
 
-def _declare(builder: ProgramBuilder, by_kind, cache_like) -> _Declared:
-    """State, scalars and flags of the attention caches, in one order for every capture."""
-    declared = _Declared({}, {}, {}, {}, {})
-    for kind in KINDS:
-        if kind not in by_kind:
-            continue
-        flag = builder.add_flag(FasterCache.flag_name(kind))
-        declared.flags[kind] = declared.by_name[FasterCache.flag_name(kind)] = flag
-        for attention in by_kind[kind]:
-            label = attention.name.replace(".", "_")
-            slots = []
-            for i, out in enumerate(attention.outputs):
-                value = example_value(out)
-                pair = tuple(builder.add_state(f"{label}_out{i}_{age}", shape=tuple(cache_like(out)),
-                                               dtype=value.dtype, device=value.device) for age in ("older", "newer"))
-                slots.append(pair)
-            declared.caches[attention.name] = tuple(slots)
-            filled = builder.add_state(f"{label}_filled", shape=(1,), dtype=torch.bool, device=builder.device)
-            declared.filled[attention.name] = filled
-            weight = builder.add_scalar(_weight_name(attention))
-            declared.weights[attention.name] = weight
-    placeholders = {n.target: n for n in builder.graph.nodes if n.op == "placeholder"}
-    for name in [s.name for s in builder.state] + [s.name for s in builder.scalars] + list(builder.flags):
-        for prefix in ("state_", "scalar_", "flag_"):
-            if prefix + name in placeholders:
-                declared.by_name[name] = placeholders[prefix + name]
-    return declared
-
-
-def _weight_name(attention: Attention) -> str:
-    return f"{attention.name.replace('.', '_')}_attention_weight"
-
-
-def _rewrite_attention(builder: ProgramBuilder, by_kind, declared: _Declared, policy, store_cond_half: bool):
-    kind_of = {a.name: kind for kind, attns in by_kind.items() for a in attns}
-    position = {node: i for i, node in enumerate(builder.graph.nodes)}
-    # replace later regions first so that the input nodes of earlier ones stay valid
-    for attention in sorted((a for attns in by_kind.values() for a in attns),
-                            key=lambda a: position[a.nodes[0]], reverse=True):
-        builder.replace(attention, policy, declared.flags[kind_of[attention.name]], REGION,
-                        declared.caches[attention.name], declared.filled[attention.name],
-                        declared.weights[attention.name], INPUTS)
+def _rewrite_attention(g: PassBuilder, by_kind, declared: _Declared, policy) -> None:
+    for kind, attentions in by_kind.items():
+        for attention in attentions:
+            g.replace(attention, policy, declared.flags[kind], REGION, declared.caches[attention.name],
+                      declared.filled[attention.name], declared.weights[attention.name], INPUTS)
 
 
 # -- what runs in the graph -------------------------------------------------------------------------
@@ -415,7 +360,7 @@ def compute_and_store_cond(compute: bool, attention, caches, filled, weight, *in
 
 
 def full_or_conditional_only(compute_uncond: bool, full_batch, conditional_only, model_inputs, batched,
-                             batch, extra, positions, sample_index, half_sample_position, delta, low_weight,
+                             batch, positions, sample_index, half_sample_position, delta, low_weight,
                              high_weight, tensor_format, grid, *body_inputs):
     """The denoiser-level CFG-Cache: run the full batch and store ``D = F(uncond) - F(cond)``, or run
     the conditional half, compound ``D`` by the low/high weights and synthesise the unconditional half."""
@@ -427,7 +372,7 @@ def full_or_conditional_only(compute_uncond: bool, full_batch, conditional_only,
         copy_into(delta, spectrum_uncond - spectrum_cond)
         return outputs
     halves = [x[batch:] if is_batched else x for x, is_batched in zip(model_inputs, batched)]
-    flat = conditional_only(*halves, *extra)
+    flat = call_variant(conditional_only, *halves)
     cond = flat[half_sample_position]
     height, width = delta.shape[-2:]
     weights = torch.where(frequency_mask(height, width, delta.device), low_weight, high_weight)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..regions import HIDDEN, ModelRegions, Region, RegionError, passthrough, run_glue_before
-from ..rewrite import INPUTS, REGION, ProgramBuilder, copy_into
+from ..regions import HIDDEN, RegionError
+from ..rewrite import INPUTS, REGION, CacheView, PassBuilder, copy_into
 from .base import CachePass
 
 __all__ = ["FirstBlockCache"]
@@ -39,43 +39,37 @@ class FirstBlockCache(CachePass):
     threshold: float = 0.05
     lowering: str = "host"
 
-    dynamic = True
+    scope = "blocks"
 
     def __post_init__(self):
         self._require_number("threshold", minimum=0.0)
         self._require_choice("lowering", ("host", "cond"))
 
-    def rewrite(self, builder: ProgramBuilder, regions: ModelRegions) -> None:
-        if len(regions.blocks) < 2:
+    def rewrite(self, g: PassBuilder) -> None:
+        blocks = g.regions.blocks
+        if len(blocks) < 2:
             raise RegionError(
-                f"FirstBlockCache: found {len(regions.blocks)} transformer block ({regions.blocks[0].name}); "
+                f"FirstBlockCache: found {len(blocks)} transformer block ({blocks[0].name}); "
                 "block caches need at least two: the first decides, the rest are skipped. Use a per-attention "
                 "pass (PyramidAttentionBroadcast, TaylorSeer, FasterCache) on this model")
-        head, rest = regions.blocks[0], regions.blocks[1:]
-        tail = Region.closure("first_block_cache.tail", builder.graph, {n for b in rest for n in b.nodes})
-        head_outputs, glue = passthrough(builder.graph, tail, rest, "FirstBlockCache")
+        head, rest = blocks[0], blocks[1:]
+        tail = g.block_range(rest, "tail")
+        head_outputs = g.skip_values(tail, rest)
         hidden_in, hidden_out = head.stream_inputs[HIDDEN], head.stream_outputs[HIDDEN]
 
-        reference = builder.add_state("reference_residual", like=hidden_out)
-        residuals = tuple(builder.add_state(f"tail_residual_{i}", like=out) for i, out in enumerate(tail.outputs))
-        computed = builder.add_counter("tail_computed")
-
+        reference = g.state("reference_residual", like=hidden_out)
+        residuals = tuple(g.cache(f"tail_residual_{i}", like=out) for i, out in enumerate(tail.outputs))
+        computed = g.counter("tail_computed")
         # the threshold enters as a tensor: another threshold reuses the compiled graphs
-        threshold = builder.add_scalar("first_block_cache_threshold", dtype=torch.float64)
-        head_residual = builder.call(torch.sub, hidden_out, hidden_in, after=head.nodes[-1])
-        compute = builder.call(should_compute, head_residual, reference, threshold, after=head_residual)
+        threshold = g.scalar("threshold", value=self.threshold, dtype=torch.float64)
+        head_residual = g.call(torch.sub, hidden_out, hidden_in, after=head.nodes[-1])
+        compute = g.call(should_compute, head_residual, reference, threshold, after=head_residual)
         if self.lowering == "host":
-            decision = builder.method("item", compute, after=compute)
-            policy = compute_or_reuse_tail
+            decision, policy = g.host_bool(compute), compute_or_reuse_tail
         else:
             decision, policy = compute, compute_or_reuse_tail_cond
-        results = builder.replace(tail, policy, decision, REGION, head_residual, reference, tuple(head_outputs),
-                                  residuals, computed, INPUTS)
-        run_glue_before(results, glue)
-
-
-    def scalars(self, step) -> dict[str, float]:
-        return {"first_block_cache_threshold": self.threshold}
+        g.replace(tail, policy, decision, REGION, head_residual, reference, tuple(head_outputs), residuals,
+                  computed, INPUTS)
 
 
 def should_compute(head_residual: torch.Tensor, reference: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -85,37 +79,47 @@ def should_compute(head_residual: torch.Tensor, reference: torch.Tensor, thresho
     return torch.logical_not(change.double() <= threshold)
 
 
-def compute_or_reuse_tail(compute: bool, tail, head_residual, reference, head_outputs, residuals,
-                          computed, *inputs):
+def compute_or_reuse_tail(compute: bool, tail, head_residual, reference, head_outputs,
+                          residuals: tuple[CacheView, ...], computed, *inputs):
     """Host lowering: ``compute`` is a Python bool read from the graph."""
     if compute:
         outputs = tail(*inputs)
-        for state, out, head in zip(residuals, outputs, head_outputs):
-            copy_into(state, out - head)
+        for cache, out, head in zip(residuals, outputs, head_outputs):
+            cache.store(out - head)
         copy_into(reference, head_residual)
         copy_into(computed, computed + 1)
         return outputs
-    return tuple(head + residual for head, residual in zip(head_outputs, residuals))
+    return tuple(head + cache.load() for head, cache in zip(head_outputs, residuals))
 
 
 def compute_or_reuse_tail_cond(compute: torch.Tensor, tail, head_residual, reference, head_outputs,
-                               residuals, computed, *inputs):
+                               residuals: tuple[CacheView, ...], computed, *inputs):
     """``torch.cond`` lowering: functional branches (both return outputs and new state), one copy after."""
     n = len(residuals)
+    sizes = [len(cache.tensors) for cache in residuals]
+    cache_tensors = [t for cache in residuals for t in cache.tensors]
+
+    def views(flat):
+        out, start = [], 0
+        for cache, size in zip(residuals, sizes):
+            out.append(cache.with_tensors(flat[start: start + size]))
+            start += size
+        return out
 
     def compute_branch(head_residual, reference, computed, *rest):
-        head_outputs, inputs = rest[:n], rest[2 * n:]  # the stored residuals are replaced, not read
+        head_outputs, stored, inputs = rest[:n], rest[n: n + len(cache_tensors)], rest[n + len(cache_tensors):]
         outputs = [o.clone(memory_format=torch.contiguous_format) for o in tail(*inputs)]
-        new_residuals = [out - head for out, head in zip(outputs, head_outputs)]
-        return (*outputs, *new_residuals, head_residual.clone(), computed + 1)
+        new_state = [t for cache, out, head in zip(views(stored), outputs, head_outputs)
+                     for t in cache.updated(out - head)]
+        return (*outputs, *new_state, head_residual.clone(), computed + 1)
 
     def reuse_branch(head_residual, reference, computed, *rest):
-        head_outputs, residuals = rest[:n], rest[n: 2 * n]
-        outputs = [head + residual for head, residual in zip(head_outputs, residuals)]
-        return (*outputs, *[r.clone() for r in residuals], reference.clone(), computed.clone())
+        head_outputs, stored = rest[:n], rest[n: n + len(cache_tensors)]
+        outputs = [head + cache.load() for head, cache in zip(head_outputs, views(stored))]
+        return (*outputs, *[t.clone() for t in stored], reference.clone(), computed.clone())
 
-    operands = (head_residual, reference, computed, *head_outputs, *residuals, *inputs)
+    operands = (head_residual, reference, computed, *head_outputs, *cache_tensors, *inputs)
     result = torch.cond(compute, compute_branch, reuse_branch, operands)
-    for state, new in zip((*residuals, reference, computed), result[n:]):
+    for state, new in zip((*cache_tensors, reference, computed), result[n:]):
         copy_into(state, new)
     return tuple(result[:n])

@@ -28,18 +28,18 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
-from ..capture import capture, input_signature
-from ..regions import HIDDEN, ModelRegions, Region, RegionError, find_regions, passthrough, run_glue_before
-from ..rewrite import INPUTS, REGION, ProgramBuilder, copy_into
-from .base import CachePass, ConfigError, Step
+from ..observe import observe
+from ..regions import HIDDEN, RegionError
+from ..rewrite import INPUTS, REGION, PassBuilder
+from .base import CachePass, ConfigError
+from .block_residual import run_or_add_residual
 
 __all__ = ["FLUX_MAG_RATIOS", "MagCache", "RATIO_FILE_FORMAT", "measure_mag_ratios", "nearest_interp"]
 
@@ -92,6 +92,8 @@ class MagCache(CachePass):
     mag_ratios: Any = None
     calibrate: bool = False
 
+    scope = "blocks"
+
     def __post_init__(self):
         self._require_number("threshold", minimum=0.0)
         for field in ("max_skip_steps", "num_inference_steps"):
@@ -119,7 +121,6 @@ class MagCache(CachePass):
             if len(ratios) != self.num_inference_steps:
                 ratios = nearest_interp(ratios, self.num_inference_steps)
             object.__setattr__(self, "mag_ratios", ratios.detach().cpu())
-        object.__setattr__(self, "_schedule", self._simulate())
 
     def describe(self) -> str:
         ratios = "None" if self.mag_ratios is None else f"<{len(self.mag_ratios)} ratios, {self.mag_ratios.dtype}>"
@@ -161,17 +162,11 @@ class MagCache(CachePass):
 
             MagCache(mag_ratios=FLUX_MAG_RATIOS).schedule().count(False)    # 14 skipped of 28
         """
-        return self._schedule
-
-    def computes(self, index: int, num_steps: int | None = None) -> bool:
-        """Whether the blocks compute at step ``index`` of a ``num_steps``-step generation (default
-        ``num_inference_steps``); the counter wraps at the generation's length."""
-        num_steps = num_steps or self.num_inference_steps
-        return self.schedule_for(num_steps)[index % num_steps]
+        return self._simulate()
 
     def schedule_for(self, num_steps: int) -> tuple[bool, ...]:
         """The schedule of a ``num_steps``-step generation: the configured one, or, for another
-        count, the same rule on the ratios nearest-interpolated to it (planned once, then kept).
+        count, the same rule on the ratios nearest-interpolated to it.
 
         Deviation: diffusers always follows ``num_inference_steps`` and wraps its counter there, so a
         28-step config run for 20 steps skips by the wrong ratios; fxcache re-plans where it knows
@@ -182,38 +177,41 @@ class MagCache(CachePass):
             MagCache(mag_ratios=FLUX_MAG_RATIOS).schedule_for(20)
         """
         if num_steps == self.num_inference_steps:
-            return self._schedule
-        replanned = self.__dict__.setdefault("_replanned", {})  # frozen fields; a cache beside them
-        if num_steps not in replanned:
-            logger.info("MagCache: the loop runs %d steps, configured for %d: re-planned", num_steps,
-                        self.num_inference_steps)
-            replanned[num_steps] = dataclasses.replace(self, num_inference_steps=num_steps)._schedule
-        return replanned[num_steps]
+            return self._simulate()
+        logger.info("MagCache: the loop runs %d steps, configured for %d: re-planned", num_steps,
+                    self.num_inference_steps)
+        return dataclasses.replace(self, num_inference_steps=num_steps)._simulate()
 
-    def decide(self, step: Step) -> dict[str, bool]:
-        return {"mag_cache_compute_blocks": self.computes(step.index, step.num_steps)}
-
-    def flag_regions(self, regions: ModelRegions) -> dict[str, list[str]]:
-        """Flag name -> the region names it gates (True computes them)."""
-        return {"mag_cache_compute_blocks": [block.name for block in regions.blocks]}
+    def computes(self, index: int, num_steps: int | None = None) -> bool:
+        """Whether the blocks compute at step ``index`` of a ``num_steps``-step generation (default
+        ``num_inference_steps``); the counter wraps at the generation's length."""
+        num_steps = num_steps or self.num_inference_steps
+        return self.schedule_for(num_steps)[index % num_steps]
 
     # -- rewrite ------------------------------------------------------------------------------------
-    def rewrite(self, builder: ProgramBuilder, regions: ModelRegions) -> None:
-        last = regions.blocks[-1]
-        stack = Region.closure("mag_cache.blocks", builder.graph, {n for b in regions.blocks for n in b.nodes})
+    def rewrite(self, g: PassBuilder) -> None:
+        blocks = g.regions.blocks
+        stack = g.block_range(blocks, "blocks")
         hidden_position = next((i for i, out in enumerate(stack.outputs)
-                                if last.stream_outputs.get(HIDDEN) is out), None)
+                                if blocks[-1].stream_outputs.get(HIDDEN) is out), None)
         if hidden_position is None:
-            raise RegionError(f"MagCache: the hidden stream of {last.name} is not read after the blocks")
+            raise RegionError(f"MagCache: the hidden stream of {blocks[-1].name} is not read after the blocks")
         # a skipped step hands every stream on as if each block passed its inputs through; where
         # streams merge (Flux 2, Chroma) that is the concatenation the glue between blocks computes
-        streams, glue = passthrough(builder.graph, stack, regions.blocks, "MagCache")
-        hidden_out = stack.outputs[hidden_position]
-        residual = builder.add_state("previous_residual", like=hidden_out)
-        compute = builder.add_flag("mag_cache_compute_blocks")
-        results = builder.replace(stack, compute_or_add_residual, compute, REGION, residual, hidden_position,
-                                  tuple(streams), INPUTS)
-        run_glue_before(results, glue)
+        streams = g.skip_values(stack, blocks)
+        residual = g.cache("previous_residual", like=stack.outputs[hidden_position])
+        computed = g.counter("blocks_computed")
+        plans: dict[int, tuple[bool, ...]] = {}  # per program: one plan per generation length
+
+        def decide(step) -> bool:
+            num_steps = step.num_steps or self.num_inference_steps
+            if num_steps not in plans:
+                plans[num_steps] = self.schedule_for(num_steps)
+            return plans[num_steps][step.index % num_steps]
+
+        compute = g.flag("compute_blocks", decide=decide)
+        g.replace(stack, run_or_add_residual, compute, REGION, residual, hidden_position, tuple(streams), computed,
+                  INPUTS)
 
     # -- calibration --------------------------------------------------------------------------------
     # `calibrate` is also a field (diffusers' flag); on the class it names this function, see below
@@ -305,84 +303,10 @@ class _CalibrateDescriptor:
 MagCache.calibrate = _CalibrateDescriptor()
 
 
-def compute_or_add_residual(compute: bool, blocks, residual, hidden_position, streams, *inputs):
-    """Run the blocks and remember their hidden-stream residual, or add the remembered residual to
-    the hidden stream as it enters the blocks and pass the other streams through unchanged."""
-    hidden_in = streams[hidden_position]
-    if compute:
-        outputs = blocks(*inputs)
-        copy_into(residual, outputs[hidden_position] - hidden_in)
-        return outputs
-    return tuple(hidden_in + residual if i == hidden_position else stream for i, stream in enumerate(streams))
-
-
 # -- measuring ratios ------------------------------------------------------------------------------
-class _Recorder(torch.nn.Module):
-    """Takes the model's arguments, runs its captured graph eagerly and records, per cache context,
-    the block stack's residual norm ratio of each call (diffusers' calibration formula)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.original = model
-        self._graphs: dict = {}
-        self._context = "default"
-        self._previous: dict[str, torch.Tensor] = {}
-        self.ratios: dict[str, list[float]] = {}
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["original"], name)
-
-    @contextlib.contextmanager
-    def cache_context(self, name: str, **fields) -> Iterator[None]:
-        previous, self._context = self._context, name
-        try:
-            yield
-        finally:
-            self._context = previous
-
-    def forward(self, *args, **kwargs):
-        signature = input_signature(args, kwargs)
-        if signature not in self._graphs:
-            captured = capture(self.original, args, kwargs)
-            regions = find_regions(captured)
-            hidden_in = regions.blocks[0].stream_inputs[HIDDEN]
-            hidden_out = regions.blocks[-1].stream_outputs[HIDDEN]
-            self._graphs[signature] = (captured, hidden_in, hidden_out)
-        captured, hidden_in, hidden_out = self._graphs[signature]
-        seen: dict = {}
-
-        class Watch(torch.fx.Interpreter):
-            def run_node(self, node):
-                value = super().run_node(node)
-                if node is hidden_in or node is hidden_out:
-                    seen[node] = value
-                return value
-
-        flat = Watch(captured.graph_module).run(*captured.inputs_from(args, kwargs))
-        out, first = seen[hidden_out], seen[hidden_in]
-        if out.shape != first.shape and out.dim() == first.dim() == 3 and out.shape[1] > first.shape[1]:
-            # streams merged (Flux 2, Chroma: text then image tokens); as diffusers, the image tokens
-            # are the last ones
-            out = out[:, -first.shape[1]:]
-        residual = out - first
-        previous = self._previous.get(self._context)
-        if previous is None:
-            ratio = 1.0
-        else:
-            current_norm = torch.linalg.norm(residual.float(), dim=-1)
-            previous_norm = torch.linalg.norm(previous.float(), dim=-1)
-            ratio = (current_norm / (previous_norm + 1e-8)).mean().item()
-        self.ratios.setdefault(self._context, []).append(ratio)
-        self._previous[self._context] = residual
-        return captured.rebuild_output(flat if isinstance(flat, (tuple, list)) else (flat,))
-
-
 @torch.no_grad()
 def measure_mag_ratios(model: torch.nn.Module, generate: Callable[[torch.nn.Module], Any]) -> dict[str, list[float]]:
-    """Run ``generate(recorder)`` and return the magnitude ratios measured per cache context, in the
+    """Run ``generate(stand_in)`` and return the magnitude ratios measured per cache context, in the
     order the contexts were first used: ratio 1.0 at the first call, then
     ``mean(||r_t|| / (||r_{t-1}|| + 1e-8))`` over tokens, ``r`` the block stack's hidden residual.
 
@@ -390,6 +314,27 @@ def measure_mag_ratios(model: torch.nn.Module, generate: Callable[[torch.nn.Modu
 
         ratios = measure_mag_ratios(transformer, lambda m: euler_loop(m, steps=28))["cond"]
     """
-    recorder = _Recorder(model)
-    generate(recorder)
-    return recorder.ratios
+    ratios: dict[str, list[float]] = {}
+    previous: dict[str, torch.Tensor] = {}
+
+    def select(regions):
+        return {"in": regions.blocks[0].stream_inputs[HIDDEN], "out": regions.blocks[-1].stream_outputs[HIDDEN]}
+
+    def measure(context: str, values: dict[str, torch.Tensor]) -> None:
+        out, first = values["out"], values["in"]
+        if out.shape != first.shape and out.dim() == first.dim() == 3 and out.shape[1] > first.shape[1]:
+            # streams merged (Flux 2, Chroma: text then image tokens); as diffusers, the image tokens
+            # are the last ones
+            out = out[:, -first.shape[1]:]
+        residual = out - first
+        if context not in previous:
+            ratio = 1.0
+        else:
+            current_norm = torch.linalg.norm(residual.float(), dim=-1)
+            previous_norm = torch.linalg.norm(previous[context].float(), dim=-1)
+            ratio = (current_norm / (previous_norm + 1e-8)).mean().item()
+        ratios.setdefault(context, []).append(ratio)
+        previous[context] = residual
+
+    observe(model, generate, select, measure)
+    return ratios

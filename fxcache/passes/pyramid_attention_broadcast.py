@@ -36,9 +36,9 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from ..regions import Attention, ModelRegions
-from ..rewrite import INPUTS, REGION, ProgramBuilder, copy_into
-from .base import AttentionKindsPass, Step, attention_settings
+from ..regions import Attention
+from ..rewrite import INPUTS, REGION, PassBuilder, copy_into
+from .base import AttentionKindsPass, attention_settings
 
 __all__ = ["PyramidAttentionBroadcast"]
 
@@ -113,30 +113,25 @@ class PyramidAttentionBroadcast(AttentionKindsPass):
         return attention_settings(self, attention, order)
 
     # -- rewrite ------------------------------------------------------------------------------------
-    def rewrite(self, builder: ProgramBuilder, regions: ModelRegions) -> None:
-        by_kind = self.targets(regions)
-        flags = {kind: builder.add_flag(self.flag_name(kind)) for kind in by_kind}
-        kind_of = {a.name: kind for kind, attns in by_kind.items() for a in attns}
-        # replace later regions first so that the input nodes of earlier ones stay valid
-        position = {node: i for i, node in enumerate(builder.graph.nodes)}
-        for attention in sorted((a for attns in by_kind.values() for a in attns),
-                                key=lambda a: position[a.nodes[0]], reverse=True):
-            caches = tuple(builder.add_state(f"{attention.name.replace('.', '_')}_out{i}", like=out)
-                           for i, out in enumerate(attention.outputs))
-            builder.replace(attention, compute_or_broadcast, flags[kind_of[attention.name]], REGION, caches,
-                            INPUTS)
+    def rewrite(self, g: PassBuilder) -> None:
+        by_kind = self.targets(g.regions)
+        flags = self.declare_flags(g, by_kind, lambda kind, step: self.compute(kind, step.index, self.timestep(step)))
+        for kind, attentions in by_kind.items():
+            for attention in attentions:
+                caches = tuple(g.state(f"{attention.name}.out{i}", like=out) for i, out in enumerate(attention.outputs))
+                g.replace(attention, compute_or_broadcast, flags[kind], REGION, caches, INPUTS)
 
     # -- schedule -----------------------------------------------------------------------------------
     def compute(self, kind: str, index: int, timestep: float) -> bool:
-        """Whether attention of ``kind`` computes at call ``index`` (since reset) at ``timestep``."""
+        """Whether attention of ``kind`` computes at call ``index`` (since reset) at ``timestep``.
+
+        Example::
+
+            PyramidAttentionBroadcast(spatial_attention_block_skip_range=2).compute("spatial", 3, 500.0)  # False
+        """
         lo, hi = getattr(self, f"{kind}_attention_timestep_skip_range")
         every = getattr(self, f"{kind}_attention_block_skip_range")
         return index == 0 or not (lo < timestep < hi) or index % every == 0
-
-    def decide(self, step: Step) -> dict[str, bool]:
-        timestep = self.timestep(step)
-        return {self.flag_name(kind): self.compute(kind, step.index, timestep) for kind in KINDS
-                if getattr(self, f"{kind}_attention_block_skip_range") is not None}
 
 
 def compute_or_broadcast(compute: bool, attention, caches, *inputs):

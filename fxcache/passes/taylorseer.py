@@ -30,14 +30,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
 from ..capture import MODULE_STACK
-from ..regions import ModelRegions, Region, RegionError, example_value
-from ..rewrite import INPUTS, REGION, ProgramBuilder, copy_into
-from .base import CachePass, Step
+from ..regions import Region, RegionError, example_value
+from ..rewrite import INPUTS, REGION, PassBuilder, copy_into
+from .base import CachePass
 
 __all__ = ["TaylorSeer"]
 
@@ -60,10 +59,15 @@ class TaylorSeer(CachePass):
     (None: the module's output dtype). ``skip_predict_identifiers`` / ``cache_identifiers``:
     ``re.fullmatch`` patterns on module paths for modules that return zeros / a Taylor prediction on
     predicting steps. ``use_lite_mode``: cache ``proj_out`` and zero every block (overrides patterns).
+    ``target``: ``"modules"`` (diffusers' TaylorSeer, the fields above) or ``"reused"``: forecast the
+    values the other passes of the transform reuse (FirstBlockCache's tail residual, MagCache's or
+    TeaCache's residual) from the steps they computed, in place of repeating the last one; only
+    ``max_order`` and ``taylor_factors_dtype`` apply then.
 
     Example::
 
         TaylorSeer(cache_interval=4, disable_cache_before_step=2, taylor_factors_dtype=torch.float32)
+        passes = [FirstBlockCache(threshold=0.1), TaylorSeer(target="reused", max_order=1)]
     """
 
     cache_interval: int = 5
@@ -74,6 +78,9 @@ class TaylorSeer(CachePass):
     skip_predict_identifiers: tuple[str, ...] | None = None
     cache_identifiers: tuple[str, ...] | None = None
     use_lite_mode: bool = False
+    target: str = "modules"
+
+    namespace = "taylorseer"
 
     def __post_init__(self):
         self._require_integer("cache_interval", 1)
@@ -89,11 +96,16 @@ class TaylorSeer(CachePass):
                 self._require_patterns(field)
         if not isinstance(self.use_lite_mode, bool):
             self._fail("use_lite_mode", "must be True or False")
+        self._require_choice("target", ("modules", "reused"))
 
     def _require_integer(self, field: str, minimum: int):
         value = getattr(self, field)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             self._fail(field, f"must be an integer >= {minimum}")
+
+    @property
+    def scope(self) -> str:
+        return "forecast" if self.target == "reused" else "modules"
 
     # -- which modules ------------------------------------------------------------------------------
     def patterns(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -102,98 +114,149 @@ class TaylorSeer(CachePass):
             return LITE_SKIP_IDENTIFIERS, LITE_CACHE_IDENTIFIERS
         return tuple(self.skip_predict_identifiers or ()), tuple(self.cache_identifiers or CACHE_IDENTIFIERS)
 
-    def targets(self, regions: ModelRegions) -> list[tuple[Region, bool]]:
+    def targets(self, g: PassBuilder) -> list[tuple[Region, bool]]:
         """The regions of matched modules, each with ``True`` when it returns zeros when predicted."""
         skip, cache = self.patterns()
-        graph = regions.graph_module.graph
-        paths: dict[str, set] = {}
-        for node in graph.nodes:
-            if node.op in ("placeholder", "get_attr", "output"):
-                continue
-            for path in node.meta.get(MODULE_STACK, ()):
-                paths.setdefault(path, set()).add(node)
+        paths: dict[str, None] = {}
+        for node in g.graph.nodes:
+            if node.op not in ("placeholder", "get_attr", "output"):
+                for path in node.meta.get(MODULE_STACK, ()):
+                    paths[path] = None
         matched = []
-        for path, owned in paths.items():
+        for path in paths:
             inactive = any(re.fullmatch(p, path) for p in skip)
             if inactive or any(re.fullmatch(p, path) for p in cache):
-                matched.append((Region.closure(path, graph, owned), inactive))
-        names = [region.name for region, _ in matched]
+                matched.append((path, inactive))
+        names = [name for name, _ in matched]
         for name in names:
             outer = next((other for other in names if name != other and name.startswith(other + ".")), None)
             if outer is not None:
                 raise RegionError(f"TaylorSeer: {name} and the module around it, {outer}, both match the "
                                   "identifiers; fxcache caches modules that do not nest, so narrow the patterns")
-        return matched
-
-    def flag_regions(self, regions: ModelRegions) -> dict[str, list[str]]:
-        """Flag name -> the region names it gates (True computes them)."""
-        return {"taylorseer_compute": [region.name for region, _ in self.targets(regions)]}
+        return [(g.module(path), inactive) for path, inactive in matched]
 
     # -- rewrite ------------------------------------------------------------------------------------
-    def rewrite(self, builder: ProgramBuilder, regions: ModelRegions) -> None:
-        targets = self.targets(regions)
+    def rewrite(self, g: PassBuilder) -> None:
+        if self.target == "reused":
+            g.forecast_caches(_TaylorForecast(self.max_order, self.taylor_factors_dtype))
+            return
+        targets = self.targets(g)
         if not targets:
             skip, cache = self.patterns()
-            found = ", ".join(sorted({p for n in builder.graph.nodes for p in n.meta.get(MODULE_STACK, ())})[:12])
+            found = ", ".join(sorted({p for n in g.graph.nodes for p in n.meta.get(MODULE_STACK, ())})[:12])
             raise RegionError(f"TaylorSeer: no module path fully matches the identifiers {skip + cache}; "
                               f"paths in the graph include: {found}")
-        compute = builder.add_flag("taylorseer_compute")
-        step_distance = builder.add_scalar("taylorseer_step_distance", torch.float64)
-        coefficients = tuple(builder.add_scalar(f"taylorseer_coefficient_{order}", torch.float64)
-                             for order in range(self.max_order + 1))
-        position = {node: i for i, node in enumerate(builder.graph.nodes)}
-        # replace later regions first so that the input nodes of earlier ones stay valid
-        for region, inactive in sorted(targets, key=lambda t: position[t[0].nodes[0]], reverse=True):
-            label = region.name.replace(".", "_")
+        schedule = _Schedule(self)
+        compute = g.flag("compute", decide=lambda step: self.computes(step.index))
+        step_distance = g.scalar("step_distance", value=lambda step: schedule.scalars(step.index)[0],
+                                 dtype=torch.float64)
+        coefficients = tuple(
+            g.scalar(f"coefficient_{order}", value=lambda step, order=order: schedule.scalars(step.index)[1][order],
+                     dtype=torch.float64)
+            for order in range(self.max_order + 1))
+        for region, inactive in targets:
             for output in region.outputs:
                 if not isinstance(example_value(output), torch.Tensor):
                     raise RegionError(f"TaylorSeer: {region.name} returns a non-tensor ({output.name})")
             if inactive:
                 shapes = tuple((tuple(example_value(o).shape), example_value(o).dtype) for o in region.outputs)
-                builder.replace(region, compute_or_zeros, compute, REGION, shapes, builder.device, INPUTS)
+                g.replace(region, compute_or_zeros, compute, REGION, shapes, g.device, INPUTS)
                 continue
             factors = tuple(
-                tuple(builder.add_state(f"{label}_out{i}_order{order}", shape=tuple(example_value(out).shape),
-                                        dtype=self.taylor_factors_dtype or example_value(out).dtype,
-                                        device=example_value(out).device)
+                tuple(g.state(f"{region.name}.out{i}.order{order}", shape=tuple(example_value(out).shape),
+                              dtype=self.taylor_factors_dtype or example_value(out).dtype,
+                              device=example_value(out).device)
                       for order in range(self.max_order + 1))
                 for i, out in enumerate(region.outputs))
             dtypes = tuple(example_value(out).dtype for out in region.outputs)
-            builder.replace(region, compute_or_predict, compute, REGION, factors, dtypes, step_distance,
-                            coefficients, INPUTS)
+            g.replace(region, compute_or_predict, compute, REGION, factors, dtypes, step_distance, coefficients,
+                      INPUTS)
 
     # -- schedule -----------------------------------------------------------------------------------
     def computes(self, index: int) -> bool:
-        """Whether step ``index`` (the call count since reset in a context) computes."""
+        """Whether step ``index`` (the call count since reset in a context) computes.
+
+        Example::
+
+            [i for i in range(10) if TaylorSeer(cache_interval=4).computes(i)]   # [0, 1, 2, 4, 8]
+        """
         before, after = self.disable_cache_before_step, self.disable_cache_after_step
         return (index == 0 or index < before or (index - before - 1) % self.cache_interval == 0
                 or (after is not None and index >= after))
 
-    def _history(self, index: int) -> tuple[int | None, int]:
-        """(last computing step before ``index``, number of computing steps before ``index``)."""
-        return _history(self, index)
+    def step_scalars(self, index: int) -> tuple[float, tuple[float, ...]]:
+        """(steps since the last computing step, Taylor coefficient of each order) at step ``index``:
+        orders that do not exist yet (one more per computing step, as diffusers) get 0.
 
-    def decide(self, step: Step) -> dict[str, bool]:
-        return {"taylorseer_compute": self.computes(step.index)}
+        Example::
 
-    def scalars(self, step: Step) -> dict[str, float]:
-        last, updates = self._history(step.index)
-        offset = step.index - last if last is not None else 1
-        orders = min(updates, self.max_order + 1)  # how many orders exist after `updates` updates
-        values = {"taylorseer_step_distance": float(offset)}
-        for order in range(self.max_order + 1):
-            values[f"taylorseer_coefficient_{order}"] = \
-                (offset ** order) / math.factorial(order) if order < orders else 0.0
-        return values
+            TaylorSeer(cache_interval=4, max_order=1).step_scalars(6)   # (2.0, (1.0, 2.0))
+        """
+        last, updates = None, 0
+        for earlier in range(index):
+            if self.computes(earlier):
+                last, updates = earlier, updates + 1
+        offset = index - last if last is not None else 1
+        orders = min(updates, self.max_order + 1)
+        return float(offset), tuple((offset ** order) / math.factorial(order) if order < orders else 0.0
+                                    for order in range(self.max_order + 1))
 
 
-@lru_cache(maxsize=4096)
-def _history(config: TaylorSeer, index: int) -> tuple[int | None, int]:
-    last, updates = None, 0
-    for earlier in range(index):
-        if config.computes(earlier):
-            last, updates = earlier, updates + 1
-    return last, updates
+class _Schedule:
+    """Per program: each step's scalars, worked out once (the config holds no runtime state)."""
+
+    def __init__(self, config: TaylorSeer):
+        self.config = config
+        self._memo: dict[int, tuple[float, tuple[float, ...]]] = {}
+
+    def scalars(self, index: int) -> tuple[float, tuple[float, ...]]:
+        if index not in self._memo:
+            self._memo[index] = self.config.step_scalars(index)
+        return self._memo[index]
+
+
+class _TaylorForecast:
+    """TaylorSeer as a forecaster of the values another pass reuses (cache-dit pairs DBCache with
+    TaylorSeer): every computed value updates its divided differences; a reused step returns the
+    Taylor expansion at the steps elapsed since the last computed one. A block cache decides in the
+    graph, so the step index enters as a scalar and the last computed step and the number of
+    updates are state."""
+
+    def __init__(self, max_order: int, dtype: torch.dtype | None):
+        self.max_order, self.dtype = max_order, dtype
+
+    def declare(self, g: PassBuilder, name: str, like):
+        value = example_value(like)
+        factors = tuple(g.state(f"{name}.order{order}", shape=tuple(value.shape), dtype=self.dtype or value.dtype,
+                                device=value.device) for order in range(self.max_order + 1))
+        last_step = g.state(f"{name}.last_step", shape=(1,), dtype=torch.float64, device=value.device)
+        updates = g.state(f"{name}.updates", shape=(1,), dtype=torch.int64, device=value.device)
+        step = g.scalar(f"{name}.step", value=lambda step: float(step.index), dtype=torch.float64)
+        return (*factors, last_step, updates), (step,)
+
+    @staticmethod
+    def update(tensors: tuple, params: tuple, value: torch.Tensor) -> tuple:
+        *factors, last_step, updates = tensors
+        (step,) = params
+        distance = (step - last_step).to(value.dtype)
+        new = [value]
+        for order in range(1, len(factors)):
+            difference = (new[order - 1] - factors[order - 1].to(value.dtype)) / distance
+            # an order exists once there were `order` updates before (diffusers grows one per update)
+            new.append(torch.where(updates >= order, difference, torch.zeros_like(difference)))
+        return (*[n.to(f.dtype) for n, f in zip(new, factors)], step.clone(), updates + 1)
+
+    @staticmethod
+    def predict(tensors: tuple, params: tuple) -> torch.Tensor:
+        *factors, last_step, _ = tensors
+        (step,) = params
+        elapsed = (step - last_step).to(torch.float32)
+        prediction = factors[0].float()
+        coefficient = torch.ones_like(elapsed)
+        for order in range(1, len(factors)):
+            coefficient = coefficient * elapsed / order
+            prediction = prediction + factors[order].float() * coefficient
+        return prediction.to(factors[0].dtype)
 
 
 def compute_or_predict(compute: bool, module, factors, dtypes, step_distance, coefficients, *inputs):
