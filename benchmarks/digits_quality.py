@@ -30,7 +30,7 @@ import diffusers  # noqa: E402
 from diffusers import (FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,  # noqa: E402
                        TaylorSeerCacheConfig)
 
-from fxcache import digits, quality  # noqa: E402
+from fxcache.demo import digits, quality  # noqa: E402
 from fxcache.passes import FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer  # noqa: E402
 
 

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fxcache import transform  # noqa: E402
-from fxcache.bench import build, current_timestep, flux_config  # noqa: E402
+from fxcache.demo.bench import build, current_timestep, flux_config  # noqa: E402
 from fxcache.passes import MagCache, PyramidAttentionBroadcast, TaylorSeer  # noqa: E402
 from fxcache.passes.mag_cache import FLUX_MAG_RATIOS  # noqa: E402
 

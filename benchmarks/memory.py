@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fxcache import transform  # noqa: E402
-from fxcache.bench import current_timestep, generate  # noqa: E402
+from fxcache.demo.bench import current_timestep, generate  # noqa: E402
 from fxcache.passes import (FasterCache, FirstBlockCache, MagCache, PyramidAttentionBroadcast,  # noqa: E402
                             TaylorSeer)
 from fxcache.passes.mag_cache import FLUX_MAG_RATIOS  # noqa: E402

@@ -44,10 +44,10 @@ from pathlib import Path
 
 import torch
 
-from . import transform
-from .flops import count_flops
-from .passes import FasterCache, FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer
-from .passes.mag_cache import FLUX_MAG_RATIOS
+from .. import transform
+from ..flops import count_flops
+from ..passes import FasterCache, FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer
+from ..passes.mag_cache import FLUX_MAG_RATIOS
 
 __all__ = ["Row", "format_table", "main"]
 
