@@ -181,7 +181,7 @@ class PassReport:
     """One row of :func:`compare_passes`: a method against the uncached run of the same seeds.
 
     ``speedup`` is uncached seconds / these seconds (best of ``repeats``); ``flop_fraction`` the FLOPs
-    executed over the uncached run's (``torch.utils.flop_counter``); ``psnr``/``ssim`` against the
+    executed over the uncached run's (:func:`fxcache.flops.count_flops`); ``psnr``/``ssim`` against the
     uncached images; ``accuracy`` of the digit classifier on the requested classes."""
 
     name: str
