@@ -79,9 +79,9 @@ def _model_options(parser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
 
 
+@torch.no_grad()
 def run_command(args: argparse.Namespace) -> int:
     """Run a command registered by :func:`add_commands`; returns the exit status."""
-    torch.set_grad_enabled(False)
     try:
         if args.command == "explain":
             return explain(args)

@@ -55,6 +55,7 @@ def demo_clock(device: torch.device | str = "cpu"):
     return time.perf_counter if torch.device(device).type == "cuda" else time.process_time
 
 
+@torch.no_grad()
 def run_digits_demo(out: str = "fxcache-demo.png", steps: int = 20, backend: str = "eager",
                     samples_per_class: int = 4, seed: int = 0):
     """Generate the digits grid uncached and with each pass; save them side by side at ``out``.
@@ -65,7 +66,6 @@ def run_digits_demo(out: str = "fxcache-demo.png", steps: int = 20, backend: str
     """
     from . import digits, quality
 
-    torch.set_grad_enabled(False)
     denoiser = digits.load_digits_denoiser()
     methods = digits_methods(denoiser, steps)
     device = next(denoiser.model.parameters()).device
@@ -99,6 +99,7 @@ def _timed(fn) -> tuple[torch.Tensor, float]:
     return result, timer() - start
 
 
+@torch.no_grad()
 def run_demo(threshold: float = 0.3, steps: int = 20, backend: str = "eager", model: str = "flux",
              seed: int = 0, progress: bool = True) -> list[DemoRow]:
     """Sample once uncached and once with FirstBlockCache; returns one row each.
@@ -107,7 +108,6 @@ def run_demo(threshold: float = 0.3, steps: int = 20, backend: str = "eager", mo
 
         rows = run_demo(threshold=0.3, steps=10, progress=False)
     """
-    torch.set_grad_enabled(False)
     tiny = build(model)
     start = tiny.noise(seed=seed)
     contexts = ("cond", "uncond")
