@@ -30,7 +30,7 @@ import diffusers  # noqa: E402
 from diffusers import (FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,  # noqa: E402
                        TaylorSeerCacheConfig)
 
-from fxcache import digits, quality  # noqa: E402
+from fxcache.demo import digits, quality  # noqa: E402
 from fxcache.passes import FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer  # noqa: E402
 
 
@@ -196,7 +196,7 @@ width {denoiser.conditioning['config'].hidden}, trained {training.get('steps')} 
 Each row generates the same {10 * args.samples} digits ({args.samples} per class, seed 0, {args.steps} Euler steps, no
 guidance) as the uncached run and compares:
 
-- **FLOP fraction**: FLOPs executed / FLOPs of the uncached run (`torch.utils.flop_counter`).
+- **FLOP fraction**: FLOPs executed / FLOPs of the uncached run (`fxcache.flops.count_flops`, attention included).
 - **time ratio**: {clock_text}
 - **PSNR, SSIM**: against the uncached images of the same seeds (torchmetrics; SSIM window 7).
 - **accuracy**: a digit classifier (RBF SVM, 0.969 cross-validated on the real digits) reads the

@@ -56,16 +56,16 @@ started=$(date +%s)
 cat "$OUT/env.txt"
 
 # A: full depth, ~4.5 minutes (each whole-graph compile of 57 blocks is the bulk)
-timeout 280 python3 -m fxcache.bench --double 19 --single 38 --methods mag --peers diffusers --repeats 1 \
+timeout 280 python3 -m fxcache.demo.bench --double 19 --single 38 --methods mag --peers diffusers --repeats 1 \
     --json "$OUT/full_depth.json" 2>&1 | grep -v "^W[0-9]" | tee "$OUT/full_depth.log"
 echo "A done after $(( $(date +%s) - started )) s"
 
 # B: reduced depth with cache-dit, ~2.5 minutes
-timeout 170 python3 -m fxcache.bench --double 4 --single 8 --methods fbc,fbc-forced --peers diffusers,cache-dit \
+timeout 170 python3 -m fxcache.demo.bench --double 4 --single 8 --methods fbc,fbc-forced --peers diffusers,cache-dit \
     --repeats 2 --json "$OUT/reduced_depth.json" 2>&1 | grep -v "^W[0-9]" | tee "$OUT/reduced_depth.log"
 echo "B done after $(( $(date +%s) - started )) s"
 
 # the tables, from the rows each part wrote (complete or cut short)
 rows=$(ls "$OUT"/full_depth.rows.jsonl "$OUT"/reduced_depth.rows.jsonl 2>/dev/null)
-[[ -n "$rows" ]] && python3 -m fxcache.bench --table-from $rows 2>/dev/null | tee "$OUT/gpu_table.md"
+[[ -n "$rows" ]] && python3 -m fxcache.demo.bench --table-from $rows 2>/dev/null | tee "$OUT/gpu_table.md"
 echo "total $(( $(date +%s) - started )) s"

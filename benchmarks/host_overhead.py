@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fxcache import transform  # noqa: E402
-from fxcache.bench import build, current_timestep, flux_config  # noqa: E402
+from fxcache.demo.bench import CurrentTimestep, build, flux_config  # noqa: E402
 from fxcache.passes import MagCache, PyramidAttentionBroadcast, TaylorSeer  # noqa: E402
 from fxcache.passes.mag_cache import FLUX_MAG_RATIOS  # noqa: E402
 
@@ -44,7 +44,7 @@ def make_pass(method: str, steps: int):
         return MagCache(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=steps)
     if method == "PyramidAttentionBroadcast":
         return PyramidAttentionBroadcast(spatial_attention_block_skip_range=2,
-                                         current_timestep_callback=current_timestep)
+                                         current_timestep_callback=CurrentTimestep())
     if method == "TaylorSeer":
         return TaylorSeer()
     raise SystemExit(f"unknown static method {method!r}")

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fxcache import transform  # noqa: E402
-from fxcache.bench import current_timestep, generate  # noqa: E402
+from fxcache.demo.bench import CurrentTimestep, generate  # noqa: E402
 from fxcache.passes import (FasterCache, FirstBlockCache, MagCache, PyramidAttentionBroadcast,  # noqa: E402
                             TaylorSeer)
 from fxcache.passes.mag_cache import FLUX_MAG_RATIOS  # noqa: E402
@@ -163,13 +163,13 @@ def nbytes(held) -> int:
     return sum(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() for _, shape, dtype in held)
 
 
-def cases(steps: int) -> dict:
+def cases(steps: int, timestep: CurrentTimestep) -> dict:
     from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
                            PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig)
 
-    pab = dict(spatial_attention_block_skip_range=2, current_timestep_callback=current_timestep)
+    pab = dict(spatial_attention_block_skip_range=2, current_timestep_callback=timestep)
     faster = dict(spatial_attention_block_skip_range=2, is_guidance_distilled=True,
-                  current_timestep_callback=current_timestep)
+                  current_timestep_callback=timestep)
     return {
         "FirstBlockCache t=0.08": (FirstBlockCache(threshold=0.08), FirstBlockCacheConfig(threshold=0.08)),
         "MagCache FLUX ratios": (MagCache(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=steps),
@@ -203,16 +203,16 @@ def main(argv=None):
           f"{TINY['txt']} text tokens, bf16, {args.steps} steps, one cache context; FLUX.1-dev scale: "
           f"{FLUX['double']}+{FLUX['single']} blocks, width {FLUX['heads'] * FLUX['head_dim']}, "
           f"{FLUX['img']} image + {FLUX['txt']} text tokens, bf16", flush=True)
-    rows = []
-    for name, (fx_pass, diffusers_config) in cases(args.steps).items():
+    rows, timestep = [], CurrentTimestep()
+    for name, (fx_pass, diffusers_config) in cases(args.steps, timestep).items():
         cached = transform(model, [fx_pass], backend="eager")
-        generate(cached, fixed, start, args.steps)
+        generate(cached, fixed, start, args.steps, timestep)
         stats = cached.stats()
         fx_held = fxcache_state(cached)
         assert nbytes(fx_held) == stats["cache_bytes"], (nbytes(fx_held), stats["cache_bytes"])
         hooked = copy.deepcopy(model)
         hooked.enable_cache(diffusers_config)
-        generate(hooked, fixed, start, args.steps)
+        generate(hooked, fixed, start, args.steps, timestep)
         d_held = diffusers_state(hooked)
         row = dict(method=name, fxcache_tiny=stats["cache_bytes"], fxcache_by_pass=stats["cache_bytes_by_pass"],
                    diffusers_tiny=nbytes(d_held), fxcache_flux=at_scale(fx_held),

@@ -23,8 +23,8 @@ import sys
 import torch
 
 import fxcache
-from fxcache import tiny_models
 from fxcache.passes import FirstBlockCache, TaylorSeer
+from fxcache.testing import models
 
 PASSES = {"fbc": lambda: FirstBlockCache(threshold=0.2),
           "taylorseer": lambda: TaylorSeer(cache_interval=2, disable_cache_before_step=1)}
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
 
-    sizes = [tiny_models.flux(num_layers=1, num_single_layers=1, img_tokens=n) for n in (16, 36, 64)]
+    sizes = [models.flux(num_layers=1, num_single_layers=1, img_tokens=n) for n in (16, 36, 64)]
     for tiny in sizes[1:]:
         tiny.model = sizes[0].model  # one module, three resolutions
     cached = fxcache.transform(sizes[0].model, [PASSES[args.method]()], backend="eager",
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     for generation in range(args.generations):
         size, batch, contexts = layouts[generation % len(layouts)]
         tiny = sizes[size]
-        tiny_models.euler_sample(cached, tiny, tiny.noise(seed=generation, batch=batch), args.steps, contexts)
+        models.euler_sample(cached, tiny, tiny.noise(seed=generation, batch=batch), args.steps, contexts)
         cached.reset()
         if generation % args.every == args.every - 1 or generation == args.generations - 1:
             gc.collect()

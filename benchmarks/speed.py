@@ -1,6 +1,6 @@
 """Speed side by side in one run: uncached (eager, regional compile, whole-graph compile), diffusers'
 hooks, cache-dit and fxcache, with FLOP fractions and the limits. The benchmark itself lives in
-:mod:`fxcache.bench` (so ``python -m fxcache bench`` works from an installed wheel); this script runs
+:mod:`fxcache.demo.bench` (so ``python -m fxcache bench`` works from an installed wheel); this script runs
 it from a source checkout with the same options.
 
     python benchmarks/speed.py                 # GPU: FLUX.1-dev width, random bf16, 1024^2, 28 steps
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fxcache.bench import main  # noqa: E402
+from fxcache.demo.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -14,11 +14,11 @@ Runs offline in seconds on tiny random components. With a real checkpoint the sa
 import torch
 
 import fxcache
-from fxcache import tiny_pipelines
 from fxcache.passes import FirstBlockCache
+from fxcache.testing import pipelines
 
 torch.set_grad_enabled(False)
-tiny = tiny_pipelines.flux(steps=8)  # FluxPipeline, tiny transformer and VAE, prompt embeddings made up
+tiny = pipelines.flux(steps=8)  # FluxPipeline, tiny transformer and VAE, prompt embeddings made up
 pipe, inputs = tiny.pipe, tiny.call_kwargs  # inputs: prompt embeddings, 16x16, 8 steps, true CFG
 
 

@@ -22,12 +22,12 @@ from diffusers import FirstBlockCacheConfig, FluxPipeline
 from diffusers.utils import logging
 
 import fxcache
-from fxcache import tiny_pipelines
 from fxcache.passes import FirstBlockCache
+from fxcache.testing import pipelines
 
 torch.set_grad_enabled(False)
 logging.set_verbosity_error()  # saving says, for each absent text encoder, that None cannot be saved
-tiny = tiny_pipelines.flux(steps=8)
+tiny = pipelines.flux(steps=8)
 inputs = tiny.call_kwargs
 
 

@@ -15,11 +15,11 @@ Runs offline in seconds on tiny random components. With a real checkpoint::
 import torch
 
 import fxcache
-from fxcache import tiny_pipelines
 from fxcache.passes import FirstBlockCache
+from fxcache.testing import pipelines
 
 torch.set_grad_enabled(False)
-tiny = tiny_pipelines.wan(two_stage=True, steps=8)  # WanPipeline with boundary_ratio=0.6
+tiny = pipelines.wan(two_stage=True, steps=8)  # WanPipeline with boundary_ratio=0.6
 pipe, inputs = tiny.pipe, tiny.call_kwargs
 
 

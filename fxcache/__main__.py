@@ -28,21 +28,27 @@ def main(argv: list[str] | None = None) -> int:
 
     add_commands(commands)
     args = parser.parse_args(argv)
-    if args.command != "demo":
-        return run_command(args)
+    try:
+        return run_command(args) if args.command != "demo" else _demo(args)
+    except ImportError as error:
+        if error.name != "fxcache.demo":
+            raise
+        raise SystemExit(f"fxcache {args.command}: {error}") from None  # the demo extra is missing
 
-    if args.command == "demo" and args.model == "digits":
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.model == "digits":
         from .demo import format_reports, run_digits_demo
 
         torch.set_num_threads(1)
         reports = run_digits_demo(args.out, steps=args.steps, backend=args.backend,
                                   samples_per_class=args.samples_per_class, seed=args.seed)
-        print(f"fxcache demo: FLUX transformer trained on real digits (fxcache/digits.py), "
+        print(f"fxcache demo: FLUX transformer trained on real digits (fxcache/demo/digits.py), "
               f"{10 * args.samples_per_class} samples, {args.steps} steps, backend={args.backend}, "
               f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
         print(format_reports(reports))
         print(f"grid (uncached, then each pass, side by side): {args.out}")
-    elif args.command == "demo":
+    else:
         from .demo import format_rows, run_demo
 
         torch.set_num_threads(1)

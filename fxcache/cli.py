@@ -1,5 +1,5 @@
 """The ``explain``, ``calibrate`` and ``bench`` commands of ``python -m fxcache`` (``demo`` lives in
-:mod:`fxcache.demo`). Each runs on a built-in tiny model (:mod:`fxcache.tiny_models`), offline.
+:mod:`fxcache.demo`). Each runs on a built-in tiny model (:mod:`fxcache.testing.models`), offline.
 
 Example::
 
@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from . import passes as passes_module
-from . import tiny_models
+from .testing import models
 from .passes import CachePass, ConfigError, MagCache, PyramidAttentionBroadcast
 from .regions import RegionError
 
@@ -59,7 +59,7 @@ def add_commands(commands) -> None:
 
     bench = commands.add_parser(
         "bench", help="the speed table: fxcache, diffusers and cache-dit side by side, with the limits "
-                      "(fxcache.bench, also benchmarks/speed.py)")
+                      "(fxcache.demo.bench, also benchmarks/speed.py)")
     bench.add_argument("--dry", action="store_true", help="the GPU script's logic, tiny, on the CPU (~1 min)")
     bench.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available; cpu runs "
                                                                   "a small model with Inductor (minutes)")
@@ -74,14 +74,14 @@ def add_commands(commands) -> None:
 
 
 def _model_options(parser) -> None:
-    parser.add_argument("--model", default="flux", choices=sorted(tiny_models.MODELS),
+    parser.add_argument("--model", default="flux", choices=sorted(models.MODELS),
                         help="built-in tiny model (random weights)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
 
 
+@torch.no_grad()
 def run_command(args: argparse.Namespace) -> int:
     """Run a command registered by :func:`add_commands`; returns the exit status."""
-    torch.set_grad_enabled(False)
     try:
         if args.command == "explain":
             return explain(args)
@@ -156,8 +156,11 @@ def explain(args) -> int:
                           "ahead of time to draw (drop --png)")
     from . import transform
 
+    if args.png:
+        from .demo import plots  # now, so that a missing demo extra stops the command before its work
+
     bar = progress_bar(3, "explain", unit="stage")
-    tiny = tiny_models.build(args.model)
+    tiny = models.build(args.model)
     cached = transform(tiny.model, [cache_pass], backend="eager")
     timesteps = flow_matching_timesteps(args.steps)
     latents = tiny.noise()
@@ -169,10 +172,8 @@ def explain(args) -> int:
     text = cached.explain(args.steps, timesteps)
     bar.update()
     if args.png:
-        from .plots import plot_schedule
-
-        plot_schedule(cached.plan(args.steps, timesteps), args.png,
-                      title=f"{type(cache_pass).__name__} on tiny {args.model}, {args.steps} steps")
+        plots.plot_schedule(cached.plan(args.steps, timesteps), args.png,
+                            title=f"{type(cache_pass).__name__} on tiny {args.model}, {args.steps} steps")
     bar.update()
     bar.close()
     print(text)
@@ -200,13 +201,15 @@ class _CountedCalls:
 def calibrate(args) -> int:
     from .passes.mag_cache import measure_mag_ratios
 
-    tiny = tiny_models.build(args.model)
+    if args.png:
+        from .demo import plots  # now, so that a missing demo extra stops the command before its work
+    tiny = models.build(args.model)
     contexts = ("cond",) if args.no_cfg else ("cond", "uncond")
     start = tiny.noise(seed=args.seed)
     bar = progress_bar(args.steps * len(contexts), "calibrate", unit="call")
     measured = measure_mag_ratios(
-        tiny.model, lambda recorder: tiny_models.euler_sample(_CountedCalls(recorder, bar), tiny, start,
-                                                              args.steps, contexts))
+        tiny.model, lambda recorder: models.euler_sample(_CountedCalls(recorder, bar), tiny, start,
+                                                         args.steps, contexts))
     bar.close()
     values = _parse_fields(args.fields)
     values.setdefault("num_inference_steps", args.steps)
@@ -224,19 +227,17 @@ def calibrate(args) -> int:
           + f" ({schedule.count(False)} of {len(schedule)} steps skipped)")
     print(f"saved to {args.out}; load with MagCache.from_file({str(args.out)!r})")
     if args.png:
-        from .plots import plot_mag_ratios
-
-        plot_mag_ratios(measured, args.png, computes=schedule,
-                        title=f"MagCache ratios, tiny {args.model}, {args.steps} steps "
-                              f"(shaded: skipped at threshold {config.threshold})")
+        plots.plot_mag_ratios(measured, args.png, computes=schedule,
+                              title=f"MagCache ratios, tiny {args.model}, {args.steps} steps "
+                                    f"(shaded: skipped at threshold {config.threshold})")
         print(f"ratios drawn to {args.png}")
     return 0
 
 
 # -- bench ------------------------------------------------------------------------------------------
 def bench(args) -> int:
-    """Run :mod:`fxcache.bench` (what ``benchmarks/speed.py`` runs) with the given options."""
-    from . import bench as speed
+    """Run :mod:`fxcache.demo.bench` (what ``benchmarks/speed.py`` runs) with the given options."""
+    from .demo import bench as speed
 
     argv = ["--dry"] if args.dry else []
     for option in ("device", "steps", "repeats", "json", "methods", "peers", "double", "single"):

@@ -27,34 +27,14 @@ import sympy
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .capture import capture_dynamic, normalize_module_path
+from .flops import flop_counter
 from .passes.base import ConfigError, Step
 
 __all__ = ["RegionCost", "Schedule", "build_schedule", "flop_counter", "symbolic_costs"]
 
 TOKENS = sympy.Symbol("tokens", positive=True, integer=True)
-
-
-def flop_counter() -> FlopCounterMode:
-    """``torch.utils.flop_counter.FlopCounterMode`` that also counts attention on CPU: PyTorch routes
-    CPU ``scaled_dot_product_attention`` to ``_scaled_dot_product_flash_attention_for_cpu``, which has
-    no formula in its registry, so the stock counter reports 0 attention FLOPs there.
-
-    Example::
-
-        with flop_counter() as counter:
-            model(**inputs)
-        counter.get_total_flops()
-    """
-    return FlopCounterMode(display=False, custom_mapping={
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
-
-
-def _cpu_sdpa_flops(query, key, value, *args, **kwargs) -> int:
-    # the counter hands formulas the shapes of tensor arguments
-    return sdpa_flop_count(*(getattr(x, "shape", x) for x in (query, key, value)))
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Coverage registry: a tiny random config and inputs for every diffusers transformer class that runs
 blocks of attention from an ``nn.ModuleList``, with what fxcache is expected to do on it.
 
-Each :class:`ModelCase` builds a :class:`fxcache.tiny_models.TinyDenoiser` (model + input builder), so
+Each :class:`ModelCase` builds a :class:`fxcache.testing.models.TinyDenoiser` (model + input builder), so
 one Euler loop drives all of them. ``expected`` maps a method to "supported" or to an
 :class:`Unsupported` row: the error class, a fragment of its message and why. ``NOT_COVERED`` names the
 classes of ``diffusers.models.transformers`` that have no case, each with the reason; a test checks that
@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from fxcache.tiny_models import TinyDenoiser
+from fxcache.testing.models import TinyDenoiser
 
 METHODS = ("FirstBlockCache", "PyramidAttentionBroadcast", "TaylorSeer", "MagCache", "FasterCache")
 SUPPORTED = "supported"

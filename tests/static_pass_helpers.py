@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from fxcache import tiny_models
+from fxcache.testing import models
 from tests.helpers import relative_difference
 
 
@@ -27,7 +27,7 @@ class Clock:
 
 
 @torch.no_grad()
-def run_euler(model, tiny: tiny_models.TinyDenoiser, num_steps: int, *, contexts=("cond",), clock=None,
+def run_euler(model, tiny: models.TinyDenoiser, num_steps: int, *, contexts=("cond",), clock=None,
               context_fields=False, seed=0, guidance=3.0, stop_after=None):
     """Run ``num_steps`` Euler steps (or stop early after ``stop_after``); return (x0, x_N)."""
     start = tiny.noise(seed=seed)
@@ -48,7 +48,7 @@ def run_euler(model, tiny: tiny_models.TinyDenoiser, num_steps: int, *, contexts
 
 
 @torch.no_grad()
-def run_scheduler(model, tiny: tiny_models.TinyDenoiser, scheduler, num_steps: int, *, contexts=("cond",),
+def run_scheduler(model, tiny: models.TinyDenoiser, scheduler, num_steps: int, *, contexts=("cond",),
                   clock=None, seed=0, guidance=3.0, stop_after=None):
     """The same loop driven by a diffusers flow-matching scheduler (timesteps in [0, 1000])."""
     start = tiny.noise(seed=seed)

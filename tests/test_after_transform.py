@@ -10,15 +10,15 @@ import pytest
 import torch
 
 import fxcache
-from fxcache import tiny_models, tiny_pipelines
 from fxcache.passes import FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer
+from fxcache.testing import models, pipelines
 
 from .helpers import with_diffusers_cache
 
 
 @pytest.fixture(scope="module")
 def flux():
-    return tiny_models.flux(num_layers=1, num_single_layers=1)
+    return models.flux(num_layers=1, num_single_layers=1)
 
 
 def taylorseer():
@@ -28,7 +28,7 @@ def taylorseer():
 def test_a_replaced_pipeline_scheduler_is_read_through_the_pipeline_or_named_in_an_error():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    tiny = tiny_pipelines.flux(num_layers=1, num_single_layers=1, steps=4, true_cfg_scale=1.0)
+    tiny = pipelines.flux(num_layers=1, num_single_layers=1, steps=4, true_cfg_scale=1.0)
     pipe, transformer = tiny.pipe, tiny.pipe.transformer
     pipe.transformer = fxcache.transform(transformer, [taylorseer()], backend="eager", scheduler=pipe)
     first = tiny.generate(output_type="latent")
@@ -52,9 +52,9 @@ def test_inference_mode_then_plain_calls_and_reset_work(flux):
     cached = fxcache.transform(flux.model, [FirstBlockCache(threshold=0.3)], backend="eager")
     x = flux.noise(seed=1)
     with torch.inference_mode():
-        under_inference = tiny_models.euler_sample(cached, flux, x, 4)
+        under_inference = models.euler_sample(cached, flux, x, 4)
     cached.reset()  # outside inference mode: zeroes state made inside it
-    plain = tiny_models.euler_sample(cached, flux, x, 4)
+    plain = models.euler_sample(cached, flux, x, 4)
     assert torch.equal(plain, under_inference)
     assert not any(t.is_inference() for p in cached._programs.values() for s in p.states.values() for t in s)
 
@@ -64,7 +64,7 @@ def test_cache_state_never_holds_autograd_history_and_training_steps_run(flux):
     x = flux.noise(seed=2)
     with torch.enable_grad():
         for generation in range(3):
-            out = tiny_models.euler_sample.__wrapped__(cached, flux, x, 3)  # the loop without no_grad
+            out = models.euler_sample.__wrapped__(cached, flux, x, 3)  # the loop without no_grad
             out.sum().backward()  # gradients flow through the computed work; the cache is a constant
             cached.reset()
     state = [t for p in cached._programs.values() for s in p.states.values() for t in s]
@@ -113,15 +113,15 @@ def test_steady_calls_patch_no_dynamo_config(flux, monkeypatch):
     """A config patch per call kept Python heap per call; a new decision tuple is the only patch."""
     cached = fxcache.transform(flux.model, [taylorseer()], backend="eager")
     x = flux.noise(seed=4)
-    tiny_models.euler_sample(cached, flux, x, 4)
+    models.euler_sample(cached, flux, x, 4)
     cached.reset()
     patches = []
     original = fxcache.lower._room_for_decision_tuples
     monkeypatch.setattr(fxcache.lower, "_room_for_decision_tuples", lambda n: patches.append(n) or original(n))
-    tiny_models.euler_sample(cached, flux, x, 4)
+    models.euler_sample(cached, flux, x, 4)
     assert patches == []
     cached.original.train()  # a new capture: its first decision tuples are patched for, once each
-    tiny_models.euler_sample(cached, flux, x, 4)
+    models.euler_sample(cached, flux, x, 4)
     cached.original.eval()
     assert patches == [1, 1]
 
@@ -129,25 +129,25 @@ def test_steady_calls_patch_no_dynamo_config(flux, monkeypatch):
 def test_deepcopy_and_pickle_of_a_used_cached_model_and_pipeline(flux):
     cached = fxcache.transform(flux.model, [taylorseer()], backend="eager")
     x = flux.noise(seed=5)
-    expected = tiny_models.euler_sample(cached, flux, x, 4)
+    expected = models.euler_sample(cached, flux, x, 4)
     cached.reset()
     for clone in (copy.deepcopy(cached), pickle.loads(pickle.dumps(cached))):
         assert clone.original is not flux.model and clone.passes == cached.passes
-        assert torch.equal(tiny_models.euler_sample(clone, flux, x, 4), expected)
+        assert torch.equal(models.euler_sample(clone, flux, x, 4), expected)
         assert clone.stats()["captures"] == 1  # captured afresh: state and programs are not copied
-    tiny = tiny_pipelines.flux(num_layers=1, num_single_layers=1, steps=2, true_cfg_scale=1.0)
+    tiny = pipelines.flux(num_layers=1, num_single_layers=1, steps=2, true_cfg_scale=1.0)
     tiny.pipe.transformer = fxcache.transform(tiny.pipe.transformer, [taylorseer()], backend="eager")
     latents = tiny.generate(output_type="latent")
     twin = copy.deepcopy(tiny.pipe)
     assert twin.transformer.original is not tiny.pipe.transformer.original
-    assert torch.equal(tiny_pipelines.TinyPipeline("flux", twin, tiny.call_kwargs).generate(output_type="latent"),
+    assert torch.equal(pipelines.TinyPipeline("flux", twin, tiny.call_kwargs).generate(output_type="latent"),
                        latents)
 
 
 def test_state_dict_is_the_wrapped_models_both_ways(flux):
     cached = fxcache.transform(flux.model, [FirstBlockCache()], backend="eager")
     assert cached.state_dict().keys() == flux.model.state_dict().keys()
-    other = tiny_models.flux(num_layers=1, num_single_layers=1).model
+    other = models.flux(num_layers=1, num_single_layers=1).model
     other.load_state_dict(cached.state_dict())
     cached.load_state_dict(other.state_dict())
 
@@ -174,7 +174,7 @@ def test_errors_name_the_real_problem(flux):
 
 
 def test_stats_keep_the_last_generation_and_totals(flux):
-    tiny = tiny_pipelines.flux(num_layers=1, num_single_layers=1, steps=4, true_cfg_scale=1.0)
+    tiny = pipelines.flux(num_layers=1, num_single_layers=1, steps=4, true_cfg_scale=1.0)
     tiny.pipe.transformer = fxcache.transform(tiny.pipe.transformer, [taylorseer()], backend="eager",
                                               scheduler=tiny.pipe)
     for _ in range(2):
@@ -191,13 +191,13 @@ def test_threads_each_in_their_own_context_get_the_sequential_results(flux):
     starts = [flux.noise(seed=10 + i) for i in range(4)]
     expected = []
     for i, x in enumerate(starts):
-        expected.append(tiny_models.euler_sample(cached, flux, x, 4, contexts=(f"thread-{i}",)))
+        expected.append(models.euler_sample(cached, flux, x, 4, contexts=(f"thread-{i}",)))
     cached.reset()
     results: dict[int, torch.Tensor] = {}
 
     def run(i):
         with torch.no_grad():
-            results[i] = tiny_models.euler_sample(cached, flux, starts[i], 4, contexts=(f"thread-{i}",))
+            results[i] = models.euler_sample(cached, flux, starts[i], 4, contexts=(f"thread-{i}",))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
@@ -213,7 +213,7 @@ def test_img2img_starts_its_schedule_at_the_pipelines_first_step():
     hooks count their calls."""
     from diffusers import FluxImg2ImgPipeline
 
-    tiny = tiny_pipelines.flux(num_layers=1, num_single_layers=1, steps=10, true_cfg_scale=1.0)
+    tiny = pipelines.flux(num_layers=1, num_single_layers=1, steps=10, true_cfg_scale=1.0)
     pipe = FluxImg2ImgPipeline(**tiny.pipe.components)
     pipe.set_progress_bar_config(disable=True)
     transformer = pipe.transformer

@@ -4,15 +4,15 @@ import pytest
 import torch
 
 from fxcache import CaptureError
-from fxcache import tiny_models
 from fxcache.capture import MODULE_STACK, capture
+from fxcache.testing import models
 
-MODELS = sorted(tiny_models.MODELS)
+MODELS = sorted(models.MODELS)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_capture_is_one_graph_that_reproduces_the_model_bit_for_bit(name):
-    tiny = tiny_models.build(name)
+    tiny = models.build(name)
     kwargs = tiny.inputs(tiny.noise(seed=3), sigma=0.7)
     breaks_before = torch._dynamo.utils.counters["graph_break"].copy()
     captured = capture(tiny.model, (), kwargs)
@@ -24,7 +24,7 @@ def test_capture_is_one_graph_that_reproduces_the_model_bit_for_bit(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_most_nodes_carry_a_module_path(name):
-    tiny = tiny_models.build(name)
+    tiny = models.build(name)
     captured = capture(tiny.model, (), tiny.inputs(tiny.noise(), sigma=1.0))
     compute = [n for n in captured.graph_module.graph.nodes if n.op == "call_function"]
     with_path = [n for n in compute if n.meta[MODULE_STACK]]
@@ -37,7 +37,7 @@ def test_most_nodes_carry_a_module_path(name):
 def test_capture_does_not_accumulate_dynamo_cache_entries():
     """Each capture removes its entry from the forward's code cache, so many captures never reach the
     recompile limit (past it dynamo would silently stop calling the capturing backend)."""
-    tiny = tiny_models.build("flux")
+    tiny = models.build("flux")
     for seed in range(torch._dynamo.config.recompile_limit + 2):
         kwargs = tiny.inputs(tiny.noise(seed=seed, batch=1 + seed % 3), sigma=0.5)
         capture(tiny.model, (), kwargs)

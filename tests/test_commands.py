@@ -8,11 +8,11 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from fxcache import tiny_models
 from fxcache.__main__ import main
 from fxcache.cli import build_pass
 from fxcache.passes import ConfigError, MagCache, TaylorSeer
 from fxcache.passes.mag_cache import measure_mag_ratios
+from fxcache.testing import models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +32,8 @@ def test_calibrate_then_explain_with_the_ratio_file(tmp_path, capsys):
                  "--set", "threshold=0.3", "--png", str(ratios_png)]) == 0
     calibrated = capsys.readouterr().out
     loaded = MagCache.from_file(ratios_file)
-    tiny = tiny_models.build("flux")
-    expected = measure_mag_ratios(tiny.model, lambda recorder: tiny_models.euler_sample(
+    tiny = models.build("flux")
+    expected = measure_mag_ratios(tiny.model, lambda recorder: models.euler_sample(
         recorder, tiny, tiny.noise(seed=0), steps, ("cond", "uncond")))["cond"]
     assert loaded.mag_ratios.tolist() == pytest.approx(expected, rel=1e-6)
     assert loaded.threshold == 0.3 and loaded.num_inference_steps == steps
@@ -45,8 +45,8 @@ def test_calibrate_then_explain_with_the_ratio_file(tmp_path, capsys):
                  "--png", str(schedule_png)]) == 0
     explained = capsys.readouterr().out
     block_rows = [line.split() for line in explained.splitlines() if "blocks." in line and len(line.split()) == 2]
-    assert len(block_rows) == len(tiny_models.build("flux").model.transformer_blocks) + \
-        len(tiny_models.build("flux").model.single_transformer_blocks)
+    assert len(block_rows) == len(models.build("flux").model.transformer_blocks) + \
+        len(models.build("flux").model.single_transformer_blocks)
     assert all(pattern == row for _, pattern in block_rows)
     assert "predicted fraction of FLOPs executed" in explained
     assert _png_size(schedule_png)[0] > 400
@@ -71,7 +71,7 @@ def test_explain_refuses_to_draw_a_dynamic_pass(tmp_path):
 
 
 def test_bench_dry_prints_the_side_by_side_table(tmp_path):
-    """The benchmark ships in the package (fxcache.bench): run from a directory with no checkout in it,
+    """The benchmark ships in the package (fxcache.demo.bench): run from a directory with no checkout in it,
     one method, two steps; the uncached whole-graph row is there and both limits are filled in."""
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, "-m", "fxcache", "bench", "--dry", "--steps", "2", "--repeats", "1",

@@ -7,7 +7,7 @@ import torch
 
 
 import fxcache  # noqa: E402
-from fxcache import digits, quality  # noqa: E402
+from fxcache.demo import digits, quality  # noqa: E402
 from fxcache.passes import FirstBlockCache  # noqa: E402
 
 SMALL = digits.DigitsConfig(hidden=32, num_heads=2, text_tokens=2, text_dim=16)

@@ -9,9 +9,10 @@ import torch
 from diffusers import FasterCacheConfig
 
 import fxcache
-from fxcache import ConfigError, tiny_models
+from fxcache import ConfigError
 from fxcache.passes import FasterCache, Step
 from fxcache.passes.faster_cache import frequency_mask
+from fxcache.testing import models
 from tests.helpers import DiffusersCopyPerContext, relative_difference, with_diffusers_cache
 from tests.static_pass_helpers import (assert_one_graph_per_decision_tuple, Clock, decision_tuples, run_euler)
 
@@ -96,7 +97,7 @@ def test_schedule_matches_the_diffusers_worked_example():
 
 @pytest.mark.parametrize("name", ["flux", "qwenimage"])
 def test_guidance_distilled_equals_diffusers_hook_over_two_generations(name):
-    tiny = tiny_models.build(name)
+    tiny = models.build(name)
     clock = Clock()
     fields = config_for(tiny, is_guidance_distilled=True, tensor_format="BCHW")
     reference = with_diffusers_cache(tiny.model, FasterCacheConfig(current_timestep_callback=clock, **fields))
@@ -114,7 +115,7 @@ def test_guidance_distilled_equals_diffusers_hook_over_two_generations(name):
 
 @pytest.mark.parametrize("name, tensor_format", [("cogvideox", "BFCHW"), ("wan", "BCFHW")])
 def test_batched_cfg_with_uncond_synthesis_equals_diffusers_hook(name, tensor_format):
-    tiny = tiny_models.build(name)
+    tiny = models.build(name)
     clock = Clock()
     fields = config_for(tiny, tensor_format=tensor_format)
     reference = with_diffusers_cache(tiny.model, FasterCacheConfig(current_timestep_callback=clock, **fields))
@@ -133,7 +134,7 @@ def test_batched_cfg_with_uncond_synthesis_equals_diffusers_hook(name, tensor_fo
 
 
 def test_cache_bytes_are_the_conditional_outputs_and_one_complex_delta():
-    tiny = tiny_models.build("wan")
+    tiny = models.build("wan")
     cached = fxcache.transform(tiny.model, [FasterCache(**config_for(tiny))], backend="eager")
     run_batched_cfg(cached, tiny, 2, context_fields=True)
     attentions = cached.regions().attentions
@@ -151,7 +152,7 @@ def test_deviation_state_per_context_under_sequential_cfg():
     """diffusers' FasterCache keeps one attention cache per module whatever the context, so with CFG as
     two calls per step the uncond call extrapolates from the cond call's outputs; fxcache keeps one
     state per context and equals diffusers with one hooked copy per branch."""
-    tiny = tiny_models.build("flux")
+    tiny = models.build("flux")
     clock = Clock()
     fields = config_for(tiny, is_guidance_distilled=True)
     per_branch = DiffusersCopyPerContext(tiny.model, FasterCacheConfig(current_timestep_callback=clock, **fields))
@@ -193,7 +194,7 @@ def test_token_layout_uncond_synthesis_equals_an_independent_reference():
     """Flux outputs (B, S, C) tokens, where diffusers' CFG-Cache crashes; with token_grid the tokens are
     laid back on their 4 x 4 grid. Step 0 runs both branches, step 1 the conditional one only (attention
     is not extrapolated there, so the conditional output is exact)."""
-    tiny = tiny_models.build("flux")
+    tiny = models.build("flux")
     config = FasterCache(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 0.1),
                          unconditional_batch_skip_range=5, unconditional_batch_timestep_skip_range=(-1, 2.0),
                          low_frequency_weight_update_timestep_range=(0.5, 2.0), alpha_low_frequency=1.25,
@@ -217,7 +218,7 @@ def test_token_layout_uncond_synthesis_equals_an_independent_reference():
 
 
 def test_token_layout_without_a_grid_is_a_clear_error():
-    tiny = tiny_models.build("flux")
+    tiny = models.build("flux")
     cached = fxcache.transform(tiny.model, [FasterCache(**config_for(tiny))], backend="eager")
     with pytest.raises(ConfigError, match="token_grid"):
         with cached.cache_context("cond_uncond", step_index=0, timestep=1.0):
@@ -231,7 +232,7 @@ def test_low_frequency_mask_is_the_shifted_disc():
 
 
 def test_one_graph_per_decision_tuple_no_breaks():
-    tiny = tiny_models.build("wan")
+    tiny = models.build("wan")
     config = FasterCache(**config_for(tiny))
     cached = fxcache.transform(tiny.model, [config], backend="eager")
     for seed in (0, 1):

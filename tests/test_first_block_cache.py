@@ -5,8 +5,9 @@ import torch
 from diffusers.hooks import FirstBlockCacheConfig
 
 import fxcache
-from fxcache import ConfigError, tiny_models
+from fxcache import ConfigError
 from fxcache.passes import FirstBlockCache
+from fxcache.testing import models
 from tests.helpers import count_host_syncs, relative_difference, with_diffusers_cache
 
 # thresholds at which these tiny models both compute and skip over a 10-step CFG loop
@@ -17,43 +18,43 @@ STEPS = 10
 
 @pytest.mark.parametrize("name", sorted(THRESHOLDS))
 def test_equals_diffusers_hook_over_a_whole_loop_and_again_after_reset(name):
-    tiny = tiny_models.build(name)
+    tiny = models.build(name)
     start = tiny.noise(seed=0)
     threshold = THRESHOLDS[name]
     hooked = with_diffusers_cache(tiny.model, FirstBlockCacheConfig(threshold=threshold))
     cached = fxcache.transform(tiny.model, [FirstBlockCache(threshold=threshold)], backend="eager")
     for generation in range(2):
-        expected = tiny_models.euler_sample(hooked, tiny, start, STEPS, CFG)
-        result = tiny_models.euler_sample(cached, tiny, start, STEPS, CFG)
+        expected = models.euler_sample(hooked, tiny, start, STEPS, CFG)
+        result = models.euler_sample(cached, tiny, start, STEPS, CFG)
         assert relative_difference(result, expected, start) <= 1e-5
         computed = sum(c["first_block_cache.tail_computed"] for c in cached.stats()["contexts"].values())
         assert 2 * (generation + 1) < computed < 2 * STEPS * (generation + 1), "both compute and skip"
         hooked._reset_stateful_cache()
         cached._reset_stateful_cache()
-    uncached = tiny_models.euler_sample(tiny.model, tiny, start, STEPS, CFG)
+    uncached = models.euler_sample(tiny.model, tiny, start, STEPS, CFG)
     assert relative_difference(result, uncached, start) > 1e-4  # skipping changed something
 
 
 def test_cond_lowering_equals_diffusers_and_is_one_graph():
-    tiny = tiny_models.build("flux")
+    tiny = models.build("flux")
     start = tiny.noise(seed=1)
     hooked = with_diffusers_cache(tiny.model, FirstBlockCacheConfig(threshold=0.3))
     cached = fxcache.transform(tiny.model, [FirstBlockCache(threshold=0.3, lowering="cond")], backend="eager")
-    expected = tiny_models.euler_sample(hooked, tiny, start, STEPS, CFG)
-    result = tiny_models.euler_sample(cached, tiny, start, STEPS, CFG)
+    expected = models.euler_sample(hooked, tiny, start, STEPS, CFG)
+    result = models.euler_sample(cached, tiny, start, STEPS, CFG)
     assert relative_difference(result, expected, start) <= 1e-5
     assert cached.stats()["compiles"] == 1
 
 
 def test_host_lowering_is_three_graphs_and_one_host_read_per_step_over_two_generations():
-    tiny = tiny_models.build("wan")
+    tiny = models.build("wan")
     start = tiny.noise(seed=2)
     cached = fxcache.transform(tiny.model, [FirstBlockCache(threshold=0.1)], backend="eager")
-    tiny_models.euler_sample(cached, tiny, start, 2, ("cond",))  # warm up: capture and compile
+    models.euler_sample(cached, tiny, start, 2, ("cond",))  # warm up: capture and compile
     cached.reset()
     with count_host_syncs() as counts:
         for _ in range(2):
-            tiny_models.euler_sample(cached, tiny, start, STEPS, ("cond",))
+            models.euler_sample(cached, tiny, start, STEPS, ("cond",))
             cached.reset()
     stats = cached.stats()
     assert stats["captures"] == 1
@@ -66,7 +67,7 @@ def test_host_lowering_is_three_graphs_and_one_host_read_per_step_over_two_gener
 def test_nan_change_computes_where_diffusers_skips():
     """Deviation: with a head block that is the identity, the relative change is 0/0 = NaN. diffusers'
     ``nan > threshold`` is false, so it reuses a residual computed for another input; fxcache computes."""
-    tiny = tiny_models.build("flux")
+    tiny = models.build("flux")
     for parameter in tiny.model.transformer_blocks[0].parameters():
         parameter.data.zero_()
     first, second = tiny.noise(seed=0), 5 * tiny.noise(seed=1)
@@ -86,13 +87,13 @@ def test_nan_change_computes_where_diffusers_skips():
 @pytest.mark.inductor
 @pytest.mark.parametrize("lowering", ["host", "cond"])
 def test_inductor_matches_diffusers_within_1e_3(lowering):
-    tiny = tiny_models.build("flux")
+    tiny = models.build("flux")
     start = tiny.noise(seed=0)
     hooked = with_diffusers_cache(tiny.model, FirstBlockCacheConfig(threshold=0.3))
     cached = fxcache.transform(tiny.model, [FirstBlockCache(threshold=0.3, lowering=lowering)],
                                backend="inductor")
-    expected = tiny_models.euler_sample(hooked, tiny, start, 6, ("cond",))
-    result = tiny_models.euler_sample(cached, tiny, start, 6, ("cond",))
+    expected = models.euler_sample(hooked, tiny, start, 6, ("cond",))
+    result = models.euler_sample(cached, tiny, start, 6, ("cond",))
     assert relative_difference(result, expected, start) <= 1e-3
     assert cached.stats()["compiles"] == (3 if lowering == "host" else 1)
 

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 import fxcache
-from fxcache import tiny_models
 from fxcache.passes import FirstBlockCache, MagCache
+from fxcache.testing import models
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def on_cuda(name):
-    tiny = tiny_models.build(name)
+    tiny = models.build(name)
     tiny.model.cuda()
     make, fixed = tiny.make_inputs, {}
 
@@ -51,13 +51,13 @@ def test_reduce_overhead_records_cuda_graphs_and_skips_none(cache_pass, max_sync
     tiny = on_cuda("flux")
     start = tiny.noise(seed=0).cuda()
     eager = fxcache.transform(tiny.model, [cache_pass], backend="eager")
-    expected = tiny_models.euler_sample(eager, tiny, start, 10)
+    expected = models.euler_sample(eager, tiny, start, 10)
     cached = fxcache.transform(tiny.model, [cache_pass], mode="reduce-overhead")
     for _ in range(2):  # warm-up generation records the graphs
-        result = tiny_models.euler_sample(cached, tiny, start, 10)
+        result = models.euler_sample(cached, tiny, start, 10)
         cached.reset()
     torch.cuda.synchronize()
-    result, syncs = syncs_during(lambda: tiny_models.euler_sample(cached, tiny, start, 10))
+    result, syncs = syncs_during(lambda: models.euler_sample(cached, tiny, start, 10))
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
     assert syncs <= max_syncs_per_step * 10
     update, expected_update = result - start, expected - start

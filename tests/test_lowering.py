@@ -6,21 +6,21 @@ import pytest
 import torch
 
 import fxcache
-from fxcache import tiny_models
 from fxcache.passes import MagCache
+from fxcache.testing import models
 from tests.helpers import relative_difference
 
 
 @pytest.mark.inductor
 def test_static_pass_under_inductor_matches_eager_with_one_graph_per_decision_tuple():
-    tiny = tiny_models.build("flux")
+    tiny = models.build("flux")
     start = tiny.noise(seed=0)
     config = MagCache(mag_ratios=[1.0] + [0.98] * 7, num_inference_steps=8, threshold=0.1, retention_ratio=0.0)
     assert set(config.schedule()) == {True, False}
-    eager = tiny_models.euler_sample(fxcache.transform(tiny.model, [config], backend="eager"), tiny, start, 8)
+    eager = models.euler_sample(fxcache.transform(tiny.model, [config], backend="eager"), tiny, start, 8)
     cached = fxcache.transform(tiny.model, [config], backend="inductor")
     for _ in range(2):
-        result = tiny_models.euler_sample(cached, tiny, start, 8)
+        result = models.euler_sample(cached, tiny, start, 8)
         cached.reset()
     assert relative_difference(result, eager, start) <= 1e-3
     assert cached.stats()["compiles"] == 2  # compute the blocks, or add the stored residual

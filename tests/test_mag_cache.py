@@ -12,9 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxcache
-from fxcache import ConfigError, tiny_models
+from fxcache import ConfigError
 from fxcache.passes import MagCache, Step
 from fxcache.passes.mag_cache import FLUX_MAG_RATIOS, nearest_interp
+from fxcache.testing import models
 from tests.helpers import relative_difference, with_diffusers_cache
 from tests.static_pass_helpers import (assert_equals_diffusers_over_two_generations,
                                        assert_one_graph_per_decision_tuple, decision_tuples, run_euler)
@@ -24,7 +25,7 @@ CFG = ("cond", "uncond")
 
 
 def small_flux():
-    return tiny_models.build("flux", num_layers=1, num_single_layers=1)
+    return models.build("flux", num_layers=1, num_single_layers=1)
 
 
 def diffusers_decisions(tiny, config: MagCacheConfig, steps: int) -> list[bool]:
@@ -100,7 +101,7 @@ def test_schedule_equals_diffusers_for_random_configs(ratios, steps, threshold, 
 
 @pytest.mark.parametrize("name", ["flux", "wan", "cogvideox", "qwenimage"])
 def test_equals_diffusers_hook_with_cfg_over_two_generations(name):
-    tiny = tiny_models.build(name)
+    tiny = models.build(name)
     fields = dict(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=STEPS)
     reference = with_diffusers_cache(tiny.model, MagCacheConfig(**fields))
     cached = fxcache.transform(tiny.model, [MagCache(**fields)], backend="eager")
@@ -109,7 +110,7 @@ def test_equals_diffusers_hook_with_cfg_over_two_generations(name):
 
 
 def test_wraps_around_without_reset_as_diffusers():
-    tiny = tiny_models.build("flux")
+    tiny = models.build("flux")
     fields = dict(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=STEPS)
     reference = with_diffusers_cache(tiny.model, MagCacheConfig(**fields))
     cached = fxcache.transform(tiny.model, [MagCache(**fields)], backend="eager")
@@ -120,7 +121,7 @@ def test_wraps_around_without_reset_as_diffusers():
 
 
 def test_calibrate_measures_the_ratios_diffusers_prints(capsys):
-    tiny = tiny_models.build("flux")
+    tiny = models.build("flux")
     printing = with_diffusers_cache(tiny.model, MagCacheConfig(calibrate=True, num_inference_steps=STEPS))
     capsys.readouterr()
     run_euler(printing, tiny, STEPS, contexts=CFG)
@@ -149,7 +150,7 @@ def test_calibrate_flag_never_skips_and_is_bit_identical():
 
 
 def test_one_graph_per_decision_tuple_no_breaks():
-    tiny = tiny_models.build("flux")
+    tiny = models.build("flux")
     config = MagCache(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=STEPS)
     cached = fxcache.transform(tiny.model, [config], backend="eager")
     for seed in (0, 1):

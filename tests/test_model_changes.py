@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import fxcache
-from fxcache import tiny_models, tiny_pipelines
 from fxcache.capture import CaptureError
 from fxcache.passes import FirstBlockCache, TaylorSeer
+from fxcache.testing import models, pipelines
 
 from .dit import TinyDiT, make_inputs
 
@@ -18,7 +18,7 @@ peft = pytest.importorskip("peft")
 
 
 def _lora_flux():
-    tiny = tiny_models.flux(num_layers=1, num_single_layers=1)
+    tiny = models.flux(num_layers=1, num_single_layers=1)
     torch.manual_seed(1)
     config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
     tiny.model.add_adapter(config, adapter_name="style")
@@ -113,7 +113,7 @@ def test_diffusers_pipelines_treat_a_cached_model_as_the_model_it_wraps(tmp_path
     from diffusers import FluxPipeline, FluxTransformer2DModel, ModelMixin
     from peft.utils import get_peft_model_state_dict
 
-    tiny = tiny_pipelines.flux(num_layers=1, num_single_layers=1, steps=2, true_cfg_scale=1.0)
+    tiny = pipelines.flux(num_layers=1, num_single_layers=1, steps=2, true_cfg_scale=1.0)
     pipe = tiny.pipe
     original = pipe.transformer
     adapted = copy.deepcopy(original)
@@ -153,15 +153,15 @@ def test_diffusers_pipelines_treat_a_cached_model_as_the_model_it_wraps(tmp_path
 
 
 def test_torch_compile_on_top_of_a_cached_model():
-    tiny = tiny_models.flux(num_layers=1, num_single_layers=1)
+    tiny = models.flux(num_layers=1, num_single_layers=1)
     x = tiny.noise(seed=4)
     cached = fxcache.transform(tiny.model, [TaylorSeer(cache_interval=2, disable_cache_before_step=1)],
                                backend="eager")
     compiled = torch.compile(cached, backend="eager")
-    expected = tiny_models.euler_sample(
+    expected = models.euler_sample(
         fxcache.transform(tiny.model, [TaylorSeer(cache_interval=2, disable_cache_before_step=1)],
                           backend="eager"), tiny, x, 4)
-    assert torch.equal(tiny_models.euler_sample(compiled, tiny, x, 4), expected)
+    assert torch.equal(models.euler_sample(compiled, tiny, x, 4), expected)
     assert cached.stats()["contexts"]["cond"]["taylorseer.compute"]["false"] > 0
 
 
@@ -170,7 +170,7 @@ def test_calls_under_a_flop_counter_capture_once_and_count_what_runs():
     the capture; around later calls it must not look like a changed model."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    tiny = tiny_models.flux(num_layers=1, num_single_layers=1)
+    tiny = models.flux(num_layers=1, num_single_layers=1)
     cached = fxcache.transform(tiny.model, [FirstBlockCache(threshold=0.3)], backend="eager")
     x = tiny.noise(seed=7)
     counts = []

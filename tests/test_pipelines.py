@@ -10,8 +10,8 @@ from diffusers import (FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBr
                        TaylorSeerCacheConfig)
 
 import fxcache
-from fxcache import tiny_pipelines
 from fxcache.passes import FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer
+from fxcache.testing import pipelines
 
 from .helpers import DiffusersCopyPerContext, relative_difference, with_diffusers_cache
 
@@ -22,8 +22,8 @@ TRANSFORMERS = {"flux": ("transformer",), "wan22": ("transformer", "transformer_
 CONTEXTS = {"flux": {"cond", "uncond"}, "cogvideox": {"cond_uncond"}, "qwenimage": {"cond", "uncond"}}
 
 
-def _build(name: str) -> tiny_pipelines.TinyPipeline:
-    return tiny_pipelines.build("wan", two_stage=True) if name == "wan22" else tiny_pipelines.build(name)
+def _build(name: str) -> pipelines.TinyPipeline:
+    return pipelines.build("wan", two_stage=True) if name == "wan22" else pipelines.build(name)
 
 
 def _scheduler(pipe):

@@ -10,8 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxcache
-from fxcache import ConfigError, tiny_models
+from fxcache import ConfigError
 from fxcache.passes import PyramidAttentionBroadcast, Step
+from fxcache.testing import models
 from tests.helpers import DiffusersCopyPerContext, relative_difference, with_diffusers_cache
 from tests.static_pass_helpers import (assert_one_graph_per_decision_tuple, Clock, count_host_reads, decision_tuples, run_euler, run_scheduler)
 
@@ -61,7 +62,7 @@ def test_schedule_matches_the_diffusers_worked_example():
 
 @pytest.mark.parametrize("name", ["flux", "wan", "cogvideox", "qwenimage"])
 def test_equals_diffusers_hook_over_two_generations(name):
-    tiny = tiny_models.build(name)
+    tiny = models.build(name)
     clock = Clock()
     reference = with_diffusers_cache(tiny.model, PyramidAttentionBroadcastConfig(
         current_timestep_callback=clock, **config_for(tiny)))
@@ -78,7 +79,7 @@ def test_equals_diffusers_hook_over_two_generations(name):
 
 
 def test_scheduler_source_needs_no_callback_and_no_per_step_sync():
-    tiny = tiny_models.build("flux")
+    tiny = models.build("flux")
     config = config_for(tiny, spatial_attention_timestep_skip_range=(100, 800),
                         cross_attention_timestep_skip_range=(100, 800))
     clock = Clock()
@@ -98,7 +99,7 @@ def test_scheduler_source_needs_no_callback_and_no_per_step_sync():
 
 
 def test_new_generation_after_an_interrupted_one_starts_clean():
-    tiny = tiny_models.build("flux")
+    tiny = models.build("flux")
     config = config_for(tiny, spatial_attention_timestep_skip_range=(100, 800),
                         cross_attention_timestep_skip_range=(100, 800))
     scheduler = FlowMatchEulerDiscreteScheduler()
@@ -111,7 +112,7 @@ def test_new_generation_after_an_interrupted_one_starts_clean():
 
 
 def test_callback_source_as_diffusers():
-    tiny = tiny_models.build("wan")
+    tiny = models.build("wan")
     clock = Clock()
     reference = with_diffusers_cache(tiny.model, PyramidAttentionBroadcastConfig(
         current_timestep_callback=clock, **config_for(tiny)))
@@ -123,7 +124,7 @@ def test_callback_source_as_diffusers():
 
 
 def test_missing_timestep_is_a_clear_error():
-    tiny = tiny_models.build("flux")
+    tiny = models.build("flux")
     cached = fxcache.transform(tiny.model, [PyramidAttentionBroadcast(**config_for(tiny))], backend="eager")
     with pytest.raises(ConfigError, match="timestep"):
         with cached.cache_context("cond"):
@@ -133,7 +134,7 @@ def test_missing_timestep_is_a_clear_error():
 def test_deviation_state_per_context_under_sequential_cfg():
     """diffusers keeps one state per attention module, so with CFG as two calls per step the uncond
     call is handed the cond call's attention output; fxcache keeps one state per context."""
-    tiny = tiny_models.build("flux")
+    tiny = models.build("flux")
     clock = Clock()
     shared = with_diffusers_cache(tiny.model, PyramidAttentionBroadcastConfig(
         current_timestep_callback=clock, **config_for(tiny)))
@@ -166,7 +167,7 @@ def test_deviation_state_per_context_under_sequential_cfg():
 
 
 def test_one_graph_per_decision_tuple_no_breaks():
-    tiny = tiny_models.build("wan")  # spatial and cross flags: four tuples over the run
+    tiny = models.build("wan")  # spatial and cross flags: four tuples over the run
     config = PyramidAttentionBroadcast(**config_for(tiny))
     cached = fxcache.transform(tiny.model, [config], backend="eager")
     for seed in (0, 1):
@@ -195,8 +196,8 @@ def test_first_step_computes_and_reuse_needs_range(spatial, cross, lo, width, st
 
 @given(model=st.sampled_from(["flux", "wan"]), steps=st.integers(2, 6), seed=st.integers(0, 3))
 def test_never_skip_config_is_bit_identical(model, steps, seed):
-    tiny = tiny_models.build(model) if model == "wan" else tiny_models.build(model, num_layers=1,
-                                                                               num_single_layers=1)
+    tiny = models.build(model) if model == "wan" else models.build(model, num_layers=1,
+                                                                   num_single_layers=1)
     # N = 1 recomputes at every call
     config = PyramidAttentionBroadcast(spatial_attention_block_skip_range=1, cross_attention_block_skip_range=1,
                                        spatial_attention_timestep_skip_range=(-1e9, 1e9),

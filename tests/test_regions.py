@@ -3,14 +3,15 @@
 import pytest
 import torch
 
-from fxcache import RegionError, tiny_models
+from fxcache import RegionError
 from fxcache.capture import capture
 from fxcache.regions import ENCODER, HIDDEN, example_value, find_regions
+from fxcache.testing import models
 from tests.dit import TinyDiT, make_inputs
 
 
 def regions_of(name):
-    tiny = tiny_models.build(name)
+    tiny = models.build(name)
     return find_regions(capture(tiny.model, (), tiny.inputs(tiny.noise(), sigma=1.0)))
 
 

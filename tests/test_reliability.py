@@ -4,15 +4,15 @@ import pytest
 import torch
 
 import fxcache
-from fxcache import tiny_models
 from fxcache.passes import FirstBlockCache
+from fxcache.testing import models
 
 STATE_BYTES = 2 * 16 * 32 * 4 + 8  # FirstBlockCache on tiny Flux: two (1, 16, 32) fp32 tensors + a counter
 
 
 @pytest.fixture(scope="module")
 def flux():
-    return tiny_models.build("flux")
+    return models.build("flux")
 
 
 def transform(tiny, **kwargs):
@@ -29,19 +29,19 @@ def in_float64(tiny):
 def test_a_dtype_change_between_generations_recaptures_and_stays_exact(flux):
     cached = transform(flux)
     start = flux.noise(seed=1)
-    tiny_models.euler_sample(cached, flux, start, 4)
+    models.euler_sample(cached, flux, start, 4)
     cached.reset()
-    double = tiny_models.flux()
+    double = models.flux()
     double.model.double()
     in_float64(double)
     fresh = fxcache.transform(double.model, [FirstBlockCache(threshold=0.3)], backend="eager")
-    expected = tiny_models.euler_sample(fresh, double, start.double(), 4)
+    expected = models.euler_sample(fresh, double, start.double(), 4)
 
     # the same CachedModel, its wrapped module now float64: inputs of another dtype, a new signature
     flux.model.double()
     make = in_float64(flux)
     try:
-        result = tiny_models.euler_sample(cached, flux, start.double(), 4)
+        result = models.euler_sample(cached, flux, start.double(), 4)
     finally:
         flux.model.float()
         flux.make_inputs = make
@@ -67,12 +67,12 @@ def test_cond_and_uncond_calls_of_one_step_may_differ_in_batch(flux):
 
 def test_state_of_an_unused_resolution_is_freed_at_reset(flux):
     cached = transform(flux)
-    wide = tiny_models.flux(img_tokens=64)
+    wide = models.flux(img_tokens=64)
     wide.model = flux.model
-    tiny_models.euler_sample(cached, flux, flux.noise(), 2)
+    models.euler_sample(cached, flux, flux.noise(), 2)
     cached.reset()
     assert cached.stats()["cache_bytes"] == STATE_BYTES  # kept, zeroed: the same size may come back
-    tiny_models.euler_sample(cached, wide, wide.noise(), 2)
+    models.euler_sample(cached, wide, wide.noise(), 2)
     cached.reset()
     wide_bytes = 2 * 64 * 32 * 4 + 8
     assert cached.stats()["cache_bytes"] == wide_bytes  # the 16-token state was not used: freed
@@ -96,8 +96,8 @@ def test_max_cache_bytes_fails_before_allocating_and_names_the_sizes(flux):
 def test_two_transformed_models_in_one_process_share_nothing(flux):
     first, second = transform(flux), transform(flux)
     start_a, start_b = flux.noise(seed=3), flux.noise(seed=4)
-    alone_a = tiny_models.euler_sample(transform(flux), flux, start_a, 5)
-    alone_b = tiny_models.euler_sample(transform(flux), flux, start_b, 5)
+    alone_a = models.euler_sample(transform(flux), flux, start_a, 5)
+    alone_b = models.euler_sample(transform(flux), flux, start_b, 5)
     sigmas = [1.0 - i / 5 for i in range(6)]
     a, b = start_a, start_b
     for i in range(5):  # interleaved call by call, same context name

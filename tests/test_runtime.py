@@ -4,14 +4,14 @@ import pytest
 import torch
 
 import fxcache
-from fxcache import tiny_models
 from fxcache.passes import FirstBlockCache
+from fxcache.testing import models
 from tests.helpers import relative_difference
 
 
 @pytest.fixture(scope="module")
 def flux():
-    return tiny_models.build("flux")
+    return models.build("flux")
 
 
 def transform(tiny, threshold=0.3, **kwargs):
@@ -25,7 +25,7 @@ def test_is_a_drop_in_module_and_leaves_the_original_untouched(flux):
     assert cached.original is flux.model
     assert cached.config is flux.model.config and cached.dtype == torch.float32
     assert cached.device == torch.device("cpu")
-    tiny_models.euler_sample(cached, flux, flux.noise(), 3)
+    models.euler_sample(cached, flux, flux.noise(), 3)
     assert flux.model.forward == forward and not hasattr(flux.model, "_diffusers_hook")
     assert all(torch.equal(before[k], v) for k, v in flux.model.state_dict().items())
     assert isinstance(cached, torch.nn.Module)
@@ -35,7 +35,7 @@ def test_is_a_drop_in_module_and_leaves_the_original_untouched(flux):
 def test_any_context_name_has_its_own_state_and_interleaving_changes_nothing(flux):
     start = flux.noise(seed=4)
     together = transform(flux)
-    result_cfg = tiny_models.euler_sample(together, flux, start, 6, ("cond", "uncond"))
+    result_cfg = models.euler_sample(together, flux, start, 6, ("cond", "uncond"))
     # the same two streams, each in a module of its own, give the same numbers
     alone = {name: transform(flux) for name in ("cond", "uncond")}
     sigmas = [1.0 - i / 6 for i in range(7)]
@@ -48,7 +48,7 @@ def test_any_context_name_has_its_own_state_and_interleaving_changes_nothing(flu
         x = x + (sigmas[i + 1] - sigmas[i]) * (velocities[1] + 3.0 * (velocities[0] - velocities[1]))
     assert torch.equal(x, result_cfg)
     renamed = transform(flux)
-    assert torch.equal(tiny_models.euler_sample(renamed, flux, start, 6, ("my-branch", "other")), result_cfg)
+    assert torch.equal(models.euler_sample(renamed, flux, start, 6, ("my-branch", "other")), result_cfg)
     assert set(renamed.stats()["contexts"]) == {"my-branch", "other"}
 
 
@@ -61,9 +61,9 @@ def test_calls_outside_a_context_use_the_default_context(flux):
 def test_two_generations_in_a_row_are_identical_and_equal_a_fresh_module(flux):
     start = flux.noise(seed=5)
     cached = transform(flux)
-    first = tiny_models.euler_sample(cached, flux, start, 8, ("cond", "uncond"))
+    first = models.euler_sample(cached, flux, start, 8, ("cond", "uncond"))
     cached._reset_stateful_cache()
-    second = tiny_models.euler_sample(cached, flux, start, 8, ("cond", "uncond"))
+    second = models.euler_sample(cached, flux, start, 8, ("cond", "uncond"))
     assert torch.equal(first, second)
 
 
@@ -75,7 +75,7 @@ def test_a_new_batch_or_resolution_is_captured_afresh_with_its_own_state(flux):
         out = cached(**flux.inputs(double, 0.9))[0]  # batch changes mid-generation
     assert torch.equal(out, flux.model(**flux.inputs(double, 0.9))[0])  # first call of its signature computes
     assert cached.stats()["captures"] == 2
-    wide = tiny_models.flux(img_tokens=64)
+    wide = models.flux(img_tokens=64)
     wide.model = flux.model
     with cached.cache_context("cond"):
         big = cached(**wide.inputs(wide.noise(), 0.8))[0]
@@ -152,11 +152,11 @@ def test_explain_names_the_blocks_and_the_decision(flux):
 def test_stats_count_calls_computed_steps_and_cache_bytes(flux):
     cached = transform(flux, threshold=0.0)
     start = flux.noise(seed=9)
-    result = tiny_models.euler_sample(cached, flux, start, 5)
+    result = models.euler_sample(cached, flux, start, 5)
     stats = cached.stats()
     # reference residual + hidden tail residual: (1, 16, 32) fp32 each, + one int64 counter
     per_context = 2 * 16 * 32 * 4 + 8
     assert stats["contexts"]["cond"] == {"first_block_cache.tail_computed": 5, "calls": 5, "cache_bytes": per_context}
     assert stats["cache_bytes"] == per_context
     assert stats["cache_bytes_by_pass"] == {"FirstBlockCache": per_context}
-    assert relative_difference(result, tiny_models.euler_sample(flux.model, flux, start, 5), start) == 0.0
+    assert relative_difference(result, models.euler_sample(flux.model, flux, start, 5), start) == 0.0

@@ -7,10 +7,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxcache
-from fxcache import tiny_models
 from fxcache.passes import MagCache, PyramidAttentionBroadcast, TaylorSeer
 from fxcache.passes.mag_cache import FLUX_MAG_RATIOS
 from fxcache.schedule import TOKENS, flop_counter
+from fxcache.testing import models
 
 
 def first_call(cached, tiny, timestep=1000.0):
@@ -21,14 +21,14 @@ def first_call(cached, tiny, timestep=1000.0):
 
 @pytest.mark.parametrize("name, bigger", [("flux", dict(img_tokens=64)), ("wan", None)])
 def test_flop_formula_matches_flop_counter_at_another_size(name, bigger):
-    tiny = tiny_models.build(name)
+    tiny = models.build(name)
     cached = fxcache.transform(tiny.model, [MagCache(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=10)],
                                backend="eager")
     first_call(cached, tiny)
     costs = cached.plan(10).costs
     assert costs.symbolic and costs.total.free_symbols == {TOKENS}
     if bigger is not None:
-        large = tiny_models.build(name, **bigger)
+        large = models.build(name, **bigger)
         latents = large.noise()
     else:  # Wan: twice the latent width
         large, latents = tiny, torch.randn(1, 4, 2, 8, 16)
@@ -50,7 +50,7 @@ def sympy_degree(expr):
 
 
 def test_plan_names_regions_steps_and_contexts():
-    tiny = tiny_models.build("wan")
+    tiny = models.build("wan")
     config = PyramidAttentionBroadcast(spatial_attention_block_skip_range=2, cross_attention_block_skip_range=3)
     cached = fxcache.transform(tiny.model, [config], backend="eager")
     with pytest.raises(RuntimeError, match="call the model once"):
@@ -99,7 +99,7 @@ def test_plan_is_what_executes(config, steps):
     if isinstance(config, MagCache):  # the step count is part of a MagCache config
         config = MagCache(mag_ratios=config.mag_ratios, num_inference_steps=steps, threshold=config.threshold,
                           max_skip_steps=config.max_skip_steps)
-    tiny = tiny_models.build("flux", num_layers=1, num_single_layers=1)
+    tiny = models.build("flux", num_layers=1, num_single_layers=1)
     cached = fxcache.transform(tiny.model, [config], backend="eager")
     first_call(cached, tiny)
     timesteps = torch.linspace(1000, 0, steps).tolist()

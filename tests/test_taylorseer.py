@@ -10,9 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxcache
-from fxcache import ConfigError, tiny_models
+from fxcache import ConfigError
 from fxcache.passes import Step, TaylorSeer
 from fxcache.passes.taylorseer import CACHE_IDENTIFIERS
+from fxcache.testing import models
 from tests.helpers import relative_difference, with_diffusers_cache
 from tests.static_pass_helpers import (assert_equals_diffusers_over_two_generations,
                                        assert_one_graph_per_decision_tuple, decision_tuples, run_euler)
@@ -63,7 +64,7 @@ def test_schedule_matches_diffusers_examples():
 
 @pytest.mark.parametrize("name, fields", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
 def test_equals_diffusers_hook_with_cfg_over_two_generations(name, fields):
-    tiny = tiny_models.build(name)
+    tiny = models.build(name)
     reference = with_diffusers_cache(tiny.model, TaylorSeerCacheConfig(**fields))
     cached = fxcache.transform(tiny.model, [TaylorSeer(**fields)], backend="eager")
     assert_equals_diffusers_over_two_generations(reference, cached, tiny, STEPS, CFG)
@@ -71,7 +72,7 @@ def test_equals_diffusers_hook_with_cfg_over_two_generations(name, fields):
 
 @pytest.mark.parametrize("name", ["wan", "cogvideox"])
 def test_deviation_default_identifiers_cover_attn1_attn2(name):
-    tiny = tiny_models.build(name)
+    tiny = models.build(name)
     diffusers_default = with_diffusers_cache(tiny.model, TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32,
                                                                                cache_interval=2,
                                                                                disable_cache_before_step=1))
@@ -94,7 +95,7 @@ def test_deviation_default_identifiers_cover_attn1_attn2(name):
 
 
 def test_deviation_disable_cache_before_step_zero_works():
-    tiny = tiny_models.build("flux")
+    tiny = models.build("flux")
     fields = dict(cache_interval=3, disable_cache_before_step=0, taylor_factors_dtype=torch.float32)
     crashing = with_diffusers_cache(tiny.model, TaylorSeerCacheConfig(**fields))
     with pytest.raises(ValueError):
@@ -109,7 +110,7 @@ def test_deviation_disable_cache_before_step_zero_works():
 
 
 def test_one_graph_per_decision_tuple_no_breaks():
-    tiny = tiny_models.build("flux")
+    tiny = models.build("flux")
     config = TaylorSeer(cache_interval=3, disable_cache_before_step=1, max_order=2)
     cached = fxcache.transform(tiny.model, [config], backend="eager")
     for seed in (0, 1):
@@ -139,7 +140,7 @@ def test_first_step_computes_and_predictions_follow_an_update(interval, before, 
 
 @given(steps=st.integers(2, 6), before=st.integers(0, 3), seed=st.integers(0, 3))
 def test_never_skip_config_is_bit_identical(steps, before, seed):
-    tiny = tiny_models.build("flux", num_layers=1, num_single_layers=1)
+    tiny = models.build("flux", num_layers=1, num_single_layers=1)
     # cache_interval=1 makes every step a computing step
     cached = fxcache.transform(tiny.model, [TaylorSeer(cache_interval=1, disable_cache_before_step=before)],
                                backend="eager")

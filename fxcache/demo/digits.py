@@ -3,7 +3,7 @@
 Random weights make every cache look either lossless or broken; a trained model shows the trade-off
 users choose by, speed against image quality. No checkpoint can be downloaded here, so this module
 trains one on scikit-learn's bundled handwritten digits (1,797 real 8x8 scans) with rectified flow /
-flow matching, in a few minutes on a CPU, and ships the weights in ``fxcache/data``.
+flow matching, in a few minutes on a CPU, and ships the weights in ``fxcache/demo/data``.
 
 Model: a diffusers ``FluxTransformer2DModel`` (2 double-stream + 2 single-stream blocks, width 64).
 Images are upsampled to 16x16 and packed in 2x2 patches as the FLUX pipeline packs its latents, so
@@ -11,22 +11,23 @@ the model sees an 8x8 grid of 4-channel tokens (``patch_size=1``). The class ent
 inputs: each class (and a null class for classifier-free guidance) has learned text tokens
 (``encoder_hidden_states``) and a learned pooled vector (``pooled_projections``).
 
-Flow convention (FLUX's, the one :func:`fxcache.tiny_models.euler_sample` integrates):
+Flow convention (FLUX's, the one :func:`fxcache.testing.models.euler_sample` integrates):
 ``x_sigma = (1 - sigma) * image + sigma * noise`` and the model predicts ``noise - image``.
 
 Example::
 
-    from fxcache import digits, tiny_models
+    from fxcache.demo import digits
+    from fxcache.testing import models
 
     denoiser = digits.load_digits_denoiser()
     labels = torch.arange(10)
-    x = tiny_models.euler_sample(denoiser.model, digits.conditioned_on(denoiser, labels),
-                                 denoiser.noise(seed=0, batch=10), num_steps=20)
+    x = models.euler_sample(denoiser.model, digits.conditioned_on(denoiser, labels),
+                            denoiser.noise(seed=0, batch=10), num_steps=20)
     images = digits.unpack(x)                      # (10, 1, 16, 16) in [-1, 1]
 
 Train again (the command writes the shipped weights and ``docs/digits_loss.png``)::
 
-    python -m fxcache.digits train --seed 0
+    python -m fxcache.demo.digits train --seed 0
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .tiny_models import TinyDenoiser
+from ..testing.models import TinyDenoiser
 
 __all__ = [
     "DigitsConfig", "NULL_CLASS", "NUM_CLASSES", "TrainResult", "WEIGHTS_PATH", "conditioned_on",
@@ -149,7 +150,7 @@ def unpack(tokens: torch.Tensor) -> torch.Tensor:
 
 def to_classifier_inputs(images: torch.Tensor):
     """Images of any side (a multiple of 8) -> ``(B, 64)`` numpy features: averaged back to 8x8, the
-    resolution of the real scans the classifier in :mod:`fxcache.quality` is trained on.
+    resolution of the real scans the classifier in :mod:`fxcache.demo.quality` is trained on.
 
     Example::
 
@@ -249,7 +250,7 @@ class TrainResult:
     settings: dict
 
     def denoiser(self) -> TinyDenoiser:
-        """The trained model as a :class:`~fxcache.tiny_models.TinyDenoiser`."""
+        """The trained model as a :class:`~fxcache.testing.models.TinyDenoiser`."""
         return _denoiser(self.model, self.conditioning, self.config)
 
 
@@ -348,7 +349,7 @@ def save_weights(result: TrainResult, path: str | Path = WEIGHTS_PATH) -> Path:
 
 
 def load_digits_denoiser(path: str | Path = WEIGHTS_PATH) -> TinyDenoiser:
-    """The shipped (or a saved) digits model as a :class:`~fxcache.tiny_models.TinyDenoiser`.
+    """The shipped (or a saved) digits model as a :class:`~fxcache.testing.models.TinyDenoiser`.
 
     ``condition`` is the class: one label 0-9 for the whole batch, one label per row, or
     ``NULL_CLASS`` for no class. :func:`conditioned_on` adapts it to ``euler_sample``'s contexts.
@@ -363,7 +364,7 @@ def load_digits_denoiser(path: str | Path = WEIGHTS_PATH) -> TinyDenoiser:
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no digits weights at {path}; train them with `python -m fxcache.digits train`")
+        raise FileNotFoundError(f"no digits weights at {path}; train them with `python -m fxcache.demo.digits train`")
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -407,7 +408,7 @@ def plot_losses(losses: Sequence[float], path: str | Path, title: str = "") -> P
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fxcache.digits",
+    parser = argparse.ArgumentParser(prog="python -m fxcache.demo.digits",
                                      description="Train the shipped digits model (flow matching, CPU).")
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser("train", help="train, then write the weights and the loss curve")

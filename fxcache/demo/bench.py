@@ -44,10 +44,10 @@ from pathlib import Path
 
 import torch
 
-from . import transform
-from .flops import count_flops
-from .passes import FasterCache, FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer
-from .passes.mag_cache import FLUX_MAG_RATIOS
+from .. import transform
+from ..flops import count_flops
+from ..passes import FasterCache, FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer
+from ..passes.mag_cache import FLUX_MAG_RATIOS
 
 __all__ = ["Row", "format_table", "main"]
 
@@ -108,20 +108,32 @@ def build(args, config):
     return model, fixed, start
 
 
-CURRENT_TIMESTEP = {"t": 1000.0}
+@dataclass
+class CurrentTimestep:
+    """The timestep of the call in flight, on diffusers' 0..1000 scale, for one run: :func:`generate`
+    sets it, PAB and FasterCache read it (the object is their ``current_timestep_callback``).
+
+    Example::
+
+        timestep = CurrentTimestep()
+        cached = transform(model, [PyramidAttentionBroadcast(current_timestep_callback=timestep)])
+        generate(cached, fixed, start, steps, timestep)
+    """
+
+    value: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.value
 
 
-def current_timestep() -> float:
-    """The timestep of the call in flight, on diffusers' 0..1000 scale (PAB and FasterCache ask)."""
-    return CURRENT_TIMESTEP["t"]
-
-
-def generate(model, fixed, start, steps):
-    """A flow-matching Euler loop with one conditional call per step (FLUX.1-dev is guidance-distilled)."""
+def generate(model, fixed, start, steps, timestep: CurrentTimestep | None = None):
+    """A flow-matching Euler loop with one conditional call per step (FLUX.1-dev is guidance-distilled);
+    ``timestep`` follows the step."""
     sigmas = [1.0 - i / steps for i in range(steps + 1)]
     x = start
     for i in range(steps):
-        CURRENT_TIMESTEP["t"] = sigmas[i] * 1000
+        if timestep is not None:
+            timestep.value = sigmas[i] * 1000
         with model.cache_context("cond"):
             t = torch.full((1,), sigmas[i], device=x.device, dtype=x.dtype)
             v = model(hidden_states=x, timestep=t, return_dict=False, **fixed)[0]
@@ -151,20 +163,20 @@ def reset(model):
         model._reset_stateful_cache()
 
 
-def time_generations(model, fixed, start, steps, device, repeats):
+def time_generations(model, fixed, start, steps, device, repeats, timestep=None):
     timer, times = clock(device), []
     for _ in range(repeats):
         reset(model)
         synchronize(device)
         began = timer()
-        generate(model, fixed, start, steps)
+        generate(model, fixed, start, steps, timestep)
         synchronize(device)
         times.append(timer() - began)
     reset(model)
     return statistics.median(times)
 
 
-def count_syncs_per_step(model, fixed, start, steps, device) -> float | None:
+def count_syncs_per_step(model, fixed, start, steps, device, timestep=None) -> float | None:
     if device != "cuda":
         return None
     reset(model)
@@ -172,7 +184,7 @@ def count_syncs_per_step(model, fixed, start, steps, device) -> float | None:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            generate(model, fixed, start, steps)
+            generate(model, fixed, start, steps, timestep)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     reset(model)
@@ -184,20 +196,20 @@ def _graph_breaks() -> int:
     return sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
-def measure(label, model, fixed, start, args, full_flops) -> Row:
+def measure(label, model, fixed, start, args, full_flops, timestep=None) -> Row:
     breaks_before = _graph_breaks()
     began = time.perf_counter()
-    generate(model, fixed, start, min(args.steps, 3))  # warm-up: capture, compile, record graphs
+    generate(model, fixed, start, min(args.steps, 3), timestep)  # warm-up: capture, compile, record graphs
     reset(model)
-    generate(model, fixed, start, args.steps)  # every decision tuple of a whole generation
+    generate(model, fixed, start, args.steps, timestep)  # every decision tuple of a whole generation
     synchronize(args.device)
     compile_seconds = time.perf_counter() - began
     breaks = _graph_breaks() - breaks_before
-    seconds = time_generations(model, fixed, start, args.steps, args.device, args.repeats)
+    seconds = time_generations(model, fixed, start, args.steps, args.device, args.repeats, timestep)
     reset(model)
-    _, flops = count_flops(generate, model, fixed, start, args.steps)
+    _, flops = count_flops(generate, model, fixed, start, args.steps, timestep)
     reset(model)
-    syncs = count_syncs_per_step(model, fixed, start, args.steps, args.device)
+    syncs = count_syncs_per_step(model, fixed, start, args.steps, args.device, timestep)
     row = Row(label, seconds, flops / full_flops if full_flops else 1.0, compile_seconds, syncs, breaks)
     if args.json:  # row by row, so a run cut short still leaves its numbers
         with open(args.json.with_suffix(".rows.jsonl"), "a") as log:
@@ -332,11 +344,17 @@ def main(argv=None):
     for key in methods:
         if key not in METHODS:
             raise SystemExit(f"fxcache bench: unknown method {key!r}; choose from {', '.join(METHODS)}")
-    torch.set_grad_enabled(False)
     if args.device == "cpu":
         torch.set_num_threads(1)
+    with torch.no_grad():
+        return run_benchmark(args, backend, methods, peers)
 
+
+def run_benchmark(args, backend: str, methods: list[str], peers: set[str]) -> list[Row]:
+    """Every row of the table for the options :func:`main` parsed: the uncached rows, then each of
+    ``methods`` with fxcache and with ``peers``; prints them as they come and the table at the end."""
     config = flux_config(args)
+    timestep = CurrentTimestep()  # this run's: every generation sets it, PAB and FasterCache read it
     model, fixed, start = build(args, config)
     card = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     import diffusers
@@ -355,17 +373,17 @@ def main(argv=None):
     if "cache-dit" in peers and not has_cache_dit:
         print("  cache-dit is not installed (pip install cache-dit, or the bench extra): its rows are left out")
 
-    _, full_flops = count_flops(generate, model, fixed, start, args.steps)
-    rows = [measure("uncached eager", model, fixed, start, args, full_flops)]
+    _, full_flops = count_flops(generate, model, fixed, start, args.steps, timestep)
+    rows = [measure("uncached eager", model, fixed, start, args, full_flops, timestep)]
     compile_regional = backend == "inductor"  # the dry run's eager backend has nothing to compile per block
     compiled = regional(copy.deepcopy(model)) if compile_regional else model
     rows.append(measure("uncached regional compile (diffusers compile_repeated_blocks)" if compile_regional
                         else "uncached regional compile (dry: eager backend, nothing compiled)", compiled, fixed,
-                        start, args, full_flops))
+                        start, args, full_flops, timestep))
     del compiled
     torch._dynamo.reset()
     rows.append(measure(f"uncached whole-graph compile (fullgraph, {backend} {args.mode or ''}".rstrip() + ")",
-                        whole_graph(model, backend, args.mode), fixed, start, args, full_flops))
+                        whole_graph(model, backend, args.mode), fixed, start, args, full_flops, timestep))
     torch._dynamo.reset()
     compile_options = dict(backend=backend, mode=args.mode)
 
@@ -373,9 +391,9 @@ def main(argv=None):
                            PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig)
 
     ratios = FLUX_MAG_RATIOS
-    pab = dict(spatial_attention_block_skip_range=2, current_timestep_callback=current_timestep)
+    pab = dict(spatial_attention_block_skip_range=2, current_timestep_callback=timestep)
     faster = dict(spatial_attention_block_skip_range=2, is_guidance_distilled=True,
-                  current_timestep_callback=current_timestep)
+                  current_timestep_callback=timestep)
     # key: (label, diffusers config, fxcache pass, also time diffusers + regional compile, cache-dit threshold)
     cases = {
         "mag": ("MagCache FLUX ratios", MagCacheConfig(mag_ratios=ratios, num_inference_steps=args.steps),
@@ -396,7 +414,7 @@ def main(argv=None):
 
         def attempt(label, make):  # one failing row must not hide the others' numbers
             try:
-                rows.append(measure(label, make(), fixed, start, args, full_flops))
+                rows.append(measure(label, make(), fixed, start, args, full_flops, timestep))
             except Exception as error:
                 print(f"  {label}: FAILED {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
 

@@ -4,7 +4,7 @@ them; nothing is imported until a picture is asked for.
 
 Example::
 
-    from fxcache.plots import plot_schedule
+    from fxcache.demo.plots import plot_schedule
     plot_schedule(cached.plan(28, timesteps=pipe.scheduler.timesteps), "schedule.png")
 """
 

@@ -5,7 +5,7 @@ digits model and draws the samples side by side.
 
 Example::
 
-    from fxcache import quality
+    from fxcache.demo import quality
     from fxcache.passes import FirstBlockCache
 
     reports = quality.compare_passes({"FBC 0.1": FirstBlockCache(threshold=0.1)}, "grid.png")
@@ -27,8 +27,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from . import digits
-from .flops import count_flops
-from .tiny_models import TinyDenoiser, euler_sample
+from ..flops import count_flops
+from ..testing.models import TinyDenoiser, euler_sample
 
 __all__ = ["PassReport", "accuracy", "compare_passes", "current_timestep", "digit_classifier", "generate", "psnr",
            "save_grid", "ssim"]
@@ -77,7 +77,7 @@ def _check_pair(images: torch.Tensor, reference: torch.Tensor) -> None:
 @functools.lru_cache(maxsize=1)
 def digit_classifier():
     """An RBF support-vector classifier (C=3) fitted on all 1,797 real digits, at 8x8 after the same
-    upsample/average round trip that generated images take (:func:`fxcache.digits.to_classifier_inputs`).
+    upsample/average round trip that generated images take (:func:`fxcache.demo.digits.to_classifier_inputs`).
     Its 5-fold cross-validated accuracy on real digits is 0.969 (logistic regression: 0.924).
     Deterministic; fitted once per process (0.05 s).
 
@@ -168,7 +168,7 @@ class _TimestepRecorder:
 def _reset(model) -> None:
     """End a generation as a pipeline does. A CachedModel forwards unknown attributes to the model it
     wraps, so ask it first; diffusers' hooks only need a reset when they are enabled."""
-    from .runtime import CachedModel
+    from ..runtime import CachedModel
 
     if isinstance(model, CachedModel):
         model.reset()
@@ -181,7 +181,7 @@ class PassReport:
     """One row of :func:`compare_passes`: a method against the uncached run of the same seeds.
 
     ``speedup`` is uncached seconds / these seconds (best of ``repeats``); ``flop_fraction`` the FLOPs
-    executed over the uncached run's (``torch.utils.flop_counter``); ``psnr``/``ssim`` against the
+    executed over the uncached run's (:func:`fxcache.flops.count_flops`); ``psnr``/``ssim`` against the
     uncached images; ``accuracy`` of the digit classifier on the requested classes."""
 
     name: str

@@ -6,7 +6,9 @@ timestep, so one Euler loop drives any of them.
 
 Example::
 
-    tiny = tiny_models.build("flux")
+    from fxcache.testing import models
+
+    tiny = models.build("flux")
     x = tiny.noise(seed=0)
     velocity = tiny.model(**tiny.inputs(x, timestep=1.0))[0]
 """

@@ -10,7 +10,9 @@ else (denoising loop, ``cache_context`` calls, classifier-free guidance, the end
 
 Example::
 
-    tiny = tiny_pipelines.build("flux")
+    from fxcache.testing import pipelines
+
+    tiny = pipelines.build("flux")
     latents = tiny.generate(output_type="latent")       # tiny.pipe(**tiny.call_kwargs, ...).images
     tiny.pipe.transformer = fxcache.transform(tiny.pipe.transformer, [FirstBlockCache(threshold=0.3)],
                                               backend="eager", scheduler=tiny.pipe.scheduler)

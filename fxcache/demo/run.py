@@ -1,7 +1,7 @@
 """The main job: denoise with a built-in model, uncached and cached, and report what caching did.
 
 By default the model is the small FLUX transformer trained here on real handwritten digits
-(:mod:`fxcache.digits`): the same grid of digits is generated uncached and with each pass, saved side
+(:mod:`fxcache.demo.digits`): the same grid of digits is generated uncached and with each pass, saved side
 by side as one PNG, and each row reports speed-up, FLOP fraction, PSNR/SSIM against the uncached
 images and the accuracy of a digit classifier on the requested classes. Speed on a CPU is process
 time (``time.process_time``: steady when other jobs share the machine), on a GPU wall time.
@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import tiny_models, transform
-from .cli import progress_bar
-from .flops import count_flops
-from .passes import FirstBlockCache
+from .. import transform
+from ..cli import progress_bar
+from ..flops import count_flops
+from ..passes import FirstBlockCache
+from ..testing.models import build, euler_sample
 
 __all__ = ["DemoRow", "demo_clock", "digits_methods", "format_reports", "run_demo", "run_digits_demo"]
 
@@ -32,7 +33,7 @@ __all__ = ["DemoRow", "demo_clock", "digits_methods", "format_reports", "run_dem
 def digits_methods(denoiser, num_steps: int) -> dict:
     """One setting of every pass for the digits model (MagCache's ratios measured on it first)."""
     from . import quality
-    from .passes import FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer
+    from ..passes import FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer
 
     calibrated = MagCache.calibrate(
         denoiser.model, lambda recorder: quality.generate(recorder, denoiser, torch.arange(10), seed=1,
@@ -54,6 +55,7 @@ def demo_clock(device: torch.device | str = "cpu"):
     return time.perf_counter if torch.device(device).type == "cuda" else time.process_time
 
 
+@torch.no_grad()
 def run_digits_demo(out: str = "fxcache-demo.png", steps: int = 20, backend: str = "eager",
                     samples_per_class: int = 4, seed: int = 0):
     """Generate the digits grid uncached and with each pass; save them side by side at ``out``.
@@ -64,7 +66,6 @@ def run_digits_demo(out: str = "fxcache-demo.png", steps: int = 20, backend: str
     """
     from . import digits, quality
 
-    torch.set_grad_enabled(False)
     denoiser = digits.load_digits_denoiser()
     methods = digits_methods(denoiser, steps)
     device = next(denoiser.model.parameters()).device
@@ -98,6 +99,7 @@ def _timed(fn) -> tuple[torch.Tensor, float]:
     return result, timer() - start
 
 
+@torch.no_grad()
 def run_demo(threshold: float = 0.3, steps: int = 20, backend: str = "eager", model: str = "flux",
              seed: int = 0, progress: bool = True) -> list[DemoRow]:
     """Sample once uncached and once with FirstBlockCache; returns one row each.
@@ -106,26 +108,25 @@ def run_demo(threshold: float = 0.3, steps: int = 20, backend: str = "eager", mo
 
         rows = run_demo(threshold=0.3, steps=10, progress=False)
     """
-    torch.set_grad_enabled(False)
-    tiny = tiny_models.build(model)
+    tiny = build(model)
     start = tiny.noise(seed=seed)
     contexts = ("cond", "uncond")
     calls = steps * len(contexts)
     bar = progress_bar(4, "demo", "run", enabled=progress)
 
-    reference, flops_full = count_flops(tiny_models.euler_sample, tiny.model, tiny, start, steps, contexts)
+    reference, flops_full = count_flops(euler_sample, tiny.model, tiny, start, steps, contexts)
     bar.update()
-    _, seconds_full = _timed(lambda: tiny_models.euler_sample(tiny.model, tiny, start, steps, contexts))
+    _, seconds_full = _timed(lambda: euler_sample(tiny.model, tiny, start, steps, contexts))
     bar.update()
     cached = transform(tiny.model, [FirstBlockCache(threshold=threshold)], backend=backend)
-    tiny_models.euler_sample(cached, tiny, start, 2, contexts)  # capture and compile outside the timing
+    euler_sample(cached, tiny, start, 2, contexts)  # capture and compile outside the timing
     cached.reset()
     computed_before = _tail_computed(cached)
-    result, flops_cached = count_flops(tiny_models.euler_sample, cached, tiny, start, steps, contexts)
+    result, flops_cached = count_flops(euler_sample, cached, tiny, start, steps, contexts)
     computed = _tail_computed(cached) - computed_before
     cached.reset()
     bar.update()
-    _, seconds_cached = _timed(lambda: tiny_models.euler_sample(cached, tiny, start, steps, contexts))
+    _, seconds_cached = _timed(lambda: euler_sample(cached, tiny, start, steps, contexts))
     bar.update()
     bar.close()
     update = result - start
