@@ -34,7 +34,7 @@ from fxcache.demo import digits, quality  # noqa: E402
 from fxcache.passes import FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer  # noqa: E402
 
 
-def methods(denoiser, num_steps: int, fbc_thresholds, mag_thresholds, pab_ranges, taylor_intervals):
+def methods(denoiser, num_steps: int, clock, fbc_thresholds, mag_thresholds, pab_ranges, taylor_intervals):
     """(method, setting, fxcache pass, diffusers config) for every row of the table."""
     rows = []
     for t in fbc_thresholds:
@@ -52,9 +52,9 @@ def methods(denoiser, num_steps: int, fbc_thresholds, mag_thresholds, pab_ranges
     for n in pab_ranges:
         rows.append(("PyramidAttentionBroadcast", f"spatial skip range={n}",
                      PyramidAttentionBroadcast(spatial_attention_block_skip_range=n,
-                                               current_timestep_callback=quality.current_timestep),
+                                               current_timestep_callback=clock),
                      PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=n,
-                                                     current_timestep_callback=quality.current_timestep)))
+                                                     current_timestep_callback=clock)))
     for n in taylor_intervals:
         rows.append(("TaylorSeer", f"cache_interval={n}",
                      TaylorSeer(cache_interval=n, taylor_factors_dtype=torch.float32),
@@ -138,7 +138,8 @@ def main(argv=None) -> None:
     timer = time.process_time if args.clock == "process" else time.perf_counter
 
     denoiser = digits.load_digits_denoiser()
-    rows, calibrated = methods(denoiser, args.steps, fbc_thresholds=(0.1, 0.2, 0.3, 0.5),
+    clock = quality.TimestepClock()
+    rows, calibrated = methods(denoiser, args.steps, clock, fbc_thresholds=(0.1, 0.2, 0.3, 0.5),
                                mag_thresholds=(0.06, 0.12, 0.24), pab_ranges=(2, 3), taylor_intervals=(2, 3, 5))
     named = {}
     for method, setting, ours, theirs in rows:
@@ -151,7 +152,7 @@ def main(argv=None) -> None:
         try:
             pair = quality.compare_passes({name: config}, None, denoiser=denoiser,
                                           samples_per_class=args.samples, num_steps=args.steps,
-                                          backend=args.backend, repeats=args.repeats, timer=timer)
+                                          backend=args.backend, repeats=args.repeats, timer=timer, clock=clock)
         except Exception as error:  # a method that fails is reported in the table, not skipped
             root = error
             while (root.__cause__ or root.__context__) is not None:  # the first error, not its echoes

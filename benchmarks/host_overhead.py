@@ -114,13 +114,14 @@ def main(argv=None):
         direct_generation(times["graph direct"])
         uncached_generation(times["uncached compiled"])
     median = {name: statistics.median(t) / 1e3 for name, t in times.items()}
-    flags = sorted({tuple(bool(f) for f in flat[-len(program.flag_names):]) if program.flag_names else ()
+    specs = program.rewritten
+    flags = sorted({tuple(bool(f) for f in flat[-len(specs.flags):]) if specs.flags else ()
                     for flat in recorded})
     print(f"# fxcache host overhead, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, tiny FLUX (bench --dry size), {args.method}, eager backend, "
           f"{args.steps} calls x {args.generations} generations each, process time; {len(flags)} decision tuples, "
-          f"{len(program.flag_names)} flags, {len(program.state_slots)} state tensors, "
-          f"{len(program.scalar_slots)} scalars")
+          f"{len(specs.flags)} flags, {len(specs.state)} state tensors, "
+          f"{len(specs.scalars)} scalars")
     print("| per call | median µs |")
     print("|---|---|")
     for name, value in median.items():
@@ -173,7 +174,7 @@ def main(argv=None):
              "_flags: passes decide (runtime.py)": ("runtime.py", "_flags"),
              "_step: step resolution (runtime.py)": ("runtime.py", "_step"),
              "_scalars (runtime.py)": ("runtime.py", "_scalars"),
-             "state_for (lower.py)": ("lower.py", "state_for")}
+             "CacheState.for_context (state.py)": ("state.py", "for_context")}
     for label, (file, names) in parts.items():
         names = (names,) if isinstance(names, str) else names
         cum = sum(v[3] for k, v in entries.items() if k[0].endswith(file) and k[2] in names)

@@ -119,8 +119,8 @@ def fxcache_state(cached) -> list[tuple[str, tuple, torch.dtype]]:
     """Every state slot of every context: (slot name, which names its block, shape, dtype)."""
     held = []
     for program in cached._programs.values():
-        for _context in program.states:
-            held += [(slot.name, tuple(slot.shape), slot.dtype) for slot in program.state_slots]
+        for _context in program.state.tensors:
+            held += [(slot.name, tuple(slot.shape), slot.dtype) for slot in program.state.slots]
     return held
 
 

@@ -151,9 +151,6 @@ def _parse_fields(fields: Sequence[str]) -> dict:
 
 def explain(args) -> int:
     cache_pass = build_pass(args.method, args.steps, args.fields, args.ratios)
-    if args.png and cache_pass.dynamic:
-        raise ConfigError(f"{args.method} decides inside the graph at every step: there is no schedule "
-                          "ahead of time to draw (drop --png)")
     from . import transform
 
     if args.png:
@@ -169,6 +166,10 @@ def explain(args) -> int:
         with cached.cache_context(context, step_index=0, timestep=timesteps[0], num_inference_steps=args.steps):
             cached(**tiny.inputs(latents, 1.0, condition))
     bar.update()
+    if args.png and not cached.programs()[-1].flags:
+        bar.close()
+        raise ConfigError(f"{args.method} decides inside the graph at every step: there is no schedule "
+                          "ahead of time to draw (drop --png)")
     text = cached.explain(args.steps, timesteps)
     bar.update()
     if args.png:

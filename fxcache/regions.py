@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .capture import MODULE_STACK, CapturedGraph
 
 __all__ = ["Attention", "Block", "BlockRange", "ModelRegions", "Region", "RegionError", "WholeModel",
-           "find_regions"]
+           "descendants", "find_regions"]
 
 HIDDEN, ENCODER = "hidden", "encoder"
 
@@ -372,7 +372,8 @@ def _hidden_input(graph: fx.Graph) -> fx.Node | None:
     return placeholders.get("hidden_states") or next(iter(placeholders.values()), None)
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
+def descendants(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node computed from it."""
     seen, todo = {node}, [node]
     while todo:
         for user in todo.pop().users:
@@ -389,7 +390,7 @@ def _denoiser_lists(graph: fx.Graph, block_lists: set[str], owner: dict[fx.Node,
     (WanVACE's ``vace_blocks``) feed the denoiser's blocks somewhere else than at their first block."""
     hidden = _hidden_input(graph)
     if hidden is not None:
-        reached = _descendants(hidden)
+        reached = descendants(hidden)
         reading = {p for p in block_lists if any(n in reached for n, q in owner.items() if q.startswith(p + "."))}
         block_lists = reading or block_lists
     first_node, last_node = {}, {}

@@ -459,10 +459,10 @@ class ProgramBuilder:
         # Python and dynamo specialises on the flag; with a tensor decision it branches on .item()
         # (after g.host_bool) or calls torch.cond itself.
         region = self.resolve(region)
-        if region.scope != scope:
+        if SCOPES.index(region.scope) > SCOPES.index(scope):
             raise RegionError(f"{owner} is a {scope!r} pass and was asked to replace {region.name}, a "
-                              f"{region.scope!r} region; a pass replaces regions of its own scope")
-        self._overlap(region, owner, scope)
+                              f"{region.scope!r} region; a pass replaces regions of its scope or inside it")
+        self._overlap(region, owner, region.scope)
         name = "region_" + re.sub(r"\W", "_", region.name)
         while hasattr(self.graph_module, name):
             name += "_"
@@ -519,7 +519,7 @@ class ProgramBuilder:
                 self._substitutes[old] = new_nodes
         for glue in reversed(self._glue.pop(id(region), [])):
             module.prepend(glue)
-        self._replacements.append(_Replacement(owner, region.name, scope, set(new_nodes)))
+        self._replacements.append(_Replacement(owner, region.name, region.scope, set(new_nodes)))
         return results
 
     def _resolve_arg(self, arg, region=None):
@@ -544,7 +544,14 @@ class ProgramBuilder:
         this is the stream entering the first skipped block; where streams merge (Flux 2, Chroma: text
         and image tokens concatenated before the single-stream blocks) it is that concatenation, so
         a stored residual has the region output's shape. The glue copied to compute them runs on both
-        branches: it is placed before the call that will replace ``region``."""
+        branches: it is placed before the call that will replace ``region``.
+
+        Flux 2, before (the single-stream blocks read the concatenation)::
+
+            h1, e1 = block0(h0, e0); x = cat(e1, h1); x2 = single0(x); out = x2
+
+        ``skip_values(region=[cat, single0], skipped=[single0])`` returns ``[cat(e1, h1)]``: the glue
+        ``cat`` is copied, the skipped block hands its stream input on."""
         region = self.resolve(region)
         stream_of: dict[fx.Node, fx.Node] = {}  # a skipped block's stream output -> its stream input
         block_nodes: set[fx.Node] = set()
@@ -591,7 +598,15 @@ class ProgramBuilder:
 
     def hoist(self, node: fx.Node, region: Region) -> fx.Node:
         """A copy of ``node`` (inside ``region``) and of what it is computed from inside the region,
-        placed before the region: its value, available whether the region later runs or not."""
+        placed before the region: its value, available whether the region later runs or not.
+
+        Before (TeaCache's indicator ``m`` lies in the first block of the stack it may skip)::
+
+            [stack: n = norm(h); m = n * (1 + s); ... ]
+
+        After ``hoist(m, stack)``::
+
+            n' = norm(h); m' = n' * (1 + s); [stack: n = norm(h); m = n * (1 + s); ...]"""
         region = self.resolve(region)
         members = set(region.nodes)
         if node not in members:

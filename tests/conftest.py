@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 torch.set_num_threads(1)
 torch.set_grad_enabled(False)
 
-settings.register_profile("ci", max_examples=10, deadline=None, derandomize=True,
+settings.register_profile("ci", max_examples=6, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=50, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])

@@ -61,3 +61,14 @@ def make_inputs(batch=1, tokens=16, channels=4, context_tokens=8, context_dim=16
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(batch, tokens, channels, generator=g), torch.full((batch,), 0.5),
             torch.randn(batch, context_tokens, context_dim, generator=g))
+
+
+def drifting_calls(steps: int, seed: int = 0, depth: int = 3):
+    """A seeded TinyDiT and one call per step of a loop whose input drifts a little per step, as a
+    denoising loop's does: ``(model, [(x, t, context), ...], timesteps on the 0-1000 scale)``."""
+    torch.manual_seed(seed)
+    model = TinyDiT(depth=depth).eval()
+    x, _, context = make_inputs(seed=seed)
+    timesteps = torch.linspace(950, 50, steps).tolist()
+    calls = [(x * (1 - 0.02 * i), torch.full((1,), t / 1000), context) for i, t in enumerate(timesteps)]
+    return model, calls, timesteps

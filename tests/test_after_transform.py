@@ -56,7 +56,7 @@ def test_inference_mode_then_plain_calls_and_reset_work(flux):
     cached.reset()  # outside inference mode: zeroes state made inside it
     plain = models.euler_sample(cached, flux, x, 4)
     assert torch.equal(plain, under_inference)
-    assert not any(t.is_inference() for p in cached._programs.values() for s in p.states.values() for t in s)
+    assert not any(t.is_inference() for p in cached._programs.values() for s in p.state.tensors.values() for t in s)
 
 
 def test_cache_state_never_holds_autograd_history_and_training_steps_run(flux):
@@ -67,7 +67,7 @@ def test_cache_state_never_holds_autograd_history_and_training_steps_run(flux):
             out = models.euler_sample.__wrapped__(cached, flux, x, 3)  # the loop without no_grad
             out.sum().backward()  # gradients flow through the computed work; the cache is a constant
             cached.reset()
-    state = [t for p in cached._programs.values() for s in p.states.values() for t in s]
+    state = [t for p in cached._programs.values() for s in p.state.tensors.values() for t in s]
     assert state and all(t.grad_fn is None and not t.requires_grad for t in state)
     assert flux.model.proj_out.weight.grad is not None
     flux.model.zero_grad(set_to_none=True)

@@ -23,7 +23,7 @@ from fxcache.passes import FirstBlockCache, PyramidAttentionBroadcast, TaylorSee
 
 from .dit import TinyDiT
 
-EXAMPLES = int(os.environ.get("FXCACHE_STATE_MACHINE_EXAMPLES", "6"))
+EXAMPLES = int(os.environ.get("FXCACHE_STATE_MACHINE_EXAMPLES", "4"))
 CONTEXTS = ("cond", "uncond", "other")
 NUM_STEPS = 5
 

@@ -30,7 +30,7 @@ from . import digits
 from ..flops import count_flops
 from ..testing.models import TinyDenoiser, euler_sample
 
-__all__ = ["PassReport", "accuracy", "compare_passes", "current_timestep", "digit_classifier", "generate", "psnr",
+__all__ = ["PassReport", "accuracy", "compare_passes", "TimestepClock", "digit_classifier", "generate", "psnr",
            "save_grid", "ssim"]
 
 DATA_RANGE = 2.0  # images live in [-1, 1]
@@ -109,12 +109,13 @@ def accuracy(images: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> floa
 # -- generation and comparison ---------------------------------------------------------------------
 
 def generate(model: torch.nn.Module, denoiser: TinyDenoiser, labels: Sequence[int] | torch.Tensor, *,
-             seed: int = 0, num_steps: int = 20, guidance: float | None = None) -> torch.Tensor:
+             seed: int = 0, num_steps: int = 20, guidance: float | None = None,
+             clock: "TimestepClock | None" = None) -> torch.Tensor:
     """One generation of digits ``labels`` (one per row) with ``model`` (the plain transformer, an
     :func:`fxcache.transform` result or a diffusers model with hooks) from the noise of ``seed``;
     ``(B, 1, 16, 16)`` images in [-1, 1]. Cache state is reset first, so calls are independent.
     ``guidance`` runs classifier-free guidance in contexts ``"cond"`` and ``"uncond"``. While it runs,
-    :func:`current_timestep` tells the timestep of the call in progress.
+    ``clock`` (a :class:`TimestepClock`) tells the timestep of the call in progress.
 
     Example::
 
@@ -125,44 +126,49 @@ def generate(model: torch.nn.Module, denoiser: TinyDenoiser, labels: Sequence[in
     _reset(model)
     contexts = ("cond",) if guidance is None else ("cond", "uncond")
     noise = denoiser.noise(seed=seed, batch=labels.numel())
-    latents = euler_sample(_TimestepRecorder(model, denoiser.timestep_scale), digits.conditioned_on(denoiser, labels),
+    recorded = model if clock is None else _TimestepRecorder(model, denoiser.timestep_scale, clock)
+    latents = euler_sample(recorded, digits.conditioned_on(denoiser, labels),
                            noise, num_steps, contexts=contexts, guidance=1.0 if guidance is None else guidance)
     _reset(model)
     return digits.unpack(latents).clamp(-1, 1)
 
 
-_current_timestep: list[float | None] = [None]
-
-
-def current_timestep() -> float | None:
+class TimestepClock:
     """The timestep of the model call :func:`generate` is making, on the 0-1000 scale of diffusers
     schedulers (what a FLUX pipeline's ``current_timestep`` holds); ``None`` outside a call. Hand it
-    to ``PyramidAttentionBroadcast`` (ours or diffusers') as ``current_timestep_callback``.
+    to ``PyramidAttentionBroadcast`` (ours or diffusers') as ``current_timestep_callback`` and to
+    :func:`generate` / :func:`compare_passes` as ``clock``: each run owns its clock.
 
     Example::
 
-        PyramidAttentionBroadcast(spatial_attention_block_skip_range=2,
-                                  current_timestep_callback=quality.current_timestep)
+        clock = TimestepClock()
+        config = PyramidAttentionBroadcast(spatial_attention_block_skip_range=2, current_timestep_callback=clock)
+        compare_passes({"PAB 2": config}, clock=clock)
     """
-    return _current_timestep[0]
+
+    def __init__(self):
+        self.value: float | None = None
+
+    def __call__(self) -> float | None:
+        return self.value
 
 
 class _TimestepRecorder:
-    """Calls the model and keeps its timestep for :func:`current_timestep`, as a pipeline keeps
+    """Calls the model and sets its timestep on a :class:`TimestepClock`, as a pipeline keeps
     ``current_timestep``; every other attribute (``cache_context``) is the model's."""
 
-    def __init__(self, model, timestep_scale: float):
-        self._model, self._to_scheduler_scale = model, 1000.0 / timestep_scale
+    def __init__(self, model, timestep_scale: float, clock: TimestepClock):
+        self._model, self._to_scheduler_scale, self._clock = model, 1000.0 / timestep_scale, clock
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
     def __call__(self, **inputs):
-        _current_timestep[0] = float(inputs["timestep"].reshape(-1)[0]) * self._to_scheduler_scale
+        self._clock.value = float(inputs["timestep"].reshape(-1)[0]) * self._to_scheduler_scale
         try:
             return self._model(**inputs)
         finally:
-            _current_timestep[0] = None
+            self._clock.value = None
 
 
 def _reset(model) -> None:
@@ -233,7 +239,8 @@ def _cached(model: torch.nn.Module, method, backend: str):
 def compare_passes(methods: Mapping[str, Any] | Sequence[Any], path: str | Path | None = None, *,
                    denoiser: TinyDenoiser | None = None, samples_per_class: int = 4, num_steps: int = 20,
                    guidance: float | None = None, seed: int = 0, backend: str = "eager",
-                   repeats: int = 2, timer: Callable[[], float] = time.perf_counter) -> list[PassReport]:
+                   repeats: int = 2, timer: Callable[[], float] = time.perf_counter,
+                   clock: TimestepClock | None = None) -> list[PassReport]:
     """Generate the same grid of digits (every class ``samples_per_class`` times, one batch, noise of
     ``seed``) uncached and with each method; measure speed, FLOPs and quality; optionally save all
     grids side by side as one PNG at ``path``. Returns the uncached report first, then one per method.
@@ -266,7 +273,8 @@ def compare_passes(methods: Mapping[str, Any] | Sequence[Any], path: str | Path 
     plain = denoiser.model
 
     def runner(model):
-        return lambda: generate(model, denoiser, labels, seed=seed, num_steps=num_steps, guidance=guidance)
+        return lambda: generate(model, denoiser, labels, seed=seed, num_steps=num_steps, guidance=guidance,
+                                clock=clock)
 
     with torch.no_grad():
         run = runner(plain)

@@ -30,8 +30,9 @@ from ..testing.models import build, euler_sample
 __all__ = ["DemoRow", "demo_clock", "digits_methods", "format_reports", "run_demo", "run_digits_demo"]
 
 
-def digits_methods(denoiser, num_steps: int) -> dict:
-    """One setting of every pass for the digits model (MagCache's ratios measured on it first)."""
+def digits_methods(denoiser, num_steps: int, clock) -> dict:
+    """One setting of every pass for the digits model (MagCache's ratios measured on it first); PAB
+    reads the timestep from ``clock`` (a :class:`quality.TimestepClock` handed to the run too)."""
     from . import quality
     from ..passes import FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer
 
@@ -43,7 +44,7 @@ def digits_methods(denoiser, num_steps: int) -> dict:
         "MagCache threshold=0.12 (calibrated)": MagCache(threshold=0.12, num_inference_steps=num_steps,
                                                         mag_ratios=calibrated.mag_ratios),
         "PyramidAttentionBroadcast spatial every 2": PyramidAttentionBroadcast(
-            spatial_attention_block_skip_range=2, current_timestep_callback=quality.current_timestep),
+            spatial_attention_block_skip_range=2, current_timestep_callback=clock),
         "TaylorSeer cache_interval=3": TaylorSeer(cache_interval=3, taylor_factors_dtype=torch.float32),
     }
 
@@ -67,10 +68,12 @@ def run_digits_demo(out: str = "fxcache-demo.png", steps: int = 20, backend: str
     from . import digits, quality
 
     denoiser = digits.load_digits_denoiser()
-    methods = digits_methods(denoiser, steps)
+    clock = quality.TimestepClock()
+    methods = digits_methods(denoiser, steps, clock)
     device = next(denoiser.model.parameters()).device
     return quality.compare_passes(methods, out, denoiser=denoiser, samples_per_class=samples_per_class,
-                                  num_steps=steps, seed=seed, backend=backend, timer=demo_clock(device))
+                                  num_steps=steps, seed=seed, backend=backend, timer=demo_clock(device),
+                                  clock=clock)
 
 
 def format_reports(reports, clock: str = "process time") -> str:

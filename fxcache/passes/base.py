@@ -42,10 +42,11 @@ class CachePass:
     """Base class of the passes. Subclasses are frozen dataclasses whose ``__post_init__`` validates
     (raising :class:`ConfigError` naming the field) and which implement :meth:`rewrite`.
 
-    ``scope`` is the kind of region the pass replaces: ``"modules"`` (attention or any module),
-    ``"blocks"`` (block ranges), ``"model"`` (the whole call), or ``"forecast"`` (replaces nothing,
-    forecasts what other passes reuse). Passes rewrite innermost scope first; regions of different
-    scopes nest, so passes on them compose. A config holds no runtime state: what a pass needs per
+    ``scope`` is the outermost kind of region the pass replaces: ``"modules"`` (attention or any
+    module), ``"blocks"`` (block ranges), ``"model"`` (the whole call), or ``"forecast"`` (replaces
+    nothing, forecasts what other passes reuse); regions inside it may be replaced too (FasterCache
+    replaces attention, then the whole call). Passes rewrite innermost scope first; regions of
+    different scopes nest, so passes on them compose. A config holds no runtime state: what a pass needs per
     program lives in the closures it hands to ``g.flag``/``g.scalar``.
     """
 

@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from ..observe import observe
-from ..regions import HIDDEN, Block, RegionError, example_value
+from ..regions import HIDDEN, Block, RegionError, descendants, example_value
 from ..rewrite import INPUTS, REGION, PassBuilder, copy_into
 from .base import CachePass, ConfigError
 from .block_residual import run_or_add_residual, run_or_add_residual_cond
@@ -189,11 +189,14 @@ def accumulate_and_decide(indicator: torch.Tensor, previous: torch.Tensor, accum
 def find_indicator(block: Block, inputs: dict[str, fx.Node], indicator: str) -> fx.Node:
     """The node of ``block`` TeaCache compares between calls (see the module docstring)."""
     members = set(block.nodes)
-    timestep = next((node for name, node in inputs.items() if "timestep" in name), None)
-    if timestep is None:
-        raise RegionError(f"TeaCache: the model takes no input named like 'timestep' ({list(inputs)}); the "
+    # the timestep: an input named so, else the per-sample scalars (timestep, guidance: (B,) or 0-d)
+    named = [node for name, node in inputs.items() if "timestep" in name]
+    scalars = [node for node in inputs.values()
+               if isinstance(example_value(node), torch.Tensor) and example_value(node).dim() <= 1]
+    if not (named or scalars):
+        raise RegionError(f"TeaCache: no input of the model is a timestep (inputs: {list(inputs)}); the "
                           "indicator is found from the timestep embedding")
-    from_timestep = _descendants(timestep)
+    from_timestep = set().union(*(descendants(node) for node in named or scalars))
     embeddings = [n for n in block.inputs if n in from_timestep and n not in block.stream_inputs.values()
                   and isinstance(example_value(n), torch.Tensor)]
     if not embeddings:
@@ -203,7 +206,7 @@ def find_indicator(block: Block, inputs: dict[str, fx.Node], indicator: str) -> 
         return embedding
     hidden = block.stream_inputs[HIDDEN]
     shape = tuple(example_value(hidden).shape)
-    from_hidden, from_embedding = _descendants(hidden) & members, _descendants(embedding) & members
+    from_hidden, from_embedding = descendants(hidden) & members, descendants(embedding) & members
     for node in block.nodes:
         value = example_value(node)
         if node in from_hidden and node in from_embedding and isinstance(value, torch.Tensor) \
@@ -220,16 +223,6 @@ def find_indicator(block: Block, inputs: dict[str, fx.Node], indicator: str) -> 
             return node
     raise RegionError(f"TeaCache: {block.name} computes nothing from both the hidden stream and the timestep "
                       "embedding with the stream's shape (no modulated input); use indicator='timestep_embedding'")
-
-
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen, todo = {node}, [node]
-    while todo:
-        for user in todo.pop().users:
-            if user not in seen:
-                seen.add(user)
-                todo.append(user)
-    return seen
 
 
 @torch.no_grad()
