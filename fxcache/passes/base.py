@@ -76,6 +76,11 @@ class CachePass:
         if minimum is not None and (value < minimum or (strict and value == minimum)):
             self._fail(field, f"must be {'>' if strict else '>='} {minimum}")
 
+    def _require_integer(self, field: str, minimum: int):
+        value = getattr(self, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self._fail(field, f"must be an integer >= {minimum}")
+
     def _require_choice(self, field: str, choices: tuple):
         if getattr(self, field) not in choices:
             self._fail(field, f"must be one of {choices}")

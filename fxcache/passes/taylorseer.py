@@ -98,11 +98,6 @@ class TaylorSeer(CachePass):
             self._fail("use_lite_mode", "must be True or False")
         self._require_choice("target", ("modules", "reused"))
 
-    def _require_integer(self, field: str, minimum: int):
-        value = getattr(self, field)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self._fail(field, f"must be an integer >= {minimum}")
-
     @property
     def scope(self) -> str:
         return "forecast" if self.target == "reused" else "modules"
