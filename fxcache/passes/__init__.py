@@ -1,6 +1,7 @@
 """The caching methods, one file each: a frozen config plus a rewrite."""
 
 from .base import CachePass, ConfigError, Step
+from .db_cache import DBCache
 from .faster_cache import FasterCache
 from .first_block_cache import FirstBlockCache
 from .mag_cache import MagCache
@@ -8,5 +9,5 @@ from .pyramid_attention_broadcast import PyramidAttentionBroadcast
 from .taylorseer import TaylorSeer
 from .teacache import TeaCache
 
-__all__ = ["CachePass", "ConfigError", "FasterCache", "FirstBlockCache", "MagCache", "PyramidAttentionBroadcast",
-           "Step", "TaylorSeer", "TeaCache"]
+__all__ = ["CachePass", "ConfigError", "DBCache", "FasterCache", "FirstBlockCache", "MagCache",
+           "PyramidAttentionBroadcast", "Step", "TaylorSeer", "TeaCache"]

@@ -60,9 +60,9 @@ class TaylorSeer(CachePass):
     ``re.fullmatch`` patterns on module paths for modules that return zeros / a Taylor prediction on
     predicting steps. ``use_lite_mode``: cache ``proj_out`` and zero every block (overrides patterns).
     ``target``: ``"modules"`` (diffusers' TaylorSeer, the fields above) or ``"reused"``: forecast the
-    values the other passes of the transform reuse (FirstBlockCache's tail residual, MagCache's or
-    TeaCache's residual) from the steps they computed, in place of repeating the last one; only
-    ``max_order`` and ``taylor_factors_dtype`` apply then.
+    values the other passes of the transform reuse (DBCache's middle residuals, FirstBlockCache's tail
+    residual, MagCache's or TeaCache's residual) from the steps they computed, in place of repeating
+    the last one; only ``max_order`` and ``taylor_factors_dtype`` apply then.
 
     Example::
 
