@@ -255,15 +255,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
         return run
 
     entry = _entry_function()
-    # a warning inside the model is moved after the graph; a logger call is left out of it (dynamo
-    # can only drop those), as diffusers logs "scale … is ineffective" without peft
-    quiet = {"reorderable_logging_functions": set(torch._dynamo.config.reorderable_logging_functions) | {warnings.warn}}
-    ignored = "ignore_logging_functions" if hasattr(torch._dynamo.config, "ignore_logging_functions") \
-        else "ignore_logger_methods"
-    quiet[ignored] = set(getattr(torch._dynamo.config, ignored)) | {
-        logging.Logger.debug, logging.Logger.info, logging.Logger.warning}
     try:
-        with _capture_mode(), _outside_dispatch_modes(), torch._dynamo.config.patch(**quiet):
+        with _capture_mode(), _outside_dispatch_modes(), quiet_logging():
             compiled = torch.compile(entry, backend=record, fullgraph=True, dynamic=False)
             result = compiled(model, args, kwargs)
     except Exception as error:  # dynamo reports breaks as several exception types
@@ -283,6 +276,19 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
         recorded.clear()
     captured.guard = CaptureGuard(entry)
     return captured
+
+
+def quiet_logging():
+    """A dynamo config patch under which a ``warnings.warn`` inside the model is moved after the graph
+    and a ``logging.Logger`` call is left out of it (dynamo can only drop those), instead of breaking
+    it: Mochi warns inside its autocast regions; diffusers logs "scale … is ineffective" without
+    peft. Used for the capture and for compiling the rewritten program, which replays those regions."""
+    quiet = {"reorderable_logging_functions": set(torch._dynamo.config.reorderable_logging_functions) | {warnings.warn}}
+    ignored = "ignore_logging_functions" if hasattr(torch._dynamo.config, "ignore_logging_functions") \
+        else "ignore_logger_methods"
+    quiet[ignored] = set(getattr(torch._dynamo.config, ignored)) | {
+        logging.Logger.debug, logging.Logger.info, logging.Logger.warning}
+    return torch._dynamo.config.patch(**quiet)
 
 
 def _global_hook_dicts() -> list[dict]:

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from .capture import quiet_logging
 from .rewrite import RewrittenProgram
 from .state import CacheState
 
@@ -56,11 +58,13 @@ def make_backend(backend: str | Callable, mode: str | None, options: dict | None
     return torch._dynamo.lookup_backend(backend)
 
 
+@contextlib.contextmanager
 def _room_for_decision_tuples(num_flags: int):
     """A new decision tuple compiles a graph: the recompile limit counts graphs per code object, so
-    allow one per tuple. Entered only for a tuple not seen before: a config patch on every call kept
-    Python heap per call."""
-    return torch._dynamo.config.patch(recompile_limit=max(64, 2 ** min(num_flags, 10)))
+    allow one per tuple; the model's warnings and log calls stay out of the way as at capture.
+    Entered only for a tuple not seen before: a config patch on every call kept Python heap per call."""
+    with torch._dynamo.config.patch(recompile_limit=max(64, 2 ** min(num_flags, 10))), quiet_logging():
+        yield
 
 
 @dataclass(eq=False)

@@ -319,11 +319,6 @@ _VACE_HINTS_TWICE = (
     "twice; fxcache's residual is taken past the hints. Equal with the hints scaled to 0 (row wan-vace-zero-hints)")
 FRAMEPACK = dict(HUNYUAN_VIDEO, patch_size=2, image_proj_dim=16, has_image_proj=True, has_clean_x_embedder=True)
 
-_MOCHI_CAPTURE = Unsupported(
-    "Unsupported", "_warnings.warn",
-    "capture: Mochi calls warnings.warn inside its autocast regions; the static passes compile with "
-    "fullgraph=True and dynamo raises `Unsupported: Attempted to call function marked as skipped` on it "
-    "(FirstBlockCache, compiled without fullgraph, works)")
 _FRAMEPACK_CROPPED_TEXT = Unsupported(
     "RegionError", "has a size read from the data",
     "at batch size 1 the model crops the text tokens to the attention mask's length (`.item()`), so the "
@@ -413,8 +408,7 @@ CASES: list[ModelCase] = [
     _case("mochi", "MochiTransformer3DModel",
           dict(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
                in_channels=4, qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4, activation_fn="swiglu",
-               max_sequence_length=8), (1, 4, 2, 8, 8), _masked_text(8, 16),
-          expected={m: _MOCHI_CAPTURE for m in METHODS if m != "FirstBlockCache"}),
+               max_sequence_length=8), (1, 4, 2, 8, 8), _masked_text(8, 16)),
     _case("ltx", "LTXVideoTransformer3DModel",
           dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
                num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=16),
