@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     methods.update({f"TeaCache threshold=0.4 + TaylorSeer forecast": [
         TeaCache(threshold=0.4, coefficients=fitted.coefficients, num_inference_steps=args.steps),
         TaylorSeer(target="reused", max_order=1, taylor_factors_dtype=torch.float32)]})
-    methods.update({f"FirstBlockCache threshold={t}": FirstBlockCache(threshold=t) for t in (0.1, 0.2, 0.3, 0.5)})
+    methods.update({f"FirstBlockCache threshold={t}": FirstBlockCache(threshold=t) for t in (0.1, 0.2, 0.3, 0.5, 0.8, 1.2)})
     reports = {}
     for name, method in methods.items():
         print(name, flush=True)
