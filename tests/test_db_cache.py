@@ -11,11 +11,12 @@ import torch
 
 import fxcache
 from fxcache.passes import ConfigError, DBCache, FirstBlockCache, TaylorSeer
-from fxcache.passes.db_cache import below_threshold
+from fxcache.passes.db_cache import below_threshold, steps_mask
 from fxcache.passes.first_block_cache import at_most_threshold
 from fxcache.testing import models, pipelines
 from tests.dit import drifting_calls
 from tests.helpers import relative_difference
+from tests.static_pass_helpers import count_host_reads
 
 os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
 cache_dit = pytest.importorskip("cache_dit")
@@ -43,19 +44,30 @@ def with_cache_dit(tiny, config):
         cache_dit.disable_cache(tiny.pipe)
 
 
-def with_fxcache(tiny, config):
+def with_fxcache(tiny, config, reads=None):
     """One generation with ``config`` on ``tiny.pipe.transformer``; the latents and, per context, the
-    steps it reused (read from its counter after every step)."""
+    steps it reused (read from its counter after every step). ``reads``: a dict that gets the count
+    of host reads made inside the model's calls after the first step (on its first call a context
+    reads the scheduler's timesteps once per generation, and dynamo captures)."""
     tiny.pipe.transformer = fxcache.transform(tiny.pipe.transformer, [config], backend="eager", scheduler=tiny.pipe)
     computed = {"cond": [], "uncond": []}
+    watched = {}
 
     def record(pipe, step, timestep, tensors):
+        if step == 0 and watched:
+            watched["reads"]["count"] = 0
         contexts = pipe.transformer.stats()["contexts"]
         for name, counts in computed.items():
             counts.append(contexts[name]["db_cache.middle_computed"])
         return {}
 
-    latents = tiny.generate(output_type="latent", callback_on_step_end=record)
+    if reads is None:
+        latents = tiny.generate(output_type="latent", callback_on_step_end=record)
+    else:
+        with count_host_reads(tiny.pipe.transformer) as counts:
+            watched["reads"] = counts
+            latents = tiny.generate(output_type="latent", callback_on_step_end=record)
+        reads.update(counts)
     reused = {name: [i for i, n in enumerate(counts) if n == (counts[i - 1] if i else 0)]
               for name, counts in computed.items()}
     return latents, reused
@@ -85,6 +97,50 @@ def test_equals_cache_dit_over_a_whole_pipeline_loop(name):
         shared, shared_reused = with_cache_dit(pipelines.build(name, steps=STEPS, **build),
                                                cache_dit.DBCacheConfig(**fields))
         assert shared_reused != reused and relative_difference(shared, expected, start) > 1e-4
+
+
+# steps computation masks (cache-dit's SCM) on Flux's case: 1 1 0 0 0 0 1 0 1 1. The warm-up (3 steps,
+# interval 2: steps 0 and 2) is cut to the mask's two leading 1s (step 0), the run of four 0s passes
+# the limit of 2 reused in a row
+SCM_FIELDS = dict(CACHE_DIT_CASES["flux"][1], steps_computation_mask=steps_mask([2, 1, 2], [4, 1], total_steps=STEPS))
+
+
+@pytest.mark.parametrize("policy", ["dynamic", "static"])
+def test_steps_computation_mask_equals_cache_dit(policy):
+    """cache-dit's masks on the tiny Flux loop: ``"dynamic"`` computes on the mask's 1s and lets the
+    residual check (and the limits) decide on its 0s; ``"static"`` reuses on every 0 without a check or
+    limit, as a host flag: no host read, one graph per decision."""
+    fields = dict(SCM_FIELDS, steps_computation_policy=policy)
+    mask = fields["steps_computation_mask"]
+    reference = pipelines.build("flux", steps=STEPS)
+    start = reference.start_latents()
+    expected, expected_reused = with_cache_dit(reference, cache_dit.DBCacheConfig(
+        **dict(fields, steps_computation_mask=list(mask)), enable_separate_cfg=True))
+    config = DBCache.from_cache_dit(cache_dit.DBCacheConfig(**dict(fields, steps_computation_mask=list(mask))),
+                                    lowering="cond")
+    assert config.steps_computation_mask == mask and config.steps_computation_policy == policy
+    reads = {}
+    tiny = pipelines.build("flux", steps=STEPS)
+    result, reused = with_fxcache(tiny, config, reads)
+    assert reused == expected_reused
+    assert relative_difference(result, expected, start) <= 1e-5
+    assert float((result - expected).abs().max()) <= 1e-5
+    zeros = [i for i, m in enumerate(mask) if m == 0]
+    for steps in reused.values():
+        assert set(steps) <= set(zeros), "the mask's 1s compute"
+        if policy == "static":
+            assert steps == zeros, "static reuses on every 0, past the limit of 2 in a row"
+        else:
+            assert 0 < len(steps) < len(zeros), "the residual check decides on the 0s"
+    cached = tiny.pipe.transformer
+    if policy == "static":
+        assert reads["count"] == 0
+        decisions = {config.computes_statically(i) for i in range(STEPS)}
+        assert cached.stats()["compiles"] == len(decisions) == 2, "one graph per decision: compute, reuse"
+        schedule = cached.plan(STEPS)
+        assert schedule.regions == ["transformer_blocks.1", "single_transformer_blocks.0"]
+        assert all([all(row.values()) for row in schedule.computes[name]] == [bool(m) for m in mask]
+                   for name in ("cond", "uncond"))
 
 
 def run_loop(model, passes, calls):
@@ -200,6 +256,10 @@ def test_too_few_blocks_for_the_layout_is_an_error_naming_the_counts():
     ("max_cached_steps", -2, "max_cached_steps = -2: must be an integer >= -1"),
     ("max_continuous_cached_steps", True, "max_continuous_cached_steps = True: must be an integer >= -1"),
     ("lowering", "gpu", "lowering = 'gpu': must be one of"),
+    ("steps_computation_mask", [1, 2], r"steps_computation_mask = \[1, 2\]: must be a non-empty sequence of 0 and 1"),
+    ("steps_computation_mask", (), r"steps_computation_mask = \(\): must be a non-empty sequence of 0 and 1"),
+    ("steps_computation_mask", "1101", "steps_computation_mask = '1101': must be a sequence of 0 and 1"),
+    ("steps_computation_policy", "auto", "steps_computation_policy = 'auto': must be one of"),
 ])
 def test_invalid_config_is_rejected_naming_the_field(field, value, message):
     with pytest.raises(ConfigError, match=f"DBCache.{message}"):
@@ -215,9 +275,34 @@ def test_config_is_frozen_has_cache_dit_defaults_and_ports_from_its_config():
                                     lowering="cond")
     assert (ported.Fn_compute_blocks, ported.residual_diff_threshold, ported.lowering) == (2, 0.12, "cond")
     for field, value in [("cfg_diff_compute_separate", False), ("max_accumulated_residual_diff_threshold", 0.5),
-                         ("steps_computation_mask", [1, 0]), ("force_refresh_step_hint", 10)]:
+                         ("force_refresh_step_hint", 10)]:
         with pytest.raises(ConfigError, match=f"{field}=.* is not supported"):
             DBCache.from_cache_dit(cache_dit.DBCacheConfig(**{field: value}))
     assert [i for i in range(8) if DBCache(max_warmup_steps=6, warmup_interval=2).in_warmup(i)] == [0, 2, 4]
+    masked = DBCache.from_cache_dit(cache_dit.DBCacheConfig(steps_computation_mask=[1, 1, 1, 0, 1],
+                                                            steps_computation_policy="static", max_warmup_steps=6))
+    assert (masked.steps_computation_mask, masked.steps_computation_policy) == ((1, 1, 1, 0, 1), "static")
+    assert [i for i in range(8) if masked.in_warmup(i)] == [0, 1, 2], "warm-up cut to the mask's leading 1s"
+    assert [masked.computes_statically(i) for i in range(7)] == [True, True, True, False, True, False, False]
+    assert hash(masked) == hash(DBCache(steps_computation_mask=[1, 1, 1, 0, 1], steps_computation_policy="static",
+                                        max_warmup_steps=6))
     with pytest.raises(AttributeError):
         ported.Fn_compute_blocks = 3
+
+
+def test_steps_mask_presets_equal_cache_dit():
+    """``steps_mask`` gives cache-dit's masks: every preset at every step count it has (4, 6, 8 and
+    more, stretched above 28 and cut below), and from explicit bins."""
+    for total_steps in [4, 6, *range(8, 61)]:
+        for policy in ("slow", "medium", "fast", "ultra"):
+            assert steps_mask(total_steps=total_steps, mask_policy=policy) == tuple(
+                cache_dit.steps_mask(total_steps=total_steps, mask_policy=policy)), (total_steps, policy)
+    assert DBCache.steps_mask(total_steps=28, mask_policy="medium") == tuple(cache_dit.steps_mask(total_steps=28))
+    for bins in [([2, 1, 2], [4, 1], 10), ([4, 2], [3, 5], None), ([1], [2, 3], 6)]:
+        assert steps_mask(*bins) == tuple(cache_dit.steps_mask(*bins))
+    for kwargs, message in [(dict(total_steps=5), "presets below 8 steps exist for 4 and 6 only"),
+                            (dict(total_steps=28, mask_policy="warp"), "mask_policy = 'warp': must be one of"),
+                            (dict(), "total_steps = None"),
+                            (dict(compute_bins=[1], cache_bins=[1], total_steps=3), "cover 2 steps, fewer than")]:
+        with pytest.raises(ConfigError, match=message):
+            steps_mask(**kwargs)

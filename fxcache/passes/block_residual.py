@@ -83,6 +83,10 @@ class DualBlockPlan:
     ``max_cached_steps`` / ``max_continuous_cached_steps``: at most this many reused steps per
     generation / in a row, per context (-1: no limit). ``skipped``: the name of the skipped range,
     its residual caches (``<skipped>_residual_<i>``) and its counter (``<skipped>_computed``).
+    ``schedule(index)``: when set, the decision is a host flag from the step index alone (True:
+    compute), with no residual check, so ``threshold``, ``similar``, ``lowering``, ``warmup`` and the
+    limits are not used: one specialised graph per decision and no host read (cache-dit's static
+    steps computation mask).
     """
 
     front: int
@@ -94,6 +98,7 @@ class DualBlockPlan:
     max_cached_steps: int = -1
     max_continuous_cached_steps: int = -1
     skipped: str = "middle"
+    schedule: Callable[[int], bool] | None = None
 
 
 _WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
@@ -112,6 +117,9 @@ def rewrite_dual_blocks(g: PassBuilder, plan: DualBlockPlan) -> None:
               and not warm-up and under the limits) -> [.item() on the host lowering]
            -> compute ? middle blocks, store their residuals and r : front outputs + stored residuals
            -> block N-B .. block N-1 -> epilogue
+
+    With ``plan.schedule``, ``compute`` is the host flag ``<pass>.compute`` (no residual, change or
+    gate nodes): one graph per decision, shown by ``plan()``.
     """
     blocks = g.regions.blocks
     if plan.front + plan.back >= len(blocks):
@@ -127,9 +135,14 @@ def rewrite_dual_blocks(g: PassBuilder, plan: DualBlockPlan) -> None:
     front_outputs = g.skip_values(skipped, middle)
     hidden_in, hidden_out = blocks[0].stream_inputs[HIDDEN], front[-1].stream_outputs[HIDDEN]
 
-    reference = g.state("reference_residual", like=hidden_out)
     residuals = tuple(g.cache(f"{plan.skipped}_residual_{i}", like=out) for i, out in enumerate(skipped.outputs))
     computed = g.counter(f"{plan.skipped}_computed")
+    if plan.schedule is not None:  # decided on the host from the step: no decision residual to keep
+        compute = g.flag("compute", decide=lambda step: bool(plan.schedule(step.index)))
+        g.replace(skipped, compute_or_reuse_range, compute, REGION, None, None, tuple(front_outputs), residuals,
+                  computed, INPUTS)
+        return
+    reference = g.state("reference_residual", like=hidden_out)
     # the threshold enters as a tensor: another threshold reuses the compiled graphs
     threshold = g.scalar("threshold", value=plan.threshold, dtype=torch.float64)
     warmup = cached = continuous = None
@@ -181,13 +194,15 @@ def gate_reuse(similar: torch.Tensor, warmup, cached, max_cached: int, continuou
 
 def compute_or_reuse_range(compute: bool, blocks, front_residual, reference, front_outputs,
                            residuals: tuple[CacheView, ...], computed, *inputs):
-    """Host lowering: ``compute`` is a Python bool read from the graph. Computing stores each output's
-    residual against the front's output and the decision residual; reusing adds the stored residuals."""
+    """Host lowering: ``compute`` is a Python bool (read from the graph, or a host flag). Computing
+    stores each output's residual against the front's output and the decision residual (none under a
+    host flag: ``reference`` None); reusing adds the stored residuals."""
     if compute:
         outputs = blocks(*inputs)
         for cache, out, front in zip(residuals, outputs, front_outputs):
             cache.store(out - front)
-        copy_into(reference, front_residual)
+        if reference is not None:
+            copy_into(reference, front_residual)
         copy_into(computed, computed + 1)
         return outputs
     return tuple(front + cache.load() for front, cache in zip(front_outputs, residuals))

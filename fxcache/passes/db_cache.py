@@ -67,7 +67,7 @@ from ..rewrite import PassBuilder
 from .base import CachePass, ConfigError
 from .block_residual import DualBlockPlan, rewrite_dual_blocks
 
-__all__ = ["DBCache", "below_threshold"]
+__all__ = ["DBCache", "below_threshold", "steps_mask"]
 
 # cache-dit DBCacheConfig fields DBCache does not take, with the value that means "off"; _ANY: any
 # value is fine (it tells cache-dit what fxcache's named contexts and reset() already know)
@@ -75,8 +75,7 @@ _ANY = object()
 _CACHE_DIT_ONLY = {
     "cache_type": _ANY, "enable_separate_cfg": _ANY, "cfg_compute_first": _ANY, "num_inference_steps": _ANY,
     "cfg_diff_compute_separate": True, "max_accumulated_residual_diff_threshold": None,
-    "steps_computation_mask": None, "steps_computation_policy": _ANY, "force_refresh_step_hint": None,
-    "force_refresh_step_policy": _ANY,
+    "force_refresh_step_hint": None, "force_refresh_step_policy": _ANY,
 }
 
 
@@ -89,7 +88,12 @@ class DBCache(CachePass):
     the decision residual is below it (>= 1: always, 0: never). ``max_warmup_steps``: steps
     ``range(0, max_warmup_steps, warmup_interval)`` always compute. ``max_cached_steps``: reused steps
     per generation and context (-1: no limit). ``max_continuous_cached_steps``: reused steps in a row
-    (-1: no limit). ``lowering``: ``"host"`` or ``"cond"`` (fxcache's).
+    (-1: no limit). ``lowering``: ``"host"`` or ``"cond"`` (fxcache's). ``steps_computation_mask``:
+    per step (per context, from 0) 1 = compute, 0 = may reuse (:func:`steps_mask` builds cache-dit's
+    presets); with it, warm-up is cut to the mask's leading 1s. ``steps_computation_policy``:
+    ``"dynamic"`` (the residual check and the limits decide on the 0 steps and past the mask's end) or
+    ``"static"`` (reuse on every 0 step and past the mask's end, no residual check or limits: a host
+    flag, one graph per decision, shown by ``plan()``).
 
     Example::
 
@@ -105,6 +109,8 @@ class DBCache(CachePass):
     max_cached_steps: int = -1
     max_continuous_cached_steps: int = -1
     lowering: str = "host"
+    steps_computation_mask: tuple[int, ...] | None = None
+    steps_computation_policy: str = "dynamic"
 
     scope = "blocks"
     namespace = "db_cache"
@@ -118,6 +124,15 @@ class DBCache(CachePass):
         self._require_integer("max_cached_steps", -1)
         self._require_integer("max_continuous_cached_steps", -1)
         self._require_choice("lowering", ("host", "cond"))
+        self._require_choice("steps_computation_policy", ("dynamic", "static"))
+        mask = self.steps_computation_mask
+        if mask is not None:
+            if isinstance(mask, (str, bytes)) or not hasattr(mask, "__iter__"):
+                self._fail("steps_computation_mask", "must be a sequence of 0 and 1 (one per step)")
+            mask = tuple(mask)
+            if not mask or any(isinstance(m, bool) or m not in (0, 1) for m in mask):
+                self._fail("steps_computation_mask", "must be a non-empty sequence of 0 and 1 (one per step)")
+            object.__setattr__(self, "steps_computation_mask", tuple(int(m) for m in mask))
 
     @classmethod
     def from_cache_dit(cls, config, **fields) -> "DBCache":
@@ -151,15 +166,45 @@ class DBCache(CachePass):
 
             [i for i in range(8) if DBCache(max_warmup_steps=6, warmup_interval=2).in_warmup(i)]   # [0, 2, 4]
         """
-        return index < self.max_warmup_steps and index % self.warmup_interval == 0
+        warmup = self.max_warmup_steps
+        if self.steps_computation_mask is not None:  # cache-dit cuts warm-up to the mask's leading 1s
+            warmup = min(warmup, next((i for i, m in enumerate(self.steps_computation_mask) if m == 0),
+                                      len(self.steps_computation_mask)))
+        return index < warmup and index % self.warmup_interval == 0
+
+    def forces_compute(self, index: int) -> bool:
+        """Whether step ``index`` computes whatever the residual: a warm-up step, or a 1 of the mask
+        (past the mask's end, none).
+
+        Example::
+
+            [i for i in range(6) if DBCache(max_warmup_steps=1, steps_computation_mask=(1, 1, 0, 1)).forces_compute(i)]
+            # [0, 1, 3]
+        """
+        mask = self.steps_computation_mask
+        return self.in_warmup(index) or (mask is not None and index < len(mask) and mask[index] == 1)
+
+    def computes_statically(self, index: int) -> bool:
+        """The ``"static"`` policy's decision at step ``index``: forced steps compute, the others reuse
+        (no residual check; cache-dit applies no limit there either). The first step of a context
+        computes, also on a 0 of the mask: nothing is stored yet to reuse (deviation, docs/db_cache.md).
+
+        Example::
+
+            [DBCache(steps_computation_mask=(1, 0, 1, 0), steps_computation_policy="static").computes_statically(i)
+             for i in range(5)]   # [True, False, True, False, False]
+        """
+        return index == 0 or self.forces_compute(index)
 
     def rewrite(self, g: PassBuilder) -> None:
+        mask = self.steps_computation_mask
+        static = mask is not None and self.steps_computation_policy == "static"
         rewrite_dual_blocks(g, DualBlockPlan(
             front=self.Fn_compute_blocks, back=self.Bn_compute_blocks, threshold=self.residual_diff_threshold,
             similar=below_threshold, lowering=self.lowering,
-            warmup=self.in_warmup if self.max_warmup_steps > 0 else None,
+            warmup=self.forces_compute if self.max_warmup_steps > 0 or mask is not None else None,
             max_cached_steps=self.max_cached_steps, max_continuous_cached_steps=self.max_continuous_cached_steps,
-            skipped="middle"))
+            skipped="middle", schedule=self.computes_statically if static else None))
 
 
 def below_threshold(change: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -167,3 +212,94 @@ def below_threshold(change: torch.Tensor, threshold: torch.Tensor) -> torch.Tens
     does not compare there), except on a NaN or infinite change, which computes (deviation)."""
     threshold = threshold.reshape(())
     return (change < threshold) | ((threshold >= 1) & torch.isfinite(change))
+
+
+# cache-dit 1.5.3's preset masks (``cache_dit.steps_mask``): (compute bins, cache bins) per policy, made
+# for 28 steps, stretched above 28 and cut below; fewer-step models have their own
+_PRESETS_28 = {"slow": ([8, 3, 3, 2, 1, 1], [1, 2, 2, 2, 3]), "medium": ([6, 2, 2, 2, 2, 1], [1, 3, 3, 3, 3]),
+               "fast": ([6, 1, 1, 1, 1, 1], [1, 3, 4, 5, 4]), "ultra": ([4, 1, 1, 1, 1], [2, 5, 6, 7])}
+_PRESETS_9_TO_15 = {"slow": ([4, 2, 2, 2, 1], [1, 1, 1, 1]), "medium": ([4, 2, 1, 1, 1], [1, 1, 2, 2]),
+                    "fast": ([3, 1, 1, 1, 1], [1, 2, 2, 3]), "ultra": ([2, 1, 1, 1, 1], [1, 2, 3, 3])}
+_PRESETS_9 = {"slow": ([5, 2, 1], [1]), "medium": ([5, 1, 1], [1, 1]), "fast": ([4, 1, 1], [1, 2]),
+              "ultra": ([3, 1, 1], [2, 2])}
+_PRESETS_8 = {"slow": ([5, 1, 1], [1]), "medium": ([4, 1, 1], [1, 1]), "fast": ([3, 1, 1], [1, 2]),
+              "ultra": ([2, 1, 1], [2, 2])}
+_PRESETS_FEW = {4: ([2, 1], [1]), 6: ([3, 1], [2])}
+
+
+def steps_mask(compute_bins=None, cache_bins=None, total_steps: int | None = None,
+               mask_policy: str = "medium") -> tuple[int, ...]:
+    """cache-dit's ``steps_mask``: a ``steps_computation_mask`` from alternating runs of computed and
+    reusable steps (``compute_bins``, ``cache_bins``; ``total_steps`` cuts it, and the bins must cover
+    it), or from a preset (``mask_policy`` ``"slow"``, ``"medium"``, ``"fast"``, ``"ultra"``: fewer
+    computed steps from slow to ultra) for ``total_steps`` steps (4, 6, or 8 and more), whose last step
+    always computes. The same masks as cache-dit 1.5.3 (tests/test_db_cache.py).
+
+    Example::
+
+        DBCache(steps_computation_mask=steps_mask(total_steps=28, mask_policy="fast"))
+        steps_mask([2, 1], [1, 2])   # (1, 1, 0, 1, 0, 0)
+    """
+    if compute_bins is not None and cache_bins is not None:
+        return _mask_from_bins(list(compute_bins), list(cache_bins), total_steps)
+    if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
+        raise ConfigError(f"steps_mask: total_steps = {total_steps!r}: a preset needs the number of steps")
+    if total_steps < 8 and total_steps not in _PRESETS_FEW:
+        raise ConfigError(f"steps_mask: total_steps = {total_steps}: presets below 8 steps exist for 4 and 6 only")
+    if mask_policy not in _PRESETS_28:
+        raise ConfigError(f"steps_mask: mask_policy = {mask_policy!r}: must be one of {tuple(_PRESETS_28)}")
+    if total_steps < 8:
+        compute, cache = (list(b) for b in _PRESETS_FEW[total_steps])
+    else:
+        table = _PRESETS_8 if total_steps == 8 else _PRESETS_9 if total_steps == 9 else \
+            _PRESETS_9_TO_15 if total_steps < 16 else _PRESETS_28
+        compute, cache = (list(b) for b in table[mask_policy])
+        if total_steps > 28:
+            _stretch(compute, cache, total_steps)
+        compute, cache = _cut(compute, cache, total_steps)
+    mask = list(_mask_from_bins(compute, cache, total_steps))
+    mask[-1] = 1
+    return tuple(mask)
+
+
+def _stretch(compute: list[int], cache: list[int], total_steps: int) -> None:
+    """cache-dit's stretch of the 28-step bins to more steps: grow the first paired bins in turn by a
+    share of their 28-step size (at least 1), then the last compute bin by one, until they cover it."""
+    base_compute, base_cache = list(compute), list(cache)
+    grow = total_steps / 28 * 0.5
+    while sum(compute) + sum(cache) < total_steps:
+        for i in range(min(len(compute), len(cache))):
+            for bins, base in ((compute, base_compute), (cache, base_cache)):
+                bins[i] += max(int(base[i] * grow), 1)
+                if sum(compute) + sum(cache) >= total_steps:
+                    return
+        compute[-1] += 1
+
+
+def _cut(compute: list[int], cache: list[int], total_steps: int) -> tuple[list[int], list[int]]:
+    """cache-dit's cut of bins covering more than ``total_steps``: shorten the last cache bin, then the
+    last compute bin, in turn, one step at a time."""
+    while sum(compute) + sum(cache) > total_steps:
+        for bins in (cache, compute):
+            if bins:
+                bins[-1] -= 1
+                if bins[-1] == 0:
+                    bins.pop()
+            if sum(compute) + sum(cache) <= total_steps:
+                break
+    return compute, cache
+
+
+def _mask_from_bins(compute: list[int], cache: list[int], total_steps: int | None) -> tuple[int, ...]:
+    if total_steps is None:
+        total_steps = sum(compute) + sum(cache)
+    elif sum(compute) + sum(cache) < total_steps:
+        raise ConfigError(f"steps_mask: the bins cover {sum(compute) + sum(cache)} steps, fewer than "
+                          f"total_steps = {total_steps}")
+    mask: list[int] = []
+    for i in range(max(len(compute), len(cache))):
+        mask += [1] * (compute[i] if i < len(compute) else 0) + [0] * (cache[i] if i < len(cache) else 0)
+    return tuple(mask[:total_steps])
+
+
+DBCache.steps_mask = staticmethod(steps_mask)
