@@ -12,7 +12,8 @@ And the one implementation of the *dual block* cache (cache-dit's DBCache; First
 ``Fn=1, Bn=0`` case with diffusers' comparison): the first ``front`` blocks always run and their
 hidden-stream residual decides, in the graph, whether the middle blocks run or are replaced by the
 front's outputs plus the middle residuals stored at the last computed step; the last ``back``
-blocks always run, on whichever the middle gave. A pass describes itself with a
+blocks always run, on whichever the middle gave. A plan with a ``schedule`` decides on the host from
+the step instead (a flag; DBCache's static steps computation mask). A pass describes itself with a
 :class:`DualBlockPlan` and calls :func:`rewrite_dual_blocks`.
 
 Example (DBCache's rewrite)::

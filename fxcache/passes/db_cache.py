@@ -16,7 +16,12 @@ Semantics of cache-dit 1.5.3 (``DBCacheConfig``, ``CachedContextManager.can_cach
 * a reused step hands on, on every stream, the front blocks' output plus the middle residual
   (middle output minus middle input) stored at the last computed step; the last
   ``Bn_compute_blocks`` blocks then run on that, as cache-dit's Bn blocks do;
-* a computed step runs the middle blocks and stores their residuals and the decision residual.
+* a computed step runs the middle blocks and stores their residuals and the decision residual;
+* with ``steps_computation_mask`` (per step, from 0: 1 computes, 0 may reuse; past its end, 0),
+  warm-up is cut to the mask's leading 1s and the 1s compute. On the 0s, ``"dynamic"`` decides as
+  above; ``"static"`` reuses, with no residual check and no limit (cache-dit returns before both).
+  ``"static"`` is a host flag from the step alone: no host read, one graph per decision, a schedule in
+  ``plan()``. The first step of a context computes also on a 0 (cache-dit has nothing to reuse there).
 
 The blocks are every transformer block in execution order, so Flux's ``transformer_blocks`` and
 ``single_transformer_blocks`` are one list of ``N`` blocks, as cache-dit's default Flux adapter makes
@@ -46,7 +51,7 @@ Deviations from cache-dit (tests/test_db_cache.py):
   :meth:`DBCache.from_cache_dit` ignores ``enable_separate_cfg`` and ``cfg_compute_first``, and
   ``num_inference_steps`` (a generation ends at ``reset()``, which pipelines call);
 * not supported, rejected by :meth:`DBCache.from_cache_dit` when set:
-  ``max_accumulated_residual_diff_threshold``, ``steps_computation_mask``, ``force_refresh_step_hint``,
+  ``max_accumulated_residual_diff_threshold``, ``force_refresh_step_hint``,
   ``cfg_diff_compute_separate=False``; nor cache-dit's ``ExtraCacheConfig`` (hidden-state diff,
   important tokens, downsampled buffers) or a tensor threshold.
 
