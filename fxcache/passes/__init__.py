@@ -2,6 +2,7 @@
 
 from .base import CachePass, ConfigError, Step
 from .db_cache import DBCache
+from .easycache import EasyCache
 from .faster_cache import FasterCache
 from .first_block_cache import FirstBlockCache
 from .mag_cache import MagCache
@@ -9,5 +10,5 @@ from .pyramid_attention_broadcast import PyramidAttentionBroadcast
 from .taylorseer import TaylorSeer
 from .teacache import TeaCache
 
-__all__ = ["CachePass", "ConfigError", "DBCache", "FasterCache", "FirstBlockCache", "MagCache",
+__all__ = ["CachePass", "ConfigError", "DBCache", "EasyCache", "FasterCache", "FirstBlockCache", "MagCache",
            "PyramidAttentionBroadcast", "Step", "TaylorSeer", "TeaCache"]
