@@ -400,11 +400,9 @@ def plot_losses(losses: Sequence[float], path: str | Path, title: str = "") -> P
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    from .plots import save_figure
+
+    return save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

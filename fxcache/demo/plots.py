@@ -19,6 +19,22 @@ COMPUTED_COLOR = "#1f5f99"
 REUSED_COLOR = "#e8eef4"
 
 
+def save_figure(figure, path, dpi: int | None = None) -> Path:
+    """Write ``figure`` to ``path`` (its folder made if needed), close it, return the path.
+
+    Example::
+
+        save_figure(fig, "out/loss.png")
+    """
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -74,10 +90,7 @@ def plot_schedule(schedule, path: str | Path, title: str | None = None) -> Path:
                            Patch(facecolor=REUSED_COLOR, edgecolor="#999999", label="reused / predicted")],
                   loc="lower right", fontsize=8, ncol=2, frameon=False)
     figure.tight_layout(rect=(0, 0.04, 1, 1))
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=120)
 
 
 def plot_mag_ratios(ratios: Mapping[str, Sequence[float]], path: str | Path,
@@ -108,7 +121,4 @@ def plot_mag_ratios(ratios: Mapping[str, Sequence[float]], path: str | Path,
     axis.legend(fontsize=8, frameon=False)
     axis.set_title(title or "MagCache magnitude ratios of the block stack's residual", fontsize=10)
     figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=120)

@@ -331,8 +331,6 @@ def save_grid(reports: Sequence[PassReport], path: str | Path, samples_per_class
         ax.set_title(f"{report.name}\n{report.speedup:.2f}x speed-up, {report.flop_fraction:.0%} of FLOPs\n"
                      f"{quality_line}  acc {report.accuracy:.0%}", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    from .plots import save_figure
+
+    return save_figure(fig, path)
