@@ -113,6 +113,24 @@ def test_guidance_distilled_equals_diffusers_hook_over_two_generations(name):
         cached._reset_stateful_cache()
 
 
+def test_the_timestep_callback_is_read_once_per_call():
+    """Every flag and weight of a call shares one read: a callback returning a device tensor (a
+    pipeline's current_timestep) costs a sync per read."""
+    tiny = models.build("flux")
+    clock = Clock()
+    reads = []
+
+    def callback():
+        reads.append(clock.timestep)
+        return clock()
+
+    fields = config_for(tiny, is_guidance_distilled=True, tensor_format="BCHW")
+    cached = fxcache.transform(tiny.model, [FasterCache(current_timestep_callback=callback, **fields)],
+                               backend="eager")
+    run_euler(cached, tiny, STEPS, clock=clock)
+    assert len(reads) == STEPS  # four attention weights and a flag per call, one read
+
+
 @pytest.mark.parametrize("name, tensor_format", [("cogvideox", "BFCHW"), ("wan", "BCFHW")])
 def test_batched_cfg_with_uncond_synthesis_equals_diffusers_hook(name, tensor_format):
     tiny = models.build(name)

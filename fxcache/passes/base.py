@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -146,6 +146,19 @@ class AttentionKindsPass(CachePass):
         """One host flag per attention kind, ``computes(kind, step)``."""
         return {kind: g.flag(self.flag_name(kind), decide=lambda step, kind=kind: computes(kind, step))
                 for kind in kinds}
+
+    def timestep_once(self) -> Callable[[Step], float]:
+        """:meth:`timestep`, read once per call: every flag and scalar of a call is handed the same
+        ``Step`` and asks for it, and a callback that returns a device tensor costs a sync per read.
+        One reader per program (a config holds no runtime state)."""
+        last: dict[str, Any] = {}
+
+        def read(step: Step) -> float:
+            if last.get("step") is not step:
+                last["step"], last["value"] = step, self.timestep(step)
+            return last["value"]
+
+        return read
 
     def timestep(self, step: Step) -> float:
         """The call's timestep: ``current_timestep_callback()`` when set (diffusers' way), else the

@@ -69,7 +69,7 @@ import torch.fx as fx
 
 from ..regions import Attention, RegionError, example_value
 from ..rewrite import INPUTS, REGION, Flag, PassBuilder, Scalar, State, call_variant, copy_into
-from .base import AttentionKindsPass, ConfigError, Step, attention_settings
+from .base import AttentionKindsPass, ConfigError, attention_settings
 
 __all__ = ["FasterCache", "split_frames", "merge_frames", "frequency_mask"]
 
@@ -181,13 +181,14 @@ class FasterCache(AttentionKindsPass):
     def rewrite(self, g: PassBuilder) -> None:
         by_kind = self.targets(g.regions)
         model = g.model
+        timestep = self.timestep_once()
         if self.is_guidance_distilled:
-            declared = self._declare(g, by_kind, model, half_batch=False)
+            declared = self._declare(g, by_kind, model, timestep, half_batch=False)
             _rewrite_attention(g, by_kind, declared, extrapolate_or_compute)
             return
-        self._rewrite_cfg(g, by_kind, model)
+        self._rewrite_cfg(g, by_kind, model, timestep)
 
-    def _rewrite_cfg(self, g: PassBuilder, by_kind, model) -> None:
+    def _rewrite_cfg(self, g: PassBuilder, by_kind, model, timestep) -> None:
         captured = g.captured
         inputs = g.inputs
         primary = "hidden_states" if "hidden_states" in inputs else captured.input_names[0]
@@ -202,20 +203,22 @@ class FasterCache(AttentionKindsPass):
         layout = self._layout(sample, captured, batch)
 
         # the full step: attention always computes and remembers the conditional half
-        declared = self._declare(g, by_kind, model, half_batch=True)
+        declared = self._declare(g, by_kind, model, timestep, half_batch=True)
         compute_uncond = g.flag("compute_uncond", decide=lambda step: self.computes_uncond(
-            step.index, self.timestep(step)))
+            step.index, timestep(step)))
         delta = g.state("frequency_delta", shape=layout.frames_shape, dtype=torch.complex64,
                         device=example_value(sample).device)
-        low_weight = g.scalar("low_frequency_weight", value=lambda step: self._band_weight("low", step, model))
-        high_weight = g.scalar("high_frequency_weight", value=lambda step: self._band_weight("high", step, model))
+        low_weight = g.scalar("low_frequency_weight",
+                              value=lambda step: self._band_weight("low", step.index, timestep(step), model))
+        high_weight = g.scalar("high_frequency_weight",
+                               value=lambda step: self._band_weight("high", step.index, timestep(step), model))
         _rewrite_attention(g, by_kind, declared, compute_and_store_cond)
 
         # the conditional-only step: the model captured again with the cond half of batched inputs
         # (see Note [The half-batch variant])
         half = g.variant(batch_of=lambda shape: (batch, *shape[1:]) if shape and shape[0] == full_batch else shape)
         half_by_kind = self.targets(half.regions)
-        half_declared = self._declare(half, half_by_kind, model, half_batch=False)
+        half_declared = self._declare(half, half_by_kind, model, timestep, half_batch=False)
         _rewrite_attention(half, half_by_kind, half_declared, extrapolate_or_compute)
         half_sample_position = half.outputs.index(half.sample)
         conditional_only = g.embed(half, "conditional_only")
@@ -230,14 +233,15 @@ class FasterCache(AttentionKindsPass):
                   tuple(inputs.values()), batched, batch, positions, body.outputs.index(sample),
                   half_sample_position, delta, low_weight, high_weight, layout.tensor_format, layout.grid, INPUTS)
 
-    def _declare(self, g: PassBuilder, by_kind, model, half_batch: bool) -> "_Declared":
-        """State, scalars and flags of the attention caches, in one order for every capture."""
+    def _declare(self, g: PassBuilder, by_kind, model, timestep, half_batch: bool) -> "_Declared":
+        """State, scalars and flags of the attention caches, in one order for every capture;
+        ``timestep`` reads the call's timestep (:meth:`timestep_once`)."""
         declared = _Declared({}, {}, {}, {})
         for kind in KINDS:
             if kind not in by_kind:
                 continue
             declared.flags[kind] = g.flag(self.flag_name(kind), decide=lambda step, kind=kind: self.computes_attention(
-                kind, step.index, self.timestep(step)))
+                kind, step.index, timestep(step)))
             for attention in by_kind[kind]:
                 slots = []
                 for i, out in enumerate(attention.outputs):
@@ -250,21 +254,21 @@ class FasterCache(AttentionKindsPass):
                 module = model.get_submodule(attention.name)
                 declared.weights[attention.name] = g.scalar(
                     f"{attention.name}.attention_weight",
-                    value=lambda step, module=module, kind=kind: self._attention_weight(kind, step, module))
+                    value=lambda step, module=module, kind=kind: self._attention_weight(
+                        kind, step.index, timestep(step), module))
         return declared
 
-    def _attention_weight(self, kind: str, step: Step, module: torch.nn.Module) -> float:
+    def _attention_weight(self, kind: str, index: int, timestep: float, module: torch.nn.Module) -> float:
         """The extrapolation weight of one attention module at this step (its callback is called only
         where the value is used, as diffusers)."""
-        if self.computes_attention(kind, step.index, self.timestep(step)):
+        if self.computes_attention(kind, index, timestep):
             return 0.0
         callback = self.attention_weight_callback or (lambda _: 0.5)
         return float(callback(module))
 
-    def _band_weight(self, band: str, step: Step, denoiser: torch.nn.Module) -> float:
+    def _band_weight(self, band: str, index: int, timestep: float, denoiser: torch.nn.Module) -> float:
         """The low or high frequency weight at a conditional-only call (1 at a full call)."""
-        timestep = self.timestep(step)
-        if self.computes_uncond(step.index, timestep):
+        if self.computes_uncond(index, timestep):
             return 1.0
         callback = getattr(self, f"{band}_frequency_weight_callback")
         if callback is not None:

@@ -115,7 +115,8 @@ class PyramidAttentionBroadcast(AttentionKindsPass):
     # -- rewrite ------------------------------------------------------------------------------------
     def rewrite(self, g: PassBuilder) -> None:
         by_kind = self.targets(g.regions)
-        flags = self.declare_flags(g, by_kind, lambda kind, step: self.compute(kind, step.index, self.timestep(step)))
+        timestep = self.timestep_once()
+        flags = self.declare_flags(g, by_kind, lambda kind, step: self.compute(kind, step.index, timestep(step)))
         for kind, attentions in by_kind.items():
             for attention in attentions:
                 caches = tuple(g.state(f"{attention.name}.out{i}", like=out) for i, out in enumerate(attention.outputs))
