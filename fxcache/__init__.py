@@ -19,6 +19,7 @@ from .capture import CaptureError
 from .lower import make_backend
 from .passes.base import CachePass, ConfigError
 from .regions import RegionError
+from .rewrite import require_distinct
 from .runtime import CachedModel
 
 __all__ = ["CachedModel", "CaptureError", "ConfigError", "RegionError", "transform"]
@@ -62,10 +63,7 @@ def transform(model: torch.nn.Module, passes: Sequence[CachePass], *, backend: s
         if not isinstance(p, CachePass):
             raise TypeError(f"passes must be fxcache.passes objects, got {type(p).__name__}; "
                             "e.g. fxcache.passes.FirstBlockCache(threshold=0.08)")
-    names = [type(p).__name__ for p in passes]
-    for name in names:
-        if names.count(name) > 1:
-            raise ValueError(f"passes: {name} is given {names.count(name)} times; combine its settings into one")
+    require_distinct(passes)
     schedule_source = getattr(scheduler, "scheduler", None) if scheduler is not None and not hasattr(
         scheduler, "step_index") else scheduler
     if scheduler is not None and not (hasattr(schedule_source, "step_index") and hasattr(schedule_source, "timesteps")):

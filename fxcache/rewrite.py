@@ -47,7 +47,8 @@ if TYPE_CHECKING:
     from .passes.base import CachePass, Step
 
 __all__ = ["INPUTS", "REGION", "Cache", "CacheView", "Flag", "FlagSpec", "PassBuilder", "ProgramBuilder",
-           "RewrittenProgram", "Scalar", "ScalarSpec", "State", "StateSlot", "call_variant", "copy_into"]
+           "RewrittenProgram", "Scalar", "ScalarSpec", "State", "StateSlot", "call_variant", "copy_into",
+           "require_distinct"]
 
 # Note [Replacement order]
 # ~~~~~~~~~~~~~~~~~~~~~~~~
@@ -241,6 +242,14 @@ class RewrittenProgram:
     passes: tuple[PassRewrite, ...]
 
     @property
+    def gated_paths(self) -> list[str]:
+        """The module paths some host flag gates, in the order the flags were declared."""
+        paths: list[str] = []
+        for spec in self.flags:
+            paths.extend(p for p in spec.gates if p not in paths)
+        return paths
+
+    @property
     def host_reads(self) -> int:
         """Decisions read back to the host (``.item()``): the program is compiled as several graphs."""
         return sum(p.host_reads for p in self.passes)
@@ -319,12 +328,8 @@ class ProgramBuilder:
     def rewrite(self, passes: Sequence["CachePass"]) -> RewrittenProgram:
         """Run ``passes`` (innermost scope first, see Note [Replacement order]), check the graph after
         each, and return the program."""
+        require_distinct(passes)
         order = sorted(range(len(passes)), key=lambda i: (SCOPES.index(passes[i].scope), i))
-        namespaces = [p.namespace for p in passes]
-        for namespace in set(namespaces):
-            if namespaces.count(namespace) > 1:
-                raise ValueError(f"passes: {namespace} is given {namespaces.count(namespace)} times; combine "
-                                 "its settings into one pass")
         for index in order:
             cache_pass = passes[index]
             g = PassBuilder(self, cache_pass)
@@ -417,10 +422,10 @@ class ProgramBuilder:
                 self.resolve(block)
         return region
 
-    def _overlap(self, region: Region, owner: str, scope: str) -> None:
+    def _overlap(self, region: Region, owner: str) -> None:
         """Regions of different scopes nest (the inner one replaced first); anything else that shares
         nodes with an earlier replacement is an error naming both passes."""
-        members = set(region.nodes)
+        members, scope = set(region.nodes), region.scope
         for earlier in self._replacements:
             if not earlier.nodes & members:
                 continue
@@ -462,7 +467,7 @@ class ProgramBuilder:
         if SCOPES.index(region.scope) > SCOPES.index(scope):
             raise RegionError(f"{owner} is a {scope!r} pass and was asked to replace {region.name}, a "
                               f"{region.scope!r} region; a pass replaces regions of its scope or inside it")
-        self._overlap(region, owner, region.scope)
+        self._overlap(region, owner)
         name = "region_" + re.sub(r"\W", "_", region.name)
         while hasattr(self.graph_module, name):
             name += "_"
@@ -470,7 +475,7 @@ class ProgramBuilder:
         position = {n: i for i, n in enumerate(self.graph.nodes)}
         resolved, caches = [], []
         for index, arg in enumerate(args):
-            value = self._resolve_arg(arg, region)
+            value = self._resolve_arg(arg)
             if isinstance(arg, Cache):
                 caches.append((index, None, arg))
             elif isinstance(arg, tuple):
@@ -522,7 +527,7 @@ class ProgramBuilder:
         self._replacements.append(_Replacement(owner, region.name, region.scope, set(new_nodes)))
         return results
 
-    def _resolve_arg(self, arg, region=None):
+    def _resolve_arg(self, arg):
         if isinstance(arg, (State, Flag, Scalar)):
             return arg.node
         if isinstance(arg, Cache):
@@ -532,9 +537,9 @@ class ProgramBuilder:
         if isinstance(arg, fx.Node):
             return self._renamed.get(arg, arg)
         if isinstance(arg, tuple):
-            return tuple(self._resolve_arg(a, region) for a in arg)
+            return tuple(self._resolve_arg(a) for a in arg)
         if isinstance(arg, list):
-            return [self._resolve_arg(a, region) for a in arg]
+            return [self._resolve_arg(a) for a in arg]
         return arg
 
     def skip_values(self, region: Region, skipped: Sequence[Block], method: str) -> list[fx.Node]:
@@ -805,7 +810,7 @@ class PassBuilder:
         graph = self.graph
         if after is None:
             after = next(n for n in graph.nodes if n.op == "output").prev
-        resolved = tuple(self._builder._resolve_arg(a, None) for a in args)
+        resolved = tuple(self._builder._resolve_arg(a) for a in args)
         with graph.inserting_after(after):
             return graph.call_function(fn, resolved)
 
@@ -874,16 +879,20 @@ class PassBuilder:
         first = next(n for n in self.graph.nodes if n.op not in ("placeholder",))
         with self.graph.inserting_before(first):
             module = self.graph.get_attr(attribute)
-        extras = []
-        for kind in ("state", "scalar", "flag"):
-            for node in child._placeholders[kind]:
-                qualified = next(name for name, h in child._handles.items()
-                                 if getattr(h, "node", None) is node)
-                extras.append(self._builder._handles[qualified].node)
+        names = {handle.node: name for name, handle in child._handles.items()}
+        extras = [self._builder._handles[names[node]].node
+                  for kind in ("state", "scalar", "flag") for node in child._placeholders[kind]]
         return Variant(self._qualified(name), module, tuple(extras))
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+def require_distinct(passes: Sequence["CachePass"]) -> None:
+    """One pass per namespace: two of a kind would declare the same names; their settings belong in one."""
+    namespaces = [p.namespace for p in passes]
+    for cache_pass in passes:
+        if namespaces.count(cache_pass.namespace) > 1:
+            raise ValueError(f"passes: {type(cache_pass).__name__} is given {namespaces.count(cache_pass.namespace)} "
+                             "times; combine its settings into one")
 def _with_cache_views(fn: Callable, caches: list[tuple[int, int | None, Cache]]) -> Callable:
     """``fn`` with its cache arguments (tensor tuples in the graph) handed over as :class:`CacheView`s."""
 

@@ -307,10 +307,7 @@ class CachedModel(torch.nn.Module):
         held = self._cache_bytes()
         needed = program.state.bytes_per_context
         if held + needed > self._max_cache_bytes:
-            sizes: dict[str, int] = {}
-            for slot in program.state.slots:
-                sizes[slot.owner] = sizes.get(slot.owner, 0) + slot.nbytes
-            by_pass = ", ".join(f"{name} {size:,} B" for name, size in sizes.items())
+            by_pass = ", ".join(f"{name} {size:,} B" for name, size in program.state.bytes_by_owner(1).items())
             raise MemoryError(
                 f"fxcache: cache context {context!r} needs {needed:,} bytes of cache state "
                 f"({by_pass}) for inputs {program.captured.signature.describe()}; with the {held:,} bytes "
@@ -544,7 +541,7 @@ class CachedModel(torch.nn.Module):
             raise RuntimeError("plan() reads the regions off the model's graph: call the model once first")
         program = self._latest()
         rewritten = program.rewritten
-        gated = build_schedule(rewritten, num_steps, timesteps).regions
+        gated = rewritten.gated_paths
         key = (program.captured.signature, tuple(gated))
         if key not in self._plan_costs:
             args, kwargs = program.captured.example_call()

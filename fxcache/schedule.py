@@ -140,9 +140,7 @@ def build_schedule(program, num_steps: int, timesteps: Sequence[float] | None = 
     notes = [f"{rewrite.name} decides in the graph at every call: no schedule ahead"
              for rewrite in program.passes if rewrite.decides_in_graph]
     flags = [spec for spec in program.flags if spec.gates]
-    names: list[str] = []
-    for spec in flags:
-        names.extend(r for r in spec.gates if r not in names)
+    names = program.gated_paths
     computes: dict[str, list[dict[str, bool]]] = {}
     for context in contexts:
         rows = []

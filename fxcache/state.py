@@ -100,9 +100,10 @@ class CacheState:
         """Bytes held now, over every context."""
         return self.bytes_per_context * len(self.tensors)
 
-    def bytes_by_owner(self) -> dict[str, int]:
-        """Bytes held now, by the pass that declared the slots."""
+    def bytes_by_owner(self, contexts: int | None = None) -> dict[str, int]:
+        """Bytes by the pass that declared the slots: held now, or for ``contexts`` contexts."""
+        contexts = len(self.tensors) if contexts is None else contexts
         sizes: dict[str, int] = {}
         for slot in self.slots:
-            sizes[slot.owner] = sizes.get(slot.owner, 0) + slot.nbytes * len(self.tensors)
+            sizes[slot.owner] = sizes.get(slot.owner, 0) + slot.nbytes * contexts
         return sizes
