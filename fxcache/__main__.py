@@ -1,4 +1,4 @@
-"""Command line: ``python -m fxcache demo|explain|calibrate|bench`` (or the ``fxcache`` script); see
+"""Command line: ``python -m fxcache demo|explain|calibrate|bench|frontier`` (or the ``fxcache`` script); see
 docs/cli.md."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="denoise with a built-in model, uncached and cached")
     demo.add_argument("--model", default="digits", choices=["digits", "flux", "wan", "cogvideox", "qwenimage"],
-                      help="digits: the shipped model trained on real digits, every pass; the others: "
+                      help="digits: the shipped model trained on real digits, every pass at its best setting on "
+                           "the frontier; the others: "
                            "tiny random-weight models, FirstBlockCache alone")
     demo.add_argument("--out", default="fxcache-demo.png", help="digits: where the side-by-side grid goes")
     demo.add_argument("--samples-per-class", type=int, default=4, help="digits: samples of each digit")

@@ -1,4 +1,4 @@
-"""The ``explain``, ``calibrate`` and ``bench`` commands of ``python -m fxcache`` (``demo`` lives in
+"""The ``explain``, ``calibrate``, ``bench`` and ``frontier`` commands of ``python -m fxcache`` (``demo`` lives in
 :mod:`fxcache.demo`). Each runs on a built-in tiny model (:mod:`fxcache.testing.models`), offline.
 
 Example::
@@ -7,6 +7,7 @@ Example::
     python -m fxcache calibrate --model flux --steps 20 --out ratios.json --png ratios.png
     python -m fxcache explain --method MagCache --ratios ratios.json --steps 20
     python -m fxcache bench --dry
+    python -m fxcache frontier --methods FirstBlockCache,TeaCache --png frontier.png
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ METHODS: dict[str, type] = {
 
 
 def add_commands(commands) -> None:
-    """Register ``explain``, ``calibrate`` and ``bench`` on an argparse sub-parser collection."""
+    """Register ``explain``, ``calibrate``, ``bench`` and ``frontier`` on an argparse sub-parser collection."""
     explain = commands.add_parser(
         "explain", help="the schedule of a pass on a built-in model: which region computes at which step, "
                         "predicted FLOPs; --png draws it")
@@ -72,6 +73,24 @@ def add_commands(commands) -> None:
     bench.add_argument("--double", type=int, help="GPU: double-stream blocks (default 4; FLUX.1-dev 19)")
     bench.add_argument("--single", type=int, help="GPU: single-stream blocks (default 8; FLUX.1-dev 38)")
 
+    frontier = commands.add_parser(
+        "frontier", help="every method at several settings on the digits model: FLOP fraction against PSNR and "
+                         "accuracy, the Pareto front, fxcache beside diffusers and cache-dit (fxcache.demo.frontier)")
+    frontier.add_argument("--steps", type=int, default=20, help="denoising steps")
+    frontier.add_argument("--samples-per-class", type=int, default=2, help="samples of each digit")
+    frontier.add_argument("--methods", help="comma-separated methods as the legend names them (default: all)")
+    frontier.add_argument("--libraries", default="fxcache,diffusers,cache-dit",
+                          help="comma-separated: fxcache, diffusers, cache-dit")
+    frontier.add_argument("--backend", default="eager", help="torch.compile backend of fxcache's points")
+    frontier.add_argument("--seed", type=int, default=0)
+    frontier.add_argument("--png", type=Path, default=Path("fxcache-frontier.png"), help="the figure")
+    frontier.add_argument("--markdown", type=Path, help="also write the docs page (docs/frontier.md)")
+    frontier.add_argument("--json", type=Path, help="also write every point as JSON")
+    frontier.add_argument("--update", action="store_true",
+                          help="with --json: keep the points of that file and rerun only --methods (same grid)")
+    frontier.add_argument("--best-json", type=Path, help="also write the best setting per method (what the demo "
+                                                         "runs: fxcache/demo/data/frontier_best.json)")
+
 
 def _model_options(parser) -> None:
     parser.add_argument("--model", default="flux", choices=sorted(models.MODELS),
@@ -89,6 +108,8 @@ def run_command(args: argparse.Namespace) -> int:
             return calibrate(args)
         if args.command == "bench":
             return bench(args)
+        if args.command == "frontier":
+            return frontier(args)
     except (ConfigError, RegionError) as error:  # what the user can fix: say it, no traceback
         raise SystemExit(f"fxcache {args.command}: {error}") from None
     raise ValueError(f"unknown command {args.command!r}")
@@ -246,6 +267,49 @@ def bench(args) -> int:
         if value is not None:
             argv += [f"--{option}", str(value)]
     speed.main(argv)
+    return 0
+
+
+# -- frontier ---------------------------------------------------------------------------------------
+def frontier(args) -> int:
+    """Run :func:`fxcache.demo.frontier.run_frontier`; print the table and the best setting per method;
+    write the figure (and the docs page, the points, the best settings where asked)."""
+    import json
+    import platform
+    import sys
+
+    from .demo import frontier as sweep
+
+    torch.set_num_threads(1)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    libraries = [lib.strip() for lib in args.libraries.split(",") if lib.strip()]
+    if args.update and (args.json is None or not args.json.exists() or not methods):
+        raise SystemExit("fxcache frontier: --update needs --json naming the points of an earlier run and --methods "
+                         "to rerun")
+    try:
+        result = sweep.run_frontier(samples_per_class=args.samples_per_class, num_steps=args.steps, seed=args.seed,
+                                    backend=args.backend, methods=methods, libraries=libraries)
+        if args.update:
+            result = sweep.Frontier.from_json(args.json.read_text()).updated_with(result)
+    except ValueError as error:
+        raise SystemExit(f"fxcache frontier: {error}") from None
+    print(f"fxcache frontier: digits model, {10 * args.samples_per_class} samples, {args.steps} steps, "
+          f"backend={args.backend}, torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    print(sweep.format_table(result))
+    print(f"best setting per method (cheapest keeping {sweep.QUALITY_BAR_DB:.0f} dB):")
+    for method, point in result.best().items():
+        print(f"  {method}: {point.label} ({point.flop_fraction:.3f} of the FLOPs, {point.psnr:.1f} dB)")
+    for name, error in result.failed.items():
+        print(f"left out: {name}: {error}")
+    print(f"figure: {sweep.plot_frontier(result, args.png)}")
+    if args.markdown:
+        command = "python -m fxcache " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["frontier"] else \
+            "python -m fxcache frontier"
+        print(f"page: {sweep.write_markdown(result, args.markdown, args.png, command)}")
+    if args.json:
+        args.json.write_text(result.to_json())
+    if args.best_json:
+        args.best_json.write_text(json.dumps(sweep.best_settings(result), indent=1) + "\n")
     return 0
 
 

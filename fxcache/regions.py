@@ -323,7 +323,7 @@ def find_regions(captured: CapturedGraph) -> ModelRegions:
                 f"transformers (a ModuleList of blocks that keep the token shape). ({error})") from error
         raise
     _require_static_streams(blocks, model_name)
-    attentions = _find_attentions(blocks, sdpa, captured.module_types)
+    attentions = _find_attentions(blocks, sdpa, gm.model)
     return ModelRegions(gm, blocks, attentions, captured.input_names)
 
 
@@ -493,7 +493,7 @@ def _name_streams(block, carried, placeholders, model_name):
     return roles
 
 
-def _find_attentions(blocks, sdpa, module_types):
+def _find_attentions(blocks, sdpa, model):
     by_path: dict[str, list[fx.Node]] = {}
     for node in sdpa:
         stack = _stack(node)
@@ -510,7 +510,34 @@ def _find_attentions(blocks, sdpa, module_types):
         region = Region.closure(path, block.nodes[0].graph, owned)
         kind = _attention_kind(calls[0], block, members)
         attentions.append(Attention(path, region.nodes, block=block, kind=kind))
+    attentions += _attention_modules_without_sdpa(blocks, set(by_path), model)
     attentions.sort(key=lambda a: (a.block.index, a.nodes and list(a.block.nodes).index(a.nodes[0])))
+    return attentions
+
+
+def _attention_modules_without_sdpa(blocks, found: set[str], model) -> list[Attention]:
+    """diffusers attention modules whose processor computes attention without SDPA (Sana's linear
+    attention: ReLU kernels and matmuls). diffusers' hooks treat them as attention (PAB skips them),
+    so fxcache does too; the kind is the module's own ``is_cross_attention``, as diffusers reads it."""
+    try:
+        from diffusers.models.attention import AttentionModuleMixin
+        from diffusers.models.attention_processor import Attention as DiffusersAttention
+    except ImportError:  # diffusers is optional for plain torch models
+        return []
+    attentions = []
+    for block in blocks:
+        paths = dict.fromkeys(p for n in block.nodes for p in _stack(n) if p.startswith(block.name + "."))
+        for path in paths:
+            if path in found or any(path.startswith(f + ".") or f.startswith(path + ".") for f in found):
+                continue
+            module = model.get_submodule(path)
+            if not isinstance(module, (AttentionModuleMixin, DiffusersAttention)):
+                continue
+            owned = {n for n in block.nodes if path in _stack(n)}
+            region = Region.closure(path, block.nodes[0].graph, owned)
+            kind = "cross" if getattr(module, "is_cross_attention", False) else "spatial"
+            attentions.append(Attention(path, region.nodes, block=block, kind=kind))
+            found.add(path)
     return attentions
 
 

@@ -6,6 +6,8 @@
 - :mod:`fxcache.demo.quality`: PSNR, SSIM and a digit classifier's accuracy on cached generations
 - :mod:`fxcache.demo.plots`: a static pass's schedule and MagCache's ratios as pictures
 - :mod:`fxcache.demo.bench`: the speed table, fxcache beside diffusers' hooks and cache-dit
+- :mod:`fxcache.demo.frontier`: every method at several settings, FLOP fraction against quality, the Pareto front
+- :mod:`fxcache.demo.peers`: cache-dit applied the same way everywhere, and one reset for every library
 
 Example::
 

@@ -29,6 +29,7 @@ import torch
 from . import digits
 from ..flops import count_flops
 from ..testing.models import TinyDenoiser, euler_sample
+from .peers import end_generation
 
 __all__ = ["PassReport", "accuracy", "compare_passes", "TimestepClock", "digit_classifier", "generate", "psnr",
            "save_grid", "ssim"]
@@ -123,13 +124,13 @@ def generate(model: torch.nn.Module, denoiser: TinyDenoiser, labels: Sequence[in
         images = generate(denoiser.model, denoiser, labels=range(10), num_steps=20)
     """
     labels = torch.as_tensor(list(labels) if not isinstance(labels, torch.Tensor) else labels)
-    _reset(model)
+    end_generation(model)
     contexts = ("cond",) if guidance is None else ("cond", "uncond")
     noise = denoiser.noise(seed=seed, batch=labels.numel())
     recorded = model if clock is None else _TimestepRecorder(model, denoiser.timestep_scale, clock)
     latents = euler_sample(recorded, digits.conditioned_on(denoiser, labels),
                            noise, num_steps, contexts=contexts, guidance=1.0 if guidance is None else guidance)
-    _reset(model)
+    end_generation(model)
     return digits.unpack(latents).clamp(-1, 1)
 
 
@@ -171,17 +172,6 @@ class _TimestepRecorder:
             self._clock.value = None
 
 
-def _reset(model) -> None:
-    """End a generation as a pipeline does. A CachedModel forwards unknown attributes to the model it
-    wraps, so ask it first; diffusers' hooks only need a reset when they are enabled."""
-    from ..runtime import CachedModel
-
-    if isinstance(model, CachedModel):
-        model.reset()
-    elif getattr(model, "is_cache_enabled", False):
-        model._reset_stateful_cache()
-
-
 @dataclass
 class PassReport:
     """One row of :func:`compare_passes`: a method against the uncached run of the same seeds.
@@ -220,7 +210,8 @@ def _timed(run, repeats: int, timer: Callable[[], float]) -> tuple[float, torch.
 
 
 def _cached(model: torch.nn.Module, method, backend: str):
-    """``method`` is fxcache passes (one pass or a list) or a diffusers cache config."""
+    """``method`` is fxcache passes (one pass or a list), a diffusers cache config, or a function that
+    takes the plain model and returns the model to run (a peer applied to a copy)."""
     import fxcache
     from fxcache.passes import CachePass
 
@@ -232,6 +223,8 @@ def _cached(model: torch.nn.Module, method, backend: str):
         hooked = copy.deepcopy(model)
         hooked.enable_cache(method)
         return hooked
+    if callable(method):
+        return method(model)
     raise TypeError(f"compare a fxcache pass (e.g. FirstBlockCache(threshold=0.1)) or a diffusers cache "
                     f"config (e.g. FirstBlockCacheConfig(threshold=0.1)), got {type(method).__name__}")
 
@@ -240,7 +233,8 @@ def compare_passes(methods: Mapping[str, Any] | Sequence[Any], path: str | Path 
                    denoiser: TinyDenoiser | None = None, samples_per_class: int = 4, num_steps: int = 20,
                    guidance: float | None = None, seed: int = 0, backend: str = "eager",
                    repeats: int = 2, timer: Callable[[], float] = time.perf_counter,
-                   clock: TimestepClock | None = None) -> list[PassReport]:
+                   clock: TimestepClock | None = None, errors: dict[str, str] | None = None,
+                   on_report: Callable[[PassReport], None] | None = None) -> list[PassReport]:
     """Generate the same grid of digits (every class ``samples_per_class`` times, one batch, noise of
     ``seed``) uncached and with each method; measure speed, FLOPs and quality; optionally save all
     grids side by side as one PNG at ``path``. Returns the uncached report first, then one per method.
@@ -252,7 +246,9 @@ def compare_passes(methods: Mapping[str, Any] | Sequence[Any], path: str | Path 
     warm up (capture and compile) and then timed ``repeats`` times with ``timer`` (best kept;
     ``time.process_time`` measures a CPU run on a machine shared with other jobs far more steadily
     than wall time, but misses GPU work, so keep the default there); FLOPs are counted on
-    one more run, forced eager (:func:`fxcache.flops.count_flops`), with the same decisions.
+    one more run, forced eager (:func:`fxcache.flops.count_flops`), with the same decisions. With an
+    ``errors`` dict, a method that raises is recorded there (name: error) and left out instead of
+    ending the comparison; ``on_report`` is called with each report as it is measured.
 
     Example::
 
@@ -284,18 +280,31 @@ def compare_passes(methods: Mapping[str, Any] | Sequence[Any], path: str | Path 
         reports = [PassReport("uncached", seconds, 1.0, flops, 1.0, math.inf, 1.0,
                               accuracy(reference, labels), reference)]
         for name, method in methods.items():
-            model = _cached(plain, method, backend)
-            run = runner(model)
-            run()  # warm-up: capture and compile happen here
-            seconds, images = _timed(run, repeats, timer)
-            method_flops = _flops(run)
-            stats = model.stats() if hasattr(model, "stats") else None
-            reports.append(PassReport(name, seconds, reports[0].seconds / seconds, method_flops,
-                                      method_flops / flops, psnr(images, reference), ssim(images, reference),
-                                      accuracy(images, labels), images, stats))
+            try:
+                report = _measure(name, method, plain, backend, runner, repeats, timer, reports[0], labels)
+            except Exception as error:
+                if errors is None:
+                    raise
+                errors[name] = f"{type(error).__name__}: {error}"
+                continue
+            reports.append(report)
+            if on_report is not None:
+                on_report(report)
     if path is not None:
         save_grid(reports, path, samples_per_class)
     return reports
+
+
+def _measure(name, method, plain, backend, runner, repeats, timer, uncached: PassReport, labels) -> PassReport:
+    model = _cached(plain, method, backend)
+    run = runner(model)
+    run()  # warm-up: capture and compile happen here
+    seconds, images = _timed(run, repeats, timer)
+    method_flops = _flops(run)
+    stats = model.stats() if hasattr(model, "stats") else None
+    return PassReport(name, seconds, uncached.seconds / seconds, method_flops, method_flops / uncached.flops,
+                      psnr(images, uncached.images), ssim(images, uncached.images), accuracy(images, labels), images,
+                      stats)
 
 
 def save_grid(reports: Sequence[PassReport], path: str | Path, samples_per_class: int) -> Path:

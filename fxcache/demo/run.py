@@ -1,7 +1,8 @@
 """The main job: denoise with a built-in model, uncached and cached, and report what caching did.
 
 By default the model is the small FLUX transformer trained here on real handwritten digits
-(:mod:`fxcache.demo.digits`): the same grid of digits is generated uncached and with each pass, saved side
+(:mod:`fxcache.demo.digits`): the same grid of digits is generated uncached and with each pass at its
+best setting on the frontier (:mod:`fxcache.demo.frontier`, docs/frontier.md), saved side
 by side as one PNG, and each row reports speed-up, FLOP fraction, PSNR/SSIM against the uncached
 images and the accuracy of a digit classifier on the requested classes. Speed on a CPU is process
 time (``time.process_time``: steady when other jobs share the machine), on a GPU wall time.
@@ -30,23 +31,26 @@ from ..testing.models import build, euler_sample
 __all__ = ["DemoRow", "demo_clock", "digits_methods", "format_reports", "run_demo", "run_digits_demo"]
 
 
-def digits_methods(denoiser, num_steps: int, clock) -> dict:
-    """One setting of every pass for the digits model (MagCache's ratios measured on it first); PAB
-    reads the timestep from ``clock`` (a :class:`quality.TimestepClock` handed to the run too)."""
-    from . import quality
-    from ..passes import FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer
+def digits_methods(denoiser, num_steps: int, clock, best: dict[str, str] | None = None,
+                   calibration=None) -> dict:
+    """Every pass at its best setting on the frontier (``best``, default the shipped
+    ``fxcache/demo/data/frontier_best.json``: per method the cheapest setting that kept 35 dB in
+    docs/frontier.md), MagCache's ratios and TeaCache's polynomial measured on the model first; PAB
+    reads the timestep from ``clock`` (a :class:`quality.TimestepClock` handed to the run too). A
+    method the file does not name yet runs its first frontier setting, and its name says so.
+    ``calibration``: a :class:`frontier.Calibration` measured already."""
+    from . import frontier
 
-    calibrated = MagCache.calibrate(
-        denoiser.model, lambda recorder: quality.generate(recorder, denoiser, torch.arange(10), seed=1,
-                                                          num_steps=num_steps))
-    return {
-        "FirstBlockCache threshold=0.2": FirstBlockCache(threshold=0.2),
-        "MagCache threshold=0.12 (calibrated)": MagCache(threshold=0.12, num_inference_steps=num_steps,
-                                                        mag_ratios=calibrated.mag_ratios),
-        "PyramidAttentionBroadcast spatial every 2": PyramidAttentionBroadcast(
-            spatial_attention_block_skip_range=2, current_timestep_callback=clock),
-        "TaylorSeer cache_interval=3": TaylorSeer(cache_interval=3, taylor_factors_dtype=torch.float32),
-    }
+    best = frontier.load_best_settings() if best is None else best
+    calibration = calibration or frontier.Calibration(denoiser, num_steps, clock=clock)
+    chosen: dict[str, frontier.Setting] = {}
+    for setting in frontier.settings(num_steps):
+        if setting.library != "fxcache" or "+" in setting.method:
+            continue  # single methods: compositions are on the frontier page
+        if best.get(setting.method) == setting.label or (setting.method not in best and setting.method not in chosen):
+            chosen[setting.method] = setting
+    return {f"{s.method} {s.label}" + ("" if s.method in best else " (not on the frontier yet)"): s.make(calibration)
+            for s in chosen.values()}
 
 
 def demo_clock(device: torch.device | str = "cpu"):
