@@ -1,0 +1,98 @@
+"""Reference loops the forecasting passes' tests share (FoCa, HiCache): the method itself (how one
+feature is stored and forecast) is written out in each test file, from its paper and code; here is
+only how it is applied to a model, in plain PyTorch.
+
+* :func:`reference_schedule`: the steps that compute, as the TaylorSeer/HiCache reference code's
+  ``cal_type`` decides them (a counter reset on every full step).
+* :class:`HookedModel`: a copy of a model whose selected modules are forecast on the steps that do
+  not compute (forward hooks), with one state per cache context, as fxcache keeps.
+* :func:`first_block_cache_loop`: FirstBlockCache on the tests' TinyDiT with its tail residual
+  forecast instead of repeated (a forecaster's ``target="reused"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Callable
+
+import torch
+
+
+def reference_schedule(num_steps: int, interval: int, first_enhance: int) -> list[int]:
+    """``cal_type`` (yiming-l21/CFGCache ``cache_functions/cal_type.py``): the first ``first_enhance``
+    steps are full; then a step is full when the counter of steps since the last full one reaches
+    ``interval - 1``."""
+    full, counter = [], 0
+    for step in range(num_steps):
+        if step < first_enhance or counter == interval - 1:
+            full.append(step)
+            counter = 0
+        else:
+            counter += 1
+    return full
+
+
+class HookedModel:
+    """``model`` (copied) with the modules ``selected(name)`` picks computed on ``full`` steps and
+    forecast on the others by ``make_feature()`` objects (``update(value, step)``, ``predict(step)``),
+    one per module output and cache context. Called like the model, inside ``cache_context(name)``."""
+
+    def __init__(self, model: torch.nn.Module, selected: Callable[[str], bool], full: list[int],
+                 make_feature: Callable):
+        self.model, self.full, self.make_feature = copy.deepcopy(model), set(full), make_feature
+        self.contexts: dict[str, dict] = {}
+        self.active = "default"
+        self.hooked = [name for name, module in self.model.named_modules() if selected(name)]
+        for name in self.hooked:
+            self.model.get_submodule(name).register_forward_hook(self._hook(name))
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **fields):
+        self.active = name
+        yield
+
+    def __call__(self, *args, **kwargs):
+        context = self.contexts.setdefault(self.active, {"step": -1, "features": {}})
+        context["step"] += 1
+        return self.model(*args, **kwargs)
+
+    def _hook(self, name: str):
+        def forecast(module, args, output):
+            context = self.contexts[self.active]
+            outputs = output if isinstance(output, tuple) else (output,)
+            features = context["features"].setdefault(name, [self.make_feature() for _ in outputs])
+            step = context["step"]
+            if step in self.full:
+                for feature, value in zip(features, outputs):
+                    feature.update(value, step)
+                return output
+            predicted = tuple(feature.predict(step) for feature in features)
+            return predicted if isinstance(output, tuple) else predicted[0]
+
+        return forecast
+
+
+@torch.no_grad()
+def first_block_cache_loop(model, calls, threshold: float, feature) -> tuple[list, int]:
+    """FirstBlockCache's reference loop on TinyDiT (tests/dit.py): the first block always runs; the
+    rest run when the first block's residual changed by more than ``threshold`` (mean absolute,
+    relative to the last computed one), and their residual is ``feature.update``\\ d; otherwise
+    ``feature.predict`` stands in for it. Returns the outputs and the count of computed steps."""
+    last_head, outputs, computed = None, [], 0
+    for step, (x, t, context) in enumerate(calls):
+        temb = model.time(t.reshape(-1, 1))
+        h = model.embed(x)
+        head = model.blocks[0](h, context, temb)
+        change = float("inf") if last_head is None else \
+            float(((head - h) - last_head).abs().mean() / last_head.abs().mean())
+        if change <= threshold:
+            out = head + feature.predict(step)
+        else:
+            out = head
+            for block in model.blocks[1:]:
+                out = block(out, context, temb)
+            feature.update(out - head, step)
+            last_head, computed = head - h, computed + 1
+        outputs.append(model.head(out))
+    return outputs, computed
