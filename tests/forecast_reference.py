@@ -6,6 +6,8 @@ only how it is applied to a model, in plain PyTorch.
   ``cal_type`` decides them (a counter reset on every full step).
 * :class:`HookedModel`: a copy of a model whose selected modules are forecast on the steps that do
   not compute (forward hooks), with one state per cache context, as fxcache keeps.
+* :func:`assert_equals_reference_with_cfg`: a pass against :class:`HookedModel` on a tiny Flux or Wan
+  over a CFG loop, with the static flag as its only decision.
 * :func:`first_block_cache_loop`: FirstBlockCache on the tests' TinyDiT with its tail residual
   forecast instead of repeated (a forecaster's ``target="reused"``).
 """
@@ -14,9 +16,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from typing import Callable
 
 import torch
+
+import fxcache
+from fxcache.testing import models
+from tests.helpers import relative_difference
+from tests.static_pass_helpers import count_host_reads, run_euler
+
+# the features FoCa's and HiCache's reference code caches, by model: attention and feed-forward
+# outputs, a single-stream block's linear2 (proj_out); one block of each kind keeps the tests short
+FEATURES = {"flux": r"(transformer_blocks\.\d+\.(attn|ff|ff_context)|single_transformer_blocks\.\d+\.proj_out)",
+            "wan": r"blocks\.\d+\.(attn1|attn2|ffn)"}
+SIZES = {"flux": dict(num_layers=1, num_single_layers=1), "wan": dict(num_layers=1)}
 
 
 def reference_schedule(num_steps: int, interval: int, first_enhance: int) -> list[int]:
@@ -71,6 +85,31 @@ class HookedModel:
             return predicted if isinstance(output, tuple) else predicted[0]
 
         return forecast
+
+
+def assert_equals_reference_with_cfg(name: str, config, num_steps: int, full: list[int], make_feature) -> None:
+    """``config`` on tiny ``name`` against :class:`HookedModel` (the reference's features, computed on
+    ``full``) over a CFG loop: the same result (relative difference <= 1e-5) and different from
+    uncached, the reference's modules gated, the same computed steps per context; and the static
+    flag is the only decision: no device->host read, no graph break, one graph per flag value."""
+    tiny = models.build(name, **SIZES[name])
+    reference = HookedModel(tiny.model, lambda path: re.fullmatch(FEATURES[name], path) is not None, full,
+                            make_feature)
+    cached = fxcache.transform(tiny.model, [config], backend="eager")
+    contexts = ("cond", "uncond")
+    start, expected = run_euler(reference, tiny, num_steps, contexts=contexts)
+    with count_host_reads(cached) as reads:
+        _, result = run_euler(cached, tiny, num_steps, contexts=contexts)
+    _, uncached = run_euler(tiny.model, tiny, num_steps, contexts=contexts)
+    assert relative_difference(result, expected, start) <= 1e-5
+    assert relative_difference(uncached, expected, start) > 1e-4
+    assert set(cached.programs()[-1].flags[0].gates) >= set(reference.hooked)
+    for context in contexts:
+        decisions = cached.stats()["contexts"][context][f"{config.namespace}.compute"]
+        assert decisions == {"true": len(full), "false": num_steps - len(full)}
+    assert reads["count"] == 0
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+    assert cached.stats()["compiles"] == 2
 
 
 @torch.no_grad()

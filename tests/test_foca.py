@@ -1,9 +1,7 @@
 """FoCa against the paper's forecast (BDF2, eq. 7) and calibration (Heun, eq. 8) written out here step
-by step, as cache-dit's port runs them: on tiny Flux and Wan with CFG (modules; on Wan also no host
-read, no graph break, one graph per flag value), forecasting FirstBlockCache's residual (reused), its
+by step, as cache-dit's port runs them: on tiny Flux and Wan with CFG (modules; also no host read, no
+graph break, one graph per flag value), forecasting FirstBlockCache's residual (reused), its
 schedule, its fields, and its one deviation from cache-dit (the anchor's rate is per step)."""
-
-import re
 
 import pytest
 import torch
@@ -11,16 +9,10 @@ import torch
 import fxcache
 from fxcache import ConfigError
 from fxcache.passes import FirstBlockCache, FoCa
-from fxcache.testing import models
 from tests.dit import Attention, drifting_calls
-from tests.forecast_reference import HookedModel, first_block_cache_loop, reference_schedule
-from tests.helpers import relative_difference
-from tests.static_pass_helpers import count_host_reads, run_euler
+from tests.forecast_reference import assert_equals_reference_with_cfg, first_block_cache_loop, reference_schedule
 
 STEPS = 9
-SIZES = {"flux": dict(num_layers=1, num_single_layers=1), "wan": dict(num_layers=1)}
-FEATURES = {"flux": r"(transformer_blocks\.\d+\.(attn|ff|ff_context)|single_transformer_blocks\.\d+\.proj_out)",
-            "wan": r"blocks\.\d+\.(attn1|attn2|ffn)"}
 
 
 class FoCaFeature:
@@ -56,25 +48,8 @@ def test_schedule_is_the_taylorseer_reference_cal_type(interval, warmup):
 
 @pytest.mark.parametrize("name", ["flux", "wan"])
 def test_equals_the_paper_step_by_step_with_cfg(name):
-    tiny = models.build(name, **SIZES[name])
     config = FoCa(cache_interval=3, warmup_steps=2)  # computes 0, 1, 4, 7
-    full = reference_schedule(STEPS, 3, 2)
-    reference = HookedModel(tiny.model, lambda path: re.fullmatch(FEATURES[name], path) is not None, full,
-                            FoCaFeature)
-    cached = fxcache.transform(tiny.model, [config], backend="eager")
-    start, expected = run_euler(reference, tiny, STEPS, contexts=("cond", "uncond"))
-    with count_host_reads(cached) as reads:
-        _, result = run_euler(cached, tiny, STEPS, contexts=("cond", "uncond"))
-    _, uncached = run_euler(tiny.model, tiny, STEPS, contexts=("cond", "uncond"))
-    assert relative_difference(result, expected, start) <= 1e-5
-    assert relative_difference(uncached, expected, start) > 1e-4
-    assert set(cached.programs()[-1].flags[0].gates) >= set(reference.hooked)
-    for context in ("cond", "uncond"):
-        assert cached.stats()["contexts"][context]["foca.compute"] == {"true": len(full), "false": STEPS - len(full)}
-    # the static flag is the only decision: no device->host read, no graph break, a graph per value
-    assert reads["count"] == 0
-    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
-    assert cached.stats()["compiles"] == 2
+    assert_equals_reference_with_cfg(name, config, STEPS, reference_schedule(STEPS, 3, 2), FoCaFeature)
 
 
 def test_forecasts_the_residual_first_block_cache_reuses():

@@ -1,10 +1,9 @@
 """HiCache against its reference code (yiming-l21/CFGCache, ``taylor_utils`` and ``cal_type``) written
-out here: on tiny Flux and Wan with CFG (modules; on Wan also no host read, no graph break, one graph
-per flag value), forecasting FirstBlockCache's residual (reused, ``torch.cond`` lowering), its
+out here: on tiny Flux and Wan with CFG (modules; also no host read, no graph break, one graph per
+flag value), forecasting FirstBlockCache's residual (reused, ``torch.cond`` lowering), its
 schedule, its Hermite basis and its fields."""
 
 import math
-import re
 
 import numpy as np
 import pytest
@@ -14,17 +13,10 @@ import fxcache
 from fxcache import ConfigError
 from fxcache.passes import FirstBlockCache, HiCache
 from fxcache.passes.hicache import hermite_coefficients
-from fxcache.testing import models
 from tests.dit import drifting_calls
-from tests.forecast_reference import HookedModel, first_block_cache_loop, reference_schedule
-from tests.helpers import relative_difference
-from tests.static_pass_helpers import count_host_reads, run_euler
+from tests.forecast_reference import assert_equals_reference_with_cfg, first_block_cache_loop, reference_schedule
 
 STEPS = 9
-SIZES = {"flux": dict(num_layers=1, num_single_layers=1), "wan": dict(num_layers=1)}
-# the features the reference caches: attention and feed-forward outputs, a single block's linear2
-FEATURES = {"flux": r"(transformer_blocks\.\d+\.(attn|ff|ff_context)|single_transformer_blocks\.\d+\.proj_out)",
-            "wan": r"blocks\.\d+\.(attn1|attn2|ffn)"}
 
 
 class HermiteFeature:
@@ -86,25 +78,9 @@ def test_coefficients_are_the_scaled_hermite_basis():
 
 @pytest.mark.parametrize("name", ["flux", "wan"])
 def test_equals_the_reference_code_with_cfg(name):
-    tiny = models.build(name, **SIZES[name])
     config = HiCache(cache_interval=3, warmup_steps=3, max_order=2, scale=0.7)  # computes 0, 1, 2, 5, 8
-    full = reference_schedule(STEPS, 3, 3)
-    reference = HookedModel(tiny.model, lambda path: re.fullmatch(FEATURES[name], path) is not None, full,
-                            lambda: HermiteFeature(2, 3, 0.7))
-    cached = fxcache.transform(tiny.model, [config], backend="eager")
-    start, expected = run_euler(reference, tiny, STEPS, contexts=("cond", "uncond"))
-    with count_host_reads(cached) as reads:
-        _, result = run_euler(cached, tiny, STEPS, contexts=("cond", "uncond"))
-    _, uncached = run_euler(tiny.model, tiny, STEPS, contexts=("cond", "uncond"))
-    assert relative_difference(result, expected, start) <= 1e-5
-    assert relative_difference(uncached, expected, start) > 1e-4
-    assert set(cached.programs()[-1].flags[0].gates) >= set(reference.hooked)
-    for context in ("cond", "uncond"):
-        assert cached.stats()["contexts"][context]["hicache.compute"] == {"true": len(full), "false": STEPS - len(full)}
-    # the static flag is the only decision: no device->host read, no graph break, a graph per value
-    assert reads["count"] == 0
-    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
-    assert cached.stats()["compiles"] == 2
+    assert_equals_reference_with_cfg(name, config, STEPS, reference_schedule(STEPS, 3, 3),
+                                     lambda: HermiteFeature(2, 3, 0.7))
 
 
 def test_forecasts_the_residual_first_block_cache_reuses():

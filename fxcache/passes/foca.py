@@ -40,14 +40,13 @@ import torch
 
 from ..regions import example_value
 from ..rewrite import PassBuilder
-from .base import CachePass
-from .forecast import DEFAULT_FEATURE_IDENTIFIERS, StepForecast, interval_computes, rewrite_modules, select_modules
+from .forecast import IntervalForecastPass, StepForecast
 
 __all__ = ["FoCa"]
 
 
 @dataclass(frozen=True)
-class FoCa(CachePass):
+class FoCa(IntervalForecastPass):
     """BDF2 + Heun forecasting of module outputs on a static schedule, or of the values another pass reuses.
 
     ``cache_interval``: period of full computes after warm-up (the paper's ``N``). ``warmup_steps``:
@@ -73,18 +72,7 @@ class FoCa(CachePass):
     namespace = "foca"
 
     def __post_init__(self):
-        self._require_integer("cache_interval", 1)
-        self._require_integer("warmup_steps", 1)
-        if self.factors_dtype is not None and (
-                not isinstance(self.factors_dtype, torch.dtype) or not self.factors_dtype.is_floating_point):
-            self._fail("factors_dtype", "must be None or a floating torch.dtype, e.g. torch.float32")
-        if self.cache_identifiers is not None:
-            self._require_patterns("cache_identifiers")
-        self._require_choice("target", ("modules", "reused"))
-
-    @property
-    def scope(self) -> str:
-        return "forecast" if self.target == "reused" else "modules"
+        self._validate_schedule_and_targets()
 
     def computes(self, index: int) -> bool:
         """Whether step ``index`` computes.
@@ -93,16 +81,10 @@ class FoCa(CachePass):
 
             [i for i in range(13) if FoCa().computes(i)]   # [0, 1, 2, 7, 12]
         """
-        return interval_computes(index, warmup=self.warmup_steps, interval=self.cache_interval,
-                                 anchor=self.warmup_steps - 1)
+        return super().computes(index)
 
-    def rewrite(self, g: PassBuilder) -> None:
-        forecast = _FoCaForecast(self.factors_dtype)
-        if self.target == "reused":
-            g.forecast_caches(forecast)
-            return
-        targets = select_modules(g, "FoCa", self.cache_identifiers or DEFAULT_FEATURE_IDENTIFIERS)
-        rewrite_modules(g, targets, self.computes, lambda value: forecast)
+    def forecast(self, reused: bool):
+        return _FoCaForecast(self.factors_dtype)
 
 
 class _FoCaForecast(StepForecast):

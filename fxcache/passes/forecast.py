@@ -43,8 +43,9 @@ import torch
 from ..capture import MODULE_STACK
 from ..regions import Region, RegionError, example_value
 from ..rewrite import INPUTS, REGION, Cache, PassBuilder
+from .base import CachePass
 
-__all__ = ["DEFAULT_FEATURE_IDENTIFIERS", "DifferenceForecast", "StepForecast", "compute_or_forecast",
+__all__ = ["DEFAULT_FEATURE_IDENTIFIERS", "DifferenceForecast", "ForecastPass", "IntervalForecastPass", "StepForecast", "compute_or_forecast",
            "compute_or_zeros", "interval_computes", "rewrite_modules", "select_modules", "taylor_coefficients"]
 
 # The features FoCa's and HiCache's reference code caches: the attention and feed-forward outputs of
@@ -54,6 +55,56 @@ DEFAULT_FEATURE_IDENTIFIERS = (
     "^(transformer_blocks|blocks|temporal_transformer_blocks)\\.\\d+\\.(attn\\d*|ff|ff_context|ffn|img_mlp|txt_mlp)$",
     "^single_transformer_blocks\\.\\d+\\.proj_out$",
 )
+
+
+# -- the passes ------------------------------------------------------------------------------------
+class ForecastPass(CachePass):
+    """A pass with the two targets: its ``target`` field is ``"modules"`` or ``"reused"``."""
+
+    @property
+    def scope(self) -> str:
+        return "forecast" if self.target == "reused" else "modules"
+
+    def _require_target(self):
+        self._require_choice("target", ("modules", "reused"))
+
+    def _require_float_dtype(self, field: str):
+        value = getattr(self, field)
+        if value is not None and (not isinstance(value, torch.dtype) or not value.is_floating_point):
+            self._fail(field, "must be None or a floating torch.dtype, e.g. torch.float32")
+
+
+class IntervalForecastPass(ForecastPass):
+    """FoCa and HiCache: fields ``cache_interval``, ``warmup_steps``, ``factors_dtype``,
+    ``cache_identifiers``, ``target``; the reference code's schedule (steps ``0..warmup_steps-1``,
+    then every ``cache_interval``-th step counted from the last warm-up step); by default the features
+    of :data:`DEFAULT_FEATURE_IDENTIFIERS`. A subclass says how one value is forecast:
+    ``forecast(reused)``."""
+
+    def _validate_schedule_and_targets(self):
+        self._require_integer("cache_interval", 1)
+        self._require_integer("warmup_steps", 1)
+        self._require_float_dtype("factors_dtype")
+        if self.cache_identifiers is not None:
+            self._require_patterns("cache_identifiers")
+        self._require_target()
+
+    def computes(self, index: int) -> bool:
+        """Whether step ``index`` (the call count in a cache context) computes."""
+        return interval_computes(index, warmup=self.warmup_steps, interval=self.cache_interval,
+                                 anchor=self.warmup_steps - 1)
+
+    def forecast(self, reused: bool):
+        """The forecast object of one program (``declare``/``update``/``predict``)."""
+        raise NotImplementedError
+
+    def rewrite(self, g: PassBuilder) -> None:
+        if self.target == "reused":
+            g.forecast_caches(self.forecast(reused=True))
+            return
+        forecast = self.forecast(reused=False)
+        targets = select_modules(g, type(self).__name__, self.cache_identifiers or DEFAULT_FEATURE_IDENTIFIERS)
+        rewrite_modules(g, targets, self.computes, lambda value: forecast)
 
 
 # -- which modules ----------------------------------------------------------------------------------

@@ -32,16 +32,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..rewrite import PassBuilder
-from .base import CachePass
-from .forecast import DEFAULT_FEATURE_IDENTIFIERS, DifferenceForecast, interval_computes, rewrite_modules, \
-    select_modules
+from .forecast import DifferenceForecast, IntervalForecastPass
 
 __all__ = ["HiCache", "hermite_coefficients"]
 
 
 @dataclass(frozen=True)
-class HiCache(CachePass):
+class HiCache(IntervalForecastPass):
     """Hermite forecasting of module outputs on a static schedule, or of the values another pass reuses.
 
     ``cache_interval``: period of full computes after warm-up (the reference's ``interval`` /
@@ -72,20 +69,9 @@ class HiCache(CachePass):
     namespace = "hicache"
 
     def __post_init__(self):
-        self._require_integer("cache_interval", 1)
-        self._require_integer("warmup_steps", 1)
+        self._validate_schedule_and_targets()
         self._require_integer("max_order", 0)
         self._require_number("scale", minimum=0, strict=True)
-        if self.factors_dtype is not None and (
-                not isinstance(self.factors_dtype, torch.dtype) or not self.factors_dtype.is_floating_point):
-            self._fail("factors_dtype", "must be None or a floating torch.dtype, e.g. torch.float32")
-        if self.cache_identifiers is not None:
-            self._require_patterns("cache_identifiers")
-        self._require_choice("target", ("modules", "reused"))
-
-    @property
-    def scope(self) -> str:
-        return "forecast" if self.target == "reused" else "modules"
 
     def computes(self, index: int) -> bool:
         """Whether step ``index`` computes.
@@ -94,18 +80,12 @@ class HiCache(CachePass):
 
             [i for i in range(16) if HiCache().computes(i)]   # [0, 1, 2, 8, 14]
         """
-        return interval_computes(index, warmup=self.warmup_steps, interval=self.cache_interval,
-                                 anchor=self.warmup_steps - 1)
+        return super().computes(index)
 
-    def rewrite(self, g: PassBuilder) -> None:
-        coefficients = hermite_coefficients(self.scale)
-        if self.target == "reused":
-            g.forecast_caches(DifferenceForecast(self.max_order, self.factors_dtype, coefficients))
-            return
-        forecast = DifferenceForecast(self.max_order, self.factors_dtype, coefficients,
-                                      grow=lambda step: step.index > self.warmup_steps - 2)
-        targets = select_modules(g, "HiCache", self.cache_identifiers or DEFAULT_FEATURE_IDENTIFIERS)
-        rewrite_modules(g, targets, self.computes, lambda value: forecast)
+    def forecast(self, reused: bool):
+        # on a static schedule, a warm-up step at or before warmup_steps - 2 restarts the ladder
+        grow = None if reused else (lambda step: step.index > self.warmup_steps - 2)
+        return DifferenceForecast(self.max_order, self.factors_dtype, hermite_coefficients(self.scale), grow=grow)
 
 
 def hermite_coefficients(scale: float):

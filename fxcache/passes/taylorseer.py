@@ -34,8 +34,8 @@ import torch
 
 from ..regions import Region, example_value
 from ..rewrite import PassBuilder
-from .base import CachePass
-from .forecast import DifferenceForecast, interval_computes, rewrite_modules, select_modules, taylor_coefficients
+from .forecast import (DifferenceForecast, ForecastPass, interval_computes, rewrite_modules, select_modules,
+                       taylor_coefficients)
 
 __all__ = ["TaylorSeer"]
 
@@ -49,7 +49,7 @@ _REDUCED = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
-class TaylorSeer(CachePass):
+class TaylorSeer(ForecastPass):
     """Fields, defaults and meaning of diffusers' ``TaylorSeerCacheConfig``.
 
     ``cache_interval``: period of full computes after warm-up. ``disable_cache_before_step``: steps
@@ -87,19 +87,13 @@ class TaylorSeer(CachePass):
         if self.disable_cache_after_step is not None:
             self._require_integer("disable_cache_after_step", 0)
         self._require_integer("max_order", 0)
-        if self.taylor_factors_dtype is not None and (
-                not isinstance(self.taylor_factors_dtype, torch.dtype) or not self.taylor_factors_dtype.is_floating_point):
-            self._fail("taylor_factors_dtype", "must be None or a floating torch.dtype, e.g. torch.float32")
+        self._require_float_dtype("taylor_factors_dtype")
         for field in ("skip_predict_identifiers", "cache_identifiers"):
             if getattr(self, field) is not None:
                 self._require_patterns(field)
         if not isinstance(self.use_lite_mode, bool):
             self._fail("use_lite_mode", "must be True or False")
-        self._require_choice("target", ("modules", "reused"))
-
-    @property
-    def scope(self) -> str:
-        return "forecast" if self.target == "reused" else "modules"
+        self._require_target()
 
     # -- which modules ------------------------------------------------------------------------------
     def patterns(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
