@@ -12,14 +12,19 @@ A forecasting pass has two targets:
 
 Both targets hand the same *forecast* object the values: ``declare(g, name, like)`` declares its
 state and scalars for one cached value, ``update(tensors, params, value)`` returns the state after a
-computed value, ``predict(tensors, params)`` the value of a step that does not compute. Both run
-inside the graph, on the step index as a scalar tensor and the last computed step as state, so the
-same arithmetic serves a static schedule and a decision made in the graph. Two families:
+computed value, ``predict(tensors, params)`` the value of a step that does not compute. The
+forecasts here run inside the graph, on the step index as a scalar tensor and the last computed step
+as state, so the same arithmetic serves a static schedule and a decision made in the graph:
 
 * :class:`DifferenceForecast`: recursive divided differences of the computed values (TaylorSeer's
   factors) and a polynomial in the steps elapsed since the last computed one (``coefficients``:
   Taylor's ``k**o / o!``, HiCache's scaled Hermite basis).
-* FoCa's predictor-corrector lives in its pass file (its state is not a ladder of differences).
+* FoCa's predictor-corrector lives in its pass file (its state is not a ladder of differences);
+  TaylorSeer's ``"modules"`` target keeps diffusers' arithmetic on host-computed scalars in its own.
+
+:class:`ForecastPass` is the config side (the ``target`` field and its scope),
+:class:`IntervalForecastPass` the whole of a pass on the reference code's interval schedule (FoCa,
+HiCache), which then only says how one value is forecast.
 
 Example (a pass with both targets)::
 
@@ -45,8 +50,9 @@ from ..regions import Region, RegionError, example_value
 from ..rewrite import INPUTS, REGION, Cache, PassBuilder
 from .base import CachePass
 
-__all__ = ["DEFAULT_FEATURE_IDENTIFIERS", "DifferenceForecast", "ForecastPass", "IntervalForecastPass", "StepForecast", "compute_or_forecast",
-           "compute_or_zeros", "interval_computes", "rewrite_modules", "select_modules", "taylor_coefficients"]
+__all__ = ["DEFAULT_FEATURE_IDENTIFIERS", "DifferenceForecast", "ForecastPass", "IntervalForecastPass", "StepForecast",
+           "compute_or_forecast", "compute_or_zeros", "interval_computes", "rewrite_modules", "select_modules",
+           "taylor_coefficients"]
 
 # The features FoCa's and HiCache's reference code caches: the attention and feed-forward outputs of
 # every block before their gates (Flux double blocks: attn, ff, ff_context; Wan: attn1, attn2, ffn;
@@ -116,7 +122,7 @@ def select_modules(g: PassBuilder, owner: str, cache_patterns: Sequence[str],
 
     Example::
 
-        select_modules(g, "HiCache", ("^blocks\\\\.\\\\d+\\\\.attn1$",))   # [(Region blocks.0.attn1, False), ...]
+        select_modules(g, "HiCache", ["blocks[.][0-9]+[.]attn1"])   # [(<Region blocks.0.attn1>, False), ...]
     """
     paths: dict[str, None] = {}
     for node in g.graph.nodes:
