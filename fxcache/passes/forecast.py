@@ -65,7 +65,12 @@ DEFAULT_FEATURE_IDENTIFIERS = (
 
 # -- the passes ------------------------------------------------------------------------------------
 class ForecastPass(CachePass):
-    """A pass with the two targets: its ``target`` field is ``"modules"`` or ``"reused"``."""
+    """A pass with the two targets: its ``target`` field is ``"modules"`` or ``"reused"``.
+
+    Example::
+
+        TaylorSeer(target="reused").scope   # "forecast": it rewrites first and replaces nothing
+    """
 
     @property
     def scope(self) -> str:
@@ -85,7 +90,21 @@ class IntervalForecastPass(ForecastPass):
     ``cache_identifiers``, ``target``; the reference code's schedule (steps ``0..warmup_steps-1``,
     then every ``cache_interval``-th step counted from the last warm-up step); by default the features
     of :data:`DEFAULT_FEATURE_IDENTIFIERS`. A subclass says how one value is forecast:
-    ``forecast(reused)``."""
+    ``forecast(reused)``.
+
+    Example::
+
+        @dataclass(frozen=True)
+        class Reuse(IntervalForecastPass):   # FORA: repeat the last computed output
+            cache_interval: int = 3
+            warmup_steps: int = 1
+            factors_dtype: torch.dtype | None = None
+            cache_identifiers: tuple[str, ...] | None = None
+            target: str = "modules"
+
+            def forecast(self, reused):
+                return DifferenceForecast(0, self.factors_dtype, taylor_coefficients)
+    """
 
     def _validate_schedule_and_targets(self):
         self._require_integer("cache_interval", 1)
@@ -166,7 +185,15 @@ def interval_computes(index: int, *, warmup: int, interval: int, anchor: int, st
 class StepForecast:
     """Base of the forecasts: one ``step`` scalar per program (the call's step index, a float64
     tensor) that every cached value reads, and per value a ``last_step`` (the last computed step)
-    and a ``depth`` (how much history is stored; 0 before the first computed value)."""
+    and a ``depth`` (how much history is stored; 0 before the first computed value).
+
+    Example::
+
+        def declare(self, g, name, like):   # in a subclass
+            value = example_value(like)
+            return (g.state(f"{name}.value", like=like), *self.bookkeeping(g, name, value.device)), \
+                (self.step_scalar(g),)
+    """
 
     def __init__(self):
         self._step = None
@@ -240,7 +267,12 @@ class DifferenceForecast(StepForecast):
 
 
 def taylor_coefficients(elapsed: torch.Tensor, max_order: int) -> list:
-    """``k**o / o!`` for o = 0..max_order, built term by term (``c_o = c_{o-1} * k / o``)."""
+    """``k**o / o!`` for o = 0..max_order, built term by term (``c_o = c_{o-1} * k / o``).
+
+    Example::
+
+        taylor_coefficients(torch.tensor([2.0]), 2)   # [tensor([1.]), tensor([2.]), tensor([2.])]
+    """
     coefficients = [torch.ones_like(elapsed)]
     for order in range(1, max_order + 1):
         coefficients.append(coefficients[-1] * elapsed / order)
@@ -253,7 +285,13 @@ def rewrite_modules(g: PassBuilder, targets: list[tuple[Region, bool]], computes
     """One host flag ``compute`` (``computes(step index)``, a specialisation key: no device read);
     each target module computes and stores its outputs in their forecasts, or returns the forecasts
     (zeros for a "skip" module). ``forecast_for(example output)`` is the forecast of one output (most
-    passes hand the same one for all)."""
+    passes hand the same one for all).
+
+    Example::
+
+        rewrite_modules(g, select_modules(g, "FoCa", DEFAULT_FEATURE_IDENTIFIERS), config.computes,
+                        lambda value: forecast)
+    """
     compute = g.flag("compute", decide=lambda step: computes(step.index))
     for region, inactive in targets:
         outputs = [example_value(output) for output in region.outputs]
@@ -274,7 +312,13 @@ def rewrite_modules(g: PassBuilder, targets: list[tuple[Region, bool]], computes
 
 
 def compute_or_forecast(compute: bool, module, caches, *inputs):
-    """Compute the module and store each output in its forecast, or return the forecasts."""
+    """Compute the module and store each output in its forecast, or return the forecasts (the policy
+    :func:`rewrite_modules` puts in place of each module; ``caches`` are :class:`~fxcache.rewrite.CacheView`\ s).
+
+    Example::
+
+        g.replace(region, compute_or_forecast, compute_flag, REGION, (cache,), INPUTS)
+    """
     if compute:
         outputs = module(*inputs)
         for view, output in zip(caches, outputs):
@@ -284,7 +328,12 @@ def compute_or_forecast(compute: bool, module, caches, *inputs):
 
 
 def compute_or_zeros(compute: bool, module, shapes, device, *inputs):
-    """A "skip" module: compute, or zeros shaped like its outputs."""
+    """A "skip" module: compute, or zeros shaped like its outputs.
+
+    Example::
+
+        g.replace(region, compute_or_zeros, compute_flag, REGION, (((1, 16, 32), torch.float32),), g.device, INPUTS)
+    """
     if compute:
         return module(*inputs)
     return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in shapes)
