@@ -116,7 +116,7 @@ def assert_equals_reference_with_cfg(name: str, config, num_steps: int, full: li
 def first_block_cache_loop(model, calls, threshold: float, feature) -> tuple[list, int]:
     """FirstBlockCache's reference loop on TinyDiT (tests/dit.py): the first block always runs; the
     rest run when the first block's residual changed by more than ``threshold`` (mean absolute,
-    relative to the last computed one), and their residual is ``feature.update``\\ d; otherwise
+    relative to the last computed one), and their residual goes to ``feature.update``; otherwise
     ``feature.predict`` stands in for it. Returns the outputs and the count of computed steps."""
     last_head, outputs, computed = None, [], 0
     for step, (x, t, context) in enumerate(calls):

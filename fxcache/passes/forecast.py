@@ -313,7 +313,8 @@ def rewrite_modules(g: PassBuilder, targets: list[tuple[Region, bool]], computes
 
 def compute_or_forecast(compute: bool, module, caches, *inputs):
     """Compute the module and store each output in its forecast, or return the forecasts (the policy
-    :func:`rewrite_modules` puts in place of each module; ``caches`` are :class:`~fxcache.rewrite.CacheView`\ s).
+    :func:`rewrite_modules` puts in place of each module; each of ``caches`` is a
+    :class:`~fxcache.rewrite.CacheView`).
 
     Example::
 
