@@ -33,7 +33,8 @@ def transform(model: torch.nn.Module, passes: Sequence[CachePass], *, backend: s
 
     Several passes compose where their regions are disjoint or nest at different scopes (PAB on
     attention with MagCache on the blocks), and a forecaster with a block cache
-    (``TaylorSeer(target="reused")`` with FirstBlockCache); other overlaps are an error naming both.
+    (``TaylorSeer(target="reused")``, ``FoCa(target="reused")`` or ``HiCache(target="reused")`` with
+    FirstBlockCache or DBCache); other overlaps are an error naming both.
 
     ``backend``, ``mode`` and ``options`` mean what they mean in ``torch.compile``. ``scheduler`` (a
     diffusers scheduler, e.g. ``pipe.scheduler``) tells the step index and timesteps without a

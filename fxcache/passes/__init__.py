@@ -5,10 +5,12 @@ from .db_cache import DBCache
 from .easycache import EasyCache
 from .faster_cache import FasterCache
 from .first_block_cache import FirstBlockCache
+from .foca import FoCa
+from .hicache import HiCache
 from .mag_cache import MagCache
 from .pyramid_attention_broadcast import PyramidAttentionBroadcast
 from .taylorseer import TaylorSeer
 from .teacache import TeaCache
 
-__all__ = ["CachePass", "ConfigError", "DBCache", "EasyCache", "FasterCache", "FirstBlockCache", "MagCache",
-           "PyramidAttentionBroadcast", "Step", "TaylorSeer", "TeaCache"]
+__all__ = ["CachePass", "ConfigError", "DBCache", "EasyCache", "FasterCache", "FirstBlockCache", "FoCa", "HiCache",
+           "MagCache", "PyramidAttentionBroadcast", "Step", "TaylorSeer", "TeaCache"]

@@ -28,15 +28,14 @@ Example::
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 
-from ..capture import MODULE_STACK
-from ..regions import Region, RegionError, example_value
-from ..rewrite import INPUTS, REGION, PassBuilder, copy_into
-from .base import CachePass
+from ..regions import Region, example_value
+from ..rewrite import PassBuilder
+from .forecast import (DifferenceForecast, ForecastPass, interval_computes, rewrite_modules, select_modules,
+                       taylor_coefficients)
 
 __all__ = ["TaylorSeer"]
 
@@ -50,7 +49,7 @@ _REDUCED = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
-class TaylorSeer(CachePass):
+class TaylorSeer(ForecastPass):
     """Fields, defaults and meaning of diffusers' ``TaylorSeerCacheConfig``.
 
     ``cache_interval``: period of full computes after warm-up. ``disable_cache_before_step``: steps
@@ -88,19 +87,13 @@ class TaylorSeer(CachePass):
         if self.disable_cache_after_step is not None:
             self._require_integer("disable_cache_after_step", 0)
         self._require_integer("max_order", 0)
-        if self.taylor_factors_dtype is not None and (
-                not isinstance(self.taylor_factors_dtype, torch.dtype) or not self.taylor_factors_dtype.is_floating_point):
-            self._fail("taylor_factors_dtype", "must be None or a floating torch.dtype, e.g. torch.float32")
+        self._require_float_dtype("taylor_factors_dtype")
         for field in ("skip_predict_identifiers", "cache_identifiers"):
             if getattr(self, field) is not None:
                 self._require_patterns(field)
         if not isinstance(self.use_lite_mode, bool):
             self._fail("use_lite_mode", "must be True or False")
-        self._require_choice("target", ("modules", "reused"))
-
-    @property
-    def scope(self) -> str:
-        return "forecast" if self.target == "reused" else "modules"
+        self._require_target()
 
     # -- which modules ------------------------------------------------------------------------------
     def patterns(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -112,60 +105,21 @@ class TaylorSeer(CachePass):
     def targets(self, g: PassBuilder) -> list[tuple[Region, bool]]:
         """The regions of matched modules, each with ``True`` when it returns zeros when predicted."""
         skip, cache = self.patterns()
-        paths: dict[str, None] = {}
-        for node in g.graph.nodes:
-            if node.op not in ("placeholder", "get_attr", "output"):
-                for path in node.meta.get(MODULE_STACK, ()):
-                    paths[path] = None
-        matched = []
-        for path in paths:
-            inactive = any(re.fullmatch(p, path) for p in skip)
-            if inactive or any(re.fullmatch(p, path) for p in cache):
-                matched.append((path, inactive))
-        names = [name for name, _ in matched]
-        for name in names:
-            outer = next((other for other in names if name != other and name.startswith(other + ".")), None)
-            if outer is not None:
-                raise RegionError(f"TaylorSeer: {name} and the module around it, {outer}, both match the "
-                                  "identifiers; fxcache caches modules that do not nest, so narrow the patterns")
-        return [(g.module(path), inactive) for path, inactive in matched]
+        return select_modules(g, "TaylorSeer", cache, skip)
 
     # -- rewrite ------------------------------------------------------------------------------------
     def rewrite(self, g: PassBuilder) -> None:
         if self.target == "reused":
-            g.forecast_caches(_TaylorForecast(self.max_order, self.taylor_factors_dtype))
+            g.forecast_caches(DifferenceForecast(self.max_order, self.taylor_factors_dtype, taylor_coefficients))
             return
         targets = self.targets(g)
-        if not targets:
-            skip, cache = self.patterns()
-            found = ", ".join(sorted({p for n in g.graph.nodes for p in n.meta.get(MODULE_STACK, ())})[:12])
-            raise RegionError(f"TaylorSeer: no module path fully matches the identifiers {skip + cache}; "
-                              f"paths in the graph include: {found}")
         schedule = _Schedule(self)
-        compute = g.flag("compute", decide=lambda step: self.computes(step.index))
-        step_distance = g.scalar("step_distance", value=lambda step: schedule.scalars(step.index)[0],
-                                 dtype=torch.float64)
-        coefficients = tuple(
-            g.scalar(f"coefficient_{order}", value=lambda step, order=order: schedule.scalars(step.index)[1][order],
-                     dtype=torch.float64)
-            for order in range(self.max_order + 1))
-        for region, inactive in targets:
-            for output in region.outputs:
-                if not isinstance(example_value(output), torch.Tensor):
-                    raise RegionError(f"TaylorSeer: {region.name} returns a non-tensor ({output.name})")
-            if inactive:
-                shapes = tuple((tuple(example_value(o).shape), example_value(o).dtype) for o in region.outputs)
-                g.replace(region, compute_or_zeros, compute, REGION, shapes, g.device, INPUTS)
-                continue
-            factors = tuple(
-                tuple(g.state(f"{region.name}.out{i}.order{order}", shape=tuple(example_value(out).shape),
-                              dtype=self.taylor_factors_dtype or example_value(out).dtype,
-                              device=example_value(out).device)
-                      for order in range(self.max_order + 1))
-                for i, out in enumerate(region.outputs))
-            dtypes = tuple(example_value(out).dtype for out in region.outputs)
-            g.replace(region, compute_or_predict, compute, REGION, factors, dtypes, step_distance, coefficients,
-                      INPUTS)
+        scalars = (g.scalar("step_distance", value=lambda step: schedule.scalars(step.index)[0], dtype=torch.float64),
+                   *(g.scalar(f"coefficient_{order}", dtype=torch.float64,
+                              value=lambda step, order=order: schedule.scalars(step.index)[1][order])
+                     for order in range(self.max_order + 1)))
+        rewrite_modules(g, targets, self.computes,
+                        lambda value: _DiffusersTaylor(self.max_order, self.taylor_factors_dtype, value.dtype, scalars))
 
     # -- schedule -----------------------------------------------------------------------------------
     def computes(self, index: int) -> bool:
@@ -175,9 +129,9 @@ class TaylorSeer(CachePass):
 
             [i for i in range(10) if TaylorSeer(cache_interval=4).computes(i)]   # [0, 1, 2, 4, 8]
         """
-        before, after = self.disable_cache_before_step, self.disable_cache_after_step
-        return (index == 0 or index < before or (index - before - 1) % self.cache_interval == 0
-                or (after is not None and index >= after))
+        before = self.disable_cache_before_step
+        return interval_computes(index, warmup=before, interval=self.cache_interval, anchor=before + 1,
+                                 stop=self.disable_cache_after_step)
 
     def step_scalars(self, index: int) -> tuple[float, tuple[float, ...]]:
         """(steps since the last computing step, Taylor coefficient of each order) at step ``index``:
@@ -210,84 +164,38 @@ class _Schedule:
         return self._memo[index]
 
 
-class _TaylorForecast:
-    """TaylorSeer as a forecaster of the values another pass reuses (cache-dit pairs DBCache with
-    TaylorSeer): every computed value updates its divided differences; a reused step returns the
-    Taylor expansion at the steps elapsed since the last computed one. A block cache decides in the
-    graph, so the step index enters as a scalar and the last computed step and the number of
-    updates are state."""
+class _DiffusersTaylor:
+    """The forecast of one module output, with diffusers' arithmetic: differences in the output dtype,
+    factors stored (rounded) in their dtype, the prediction accumulated in the output dtype, term by
+    term, with the per-step scalars of :class:`_Schedule` (host values: the step distance and
+    ``k**o / o!``, 0 for orders that do not exist yet)."""
 
-    def __init__(self, max_order: int, dtype: torch.dtype | None):
-        self.max_order, self.dtype = max_order, dtype
+    def __init__(self, max_order: int, dtype: torch.dtype | None, output_dtype: torch.dtype, scalars: tuple):
+        self.max_order, self.dtype, self.output_dtype, self.scalars = max_order, dtype, output_dtype, scalars
 
     def declare(self, g: PassBuilder, name: str, like):
         value = example_value(like)
-        factors = tuple(g.state(f"{name}.order{order}", shape=tuple(value.shape), dtype=self.dtype or value.dtype,
-                                device=value.device) for order in range(self.max_order + 1))
-        last_step = g.state(f"{name}.last_step", shape=(1,), dtype=torch.float64, device=value.device)
-        updates = g.state(f"{name}.updates", shape=(1,), dtype=torch.int64, device=value.device)
-        step = g.scalar(f"{name}.step", value=lambda step: float(step.index), dtype=torch.float64)
-        return (*factors, last_step, updates), (step,)
+        return tuple(g.state(f"{name}.order{order}", shape=tuple(value.shape), dtype=self.dtype or value.dtype,
+                             device=value.device) for order in range(self.max_order + 1)), self.scalars
 
     @staticmethod
-    def update(tensors: tuple, params: tuple, value: torch.Tensor) -> tuple:
-        *factors, last_step, updates = tensors
-        (step,) = params
-        distance = (step - last_step).to(value.dtype)
-        new = [value]
-        for order in range(1, len(factors)):
-            difference = (new[order - 1] - factors[order - 1].to(value.dtype)) / distance
-            # an order exists once there were `order` updates before (diffusers grows one per update)
-            new.append(torch.where(updates >= order, difference, torch.zeros_like(difference)))
-        return (*[n.to(f.dtype) for n, f in zip(new, factors)], step.clone(), updates + 1)
+    def update(factors: tuple, scalars: tuple, output: torch.Tensor) -> list:
+        # the runtime hands scalars over as 1-element tensors; as 0-d tensors of the output dtype they
+        # act like the Python numbers diffusers uses (no type promotion, same rounding)
+        distance = scalars[0].reshape(()).to(output.dtype)
+        new = [output]
+        for order in range(len(factors) - 1):
+            new.append((new[order] - factors[order].to(output.dtype)) / distance)
+        return new
 
-    @staticmethod
-    def predict(tensors: tuple, params: tuple) -> torch.Tensor:
-        *factors, last_step, _ = tensors
-        (step,) = params
-        elapsed = (step - last_step).to(torch.float32)
-        prediction = factors[0].float()
-        coefficient = torch.ones_like(elapsed)
-        for order in range(1, len(factors)):
-            coefficient = coefficient * elapsed / order
-            prediction = prediction + factors[order].float() * coefficient
-        return prediction.to(factors[0].dtype)
-
-
-def compute_or_predict(compute: bool, module, factors, dtypes, step_distance, coefficients, *inputs):
-    """Compute and update the divided differences, or evaluate the Taylor expansion.
-
-    Arithmetic as diffusers: differences in the output dtype, factors stored (rounded) in their
-    dtype, the prediction accumulated in the output dtype, term by term.
-    """
-    # the runtime hands scalars over as 1-element tensors; as 0-d tensors of the output dtype they
-    # act like the Python numbers diffusers uses (no type promotion, same rounding)
-    if compute:
-        outputs = module(*inputs)
-        for slot, output in zip(factors, outputs):
-            distance = step_distance.reshape(()).to(output.dtype)
-            new = [output]
-            for order in range(len(slot) - 1):
-                new.append((new[order] - slot[order].to(output.dtype)) / distance)
-            for state, value in zip(slot, new):
-                copy_into(state, value)
-        return outputs
-    predictions = []
-    for slot, dtype in zip(factors, dtypes):
-        prediction = torch.zeros_like(slot[0], dtype=dtype)
-        for factor, coefficient in zip(slot, coefficients):
+    def predict(self, factors: tuple, scalars: tuple) -> torch.Tensor:
+        dtype = self.output_dtype
+        prediction = torch.zeros_like(factors[0], dtype=dtype)
+        for factor, coefficient in zip(factors, scalars[1:]):
             if dtype in _REDUCED:
                 # a Python-float coefficient multiplies a half tensor in float32 (PyTorch's opmath)
                 term = (factor.to(dtype).float() * coefficient.reshape(()).float()).to(dtype)
             else:
                 term = factor.to(dtype) * coefficient.reshape(()).to(dtype)
             prediction = prediction + term
-        predictions.append(prediction)
-    return tuple(predictions)
-
-
-def compute_or_zeros(compute: bool, module, shapes, device, *inputs):
-    """A "skip" module: compute, or zeros shaped like its outputs."""
-    if compute:
-        return module(*inputs)
-    return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in shapes)
+        return prediction

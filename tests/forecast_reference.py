@@ -1,0 +1,137 @@
+"""Reference loops the forecasting passes' tests share (FoCa, HiCache): the method itself (how one
+feature is stored and forecast) is written out in each test file, from its paper and code; here is
+only how it is applied to a model, in plain PyTorch.
+
+* :func:`reference_schedule`: the steps that compute, as the TaylorSeer/HiCache reference code's
+  ``cal_type`` decides them (a counter reset on every full step).
+* :class:`HookedModel`: a copy of a model whose selected modules are forecast on the steps that do
+  not compute (forward hooks), with one state per cache context, as fxcache keeps.
+* :func:`assert_equals_reference_with_cfg`: a pass against :class:`HookedModel` on a tiny Flux or Wan
+  over a CFG loop, with the static flag as its only decision.
+* :func:`first_block_cache_loop`: FirstBlockCache on the tests' TinyDiT with its tail residual
+  forecast instead of repeated (a forecaster's ``target="reused"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+from typing import Callable
+
+import torch
+
+import fxcache
+from fxcache.testing import models
+from tests.helpers import relative_difference
+from tests.static_pass_helpers import count_host_reads, run_euler
+
+# the features FoCa's and HiCache's reference code caches, by model: attention and feed-forward
+# outputs, a single-stream block's linear2 (proj_out); one block of each kind keeps the tests short
+FEATURES = {"flux": r"(transformer_blocks\.\d+\.(attn|ff|ff_context)|single_transformer_blocks\.\d+\.proj_out)",
+            "wan": r"blocks\.\d+\.(attn1|attn2|ffn)"}
+SIZES = {"flux": dict(num_layers=1, num_single_layers=1), "wan": dict(num_layers=1)}
+
+
+def reference_schedule(num_steps: int, interval: int, first_enhance: int) -> list[int]:
+    """``cal_type`` (yiming-l21/CFGCache ``cache_functions/cal_type.py``): the first ``first_enhance``
+    steps are full; then a step is full when the counter of steps since the last full one reaches
+    ``interval - 1``."""
+    full, counter = [], 0
+    for step in range(num_steps):
+        if step < first_enhance or counter == interval - 1:
+            full.append(step)
+            counter = 0
+        else:
+            counter += 1
+    return full
+
+
+class HookedModel:
+    """``model`` (copied) with the modules ``selected(name)`` picks computed on ``full`` steps and
+    forecast on the others by ``make_feature()`` objects (``update(value, step)``, ``predict(step)``),
+    one per module output and cache context. Called like the model, inside ``cache_context(name)``."""
+
+    def __init__(self, model: torch.nn.Module, selected: Callable[[str], bool], full: list[int],
+                 make_feature: Callable):
+        self.model, self.full, self.make_feature = copy.deepcopy(model), set(full), make_feature
+        self.contexts: dict[str, dict] = {}
+        self.active = "default"
+        self.hooked = [name for name, module in self.model.named_modules() if selected(name)]
+        for name in self.hooked:
+            self.model.get_submodule(name).register_forward_hook(self._hook(name))
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **fields):
+        self.active = name
+        yield
+
+    def __call__(self, *args, **kwargs):
+        context = self.contexts.setdefault(self.active, {"step": -1, "features": {}})
+        context["step"] += 1
+        return self.model(*args, **kwargs)
+
+    def _hook(self, name: str):
+        def forecast(module, args, output):
+            context = self.contexts[self.active]
+            outputs = output if isinstance(output, tuple) else (output,)
+            features = context["features"].setdefault(name, [self.make_feature() for _ in outputs])
+            step = context["step"]
+            if step in self.full:
+                for feature, value in zip(features, outputs):
+                    feature.update(value, step)
+                return output
+            predicted = tuple(feature.predict(step) for feature in features)
+            return predicted if isinstance(output, tuple) else predicted[0]
+
+        return forecast
+
+
+def assert_equals_reference_with_cfg(name: str, config, num_steps: int, full: list[int], make_feature) -> None:
+    """``config`` on tiny ``name`` against :class:`HookedModel` (the reference's features, computed on
+    ``full``) over a CFG loop: the same result (relative difference <= 1e-5) and different from
+    uncached, the reference's modules gated, the same computed steps per context; and the static
+    flag is the only decision: no device->host read, no graph break, one graph per flag value."""
+    tiny = models.build(name, **SIZES[name])
+    reference = HookedModel(tiny.model, lambda path: re.fullmatch(FEATURES[name], path) is not None, full,
+                            make_feature)
+    cached = fxcache.transform(tiny.model, [config], backend="eager")
+    contexts = ("cond", "uncond")
+    start, expected = run_euler(reference, tiny, num_steps, contexts=contexts)
+    with count_host_reads(cached) as reads:
+        _, result = run_euler(cached, tiny, num_steps, contexts=contexts)
+    _, uncached = run_euler(tiny.model, tiny, num_steps, contexts=contexts)
+    assert relative_difference(result, expected, start) <= 1e-5
+    assert relative_difference(uncached, expected, start) > 1e-4
+    assert set(cached.programs()[-1].flags[0].gates) >= set(reference.hooked)
+    for context in contexts:
+        decisions = cached.stats()["contexts"][context][f"{config.namespace}.compute"]
+        assert decisions == {"true": len(full), "false": num_steps - len(full)}
+    assert reads["count"] == 0
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+    assert cached.stats()["compiles"] == 2
+
+
+@torch.no_grad()
+def first_block_cache_loop(model, calls, threshold: float, feature) -> tuple[list, int]:
+    """FirstBlockCache's reference loop on TinyDiT (tests/dit.py): the first block always runs; the
+    rest run when the first block's residual changed by more than ``threshold`` (mean absolute,
+    relative to the last computed one), and their residual goes to ``feature.update``; otherwise
+    ``feature.predict`` stands in for it. Returns the outputs and the count of computed steps."""
+    last_head, outputs, computed = None, [], 0
+    for step, (x, t, context) in enumerate(calls):
+        temb = model.time(t.reshape(-1, 1))
+        h = model.embed(x)
+        head = model.blocks[0](h, context, temb)
+        change = float("inf") if last_head is None else \
+            float(((head - h) - last_head).abs().mean() / last_head.abs().mean())
+        if change <= threshold:
+            out = head + feature.predict(step)
+        else:
+            out = head
+            for block in model.blocks[1:]:
+                out = block(out, context, temb)
+            feature.update(out - head, step)
+            last_head, computed = head - h, computed + 1
+        outputs.append(model.head(out))
+    return outputs, computed
