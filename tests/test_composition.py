@@ -89,8 +89,10 @@ def test_taylorseer_forecasts_the_tail_residual_firstblockcache_reuses(lowering)
                 for k in range(1, len(model.blocks)):
                     out = block(model, k, out, context, temb, lambda k, a: model.blocks[k].self_attn(a))
                 tail = out - head
-                first = tail if updates < 1 else (tail - factors[0]) / torch.tensor(i - last, dtype=torch.float64).float()
-                factors = [tail, first if updates >= 1 else torch.zeros_like(tail)]
+                # as cache-dit's calibrator: a slope only from a value computed at step 3 or later
+                first = (tail - factors[0]) / torch.tensor(i - last, dtype=torch.float64).float() \
+                    if updates >= 1 and i > 2 else torch.zeros_like(tail)
+                factors = [tail, first]
                 last, updates, reference = float(i), updates + 1, head_residual
             else:
                 skipped += 1

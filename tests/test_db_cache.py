@@ -32,10 +32,10 @@ CACHE_DIT_CASES = {
 }
 
 
-def with_cache_dit(tiny, config):
+def with_cache_dit(tiny, config, calibrator=None):
     """One generation with cache-dit's hooks on ``tiny.pipe`` (removed after: cache-dit patches the
     pipeline class); the latents and, per context, the steps cache-dit reused."""
-    cache_dit.enable_cache(tiny.pipe, cache_config=config)
+    cache_dit.enable_cache(tiny.pipe, cache_config=config, calibrator_config=calibrator)
     try:
         latents = tiny.generate(output_type="latent")
         stats = cache_dit.summary(tiny.pipe, logging=False)[-1]
@@ -49,7 +49,8 @@ def with_fxcache(tiny, config, reads=None):
     steps it reused (read from its counter after every step). ``reads``: a dict that gets the count
     of host reads made inside the model's calls after the first step (on its first call a context
     reads the scheduler's timesteps once per generation, and dynamo captures)."""
-    tiny.pipe.transformer = fxcache.transform(tiny.pipe.transformer, [config], backend="eager", scheduler=tiny.pipe)
+    passes = list(config) if isinstance(config, (list, tuple)) else [config]
+    tiny.pipe.transformer = fxcache.transform(tiny.pipe.transformer, passes, backend="eager", scheduler=tiny.pipe)
     computed = {"cond": [], "uncond": []}
     watched = {}
 
@@ -97,6 +98,30 @@ def test_equals_cache_dit_over_a_whole_pipeline_loop(name):
         shared, shared_reused = with_cache_dit(pipelines.build(name, steps=STEPS, **build),
                                                cache_dit.DBCacheConfig(**fields))
         assert shared_reused != reused and relative_difference(shared, expected, start) > 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(CACHE_DIT_CASES))
+def test_taylorseer_forecaster_equals_cache_dits_taylorseer_calibrator(name):
+    """cache-dit's DBCache + ``TaylorSeerCalibratorConfig`` is ``[DBCache, TaylorSeer(target="reused")]``
+    to the bit: the middle residuals (hidden and encoder) forecast per context, with cache-dit's rule
+    that a slope needs a value computed from step 3 on (its calibrator counts steps from -1 and
+    differentiates after step 1)."""
+    build, fields, lowering = CACHE_DIT_CASES[name]
+    reference = pipelines.build(name, steps=STEPS, **build)
+    start = reference.start_latents()
+    expected, expected_reused = with_cache_dit(reference, cache_dit.DBCacheConfig(**fields, enable_separate_cfg=True),
+                                               cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1))
+    config = DBCache.from_cache_dit(cache_dit.DBCacheConfig(**fields), lowering=lowering)
+    result, reused = with_fxcache(pipelines.build(name, steps=STEPS, **build),
+                                  [config, TaylorSeer(target="reused", max_order=1, taylor_factors_dtype=torch.float32)])
+    assert reused == expected_reused
+    assert float((result - expected).abs().max()) <= 1e-6
+    plain, _ = with_cache_dit(pipelines.build(name, steps=STEPS, **build),
+                              cache_dit.DBCacheConfig(**fields, enable_separate_cfg=True))
+    if name == "flux":  # computes steps 3 and later: the forecast is not plain reuse
+        assert relative_difference(plain, expected, start) > 1e-4
+    else:  # Wan's case computes steps 0 and 1 only, then reuses: no slope, the forecast is the reuse
+        assert relative_difference(plain, expected, start) == 0.0
 
 
 # steps computation masks (cache-dit's SCM) on Flux's case: 1 1 0 0 0 0 1 0 1 1. The warm-up (3 steps,
@@ -178,7 +203,7 @@ def test_taylorseer_forecasts_the_middle_residual_like_a_reference_loop(lowering
             if not reuse:
                 middle = run_block(2, run_block(1, front)) - front
                 first = (middle - factors[0]) / torch.tensor(i - last, dtype=torch.float64).float() \
-                    if updates >= 1 else torch.zeros_like(middle)
+                    if updates >= 1 and i > 2 else torch.zeros_like(middle)  # cache-dit: a slope from step 3
                 factors, last, updates, reference, run = [middle, first], float(i), updates + 1, residual, 0
                 out = front + middle
             else:

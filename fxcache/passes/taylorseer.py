@@ -110,7 +110,8 @@ class TaylorSeer(ForecastPass):
     # -- rewrite ------------------------------------------------------------------------------------
     def rewrite(self, g: PassBuilder) -> None:
         if self.target == "reused":
-            g.forecast_caches(DifferenceForecast(self.max_order, self.taylor_factors_dtype, taylor_coefficients))
+            g.forecast_caches(DifferenceForecast(self.max_order, self.taylor_factors_dtype, taylor_coefficients,
+                                                 grow=lambda step: step.index > 2))
             return
         targets = self.targets(g)
         schedule = _Schedule(self)
