@@ -426,15 +426,18 @@ def capture_dynamic(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
         torch._dynamo.maybe_mark_dynamic(hidden, 1)
         graph_module, example_inputs = capture_dynamic(model, (), {"hidden_states": hidden, ...})
     """
+    from .parallel import prepare_capture
+
     recorded: dict[str, Any] = {}
 
     def record(gm, example_inputs):
         recorded["gm"], recorded["inputs"] = gm, example_inputs
         return gm.forward
 
+    prepare_capture(model)
     entry = _entry_function()
     try:
-        with _capture_mode(), _outside_dispatch_modes():
+        with _capture_mode(), _outside_dispatch_modes(), quiet_logging():
             torch.compile(entry, backend=record, fullgraph=True, dynamic=False)(model, args, kwargs)
     except Exception as error:
         raise CaptureError(f"dynamo could not capture {type(model).__name__} with symbolic sizes: "
