@@ -24,8 +24,9 @@ A model, not a measurement. Everything is computed from the models' shapes:
   sends the rest) and ``TemplatedRingAttention`` (k and v of every shard reach every rank: diffusers
   does it as one all-gather, a P2P ring moves the same bytes in P-1 passes), plus the all-gather of
   the output at ``proj_out``;
-- fxcache's decision reduction for a dynamic method (issue 14's design, not implemented yet): one
-  all-reduce of two fp32 sums per decision, i.e. per forward call.
+- fxcache's decision reduction for a dynamic method (issue 14, implemented in fxcache/parallel.py):
+  one all-reduce per decision, i.e. per forward call, modelled as two fp32 sums (8 bytes); as built
+  it carries the two sums and their element counts in float64 (32 bytes), latency-bound either way.
 
 Time uses the stated assumptions (``ASSUMPTIONS`` below, printed with the tables): peak bf16 dense
 989 TFLOP/s (H100 SXM / H200 datasheet) at an assumed MFU, NVLink 4 450 GB/s and PCIe Gen5 x16

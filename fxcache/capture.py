@@ -206,9 +206,16 @@ class _InputLeaf:
     index: int  # into the flattened (args, kwargs) of the call
 
 
+_HOOK_INDIRECTION = re.compile(r"(\.forward\.func\.__closure__\[\d+\]\.cell_contents)*\.forward\.__self__")
+
+
 def normalize_module_path(dynamo_path: str) -> str:
     """``L['self'].__dict__['_modules']['blocks'].1.attn`` -> ``blocks.1.attn``."""
-    path = re.sub(r"^L\['(self|model)'\]\.?", "", dynamo_path)
+    # a module whose forward diffusers' hooks wrap (context parallelism) is reached through them:
+    # `blocks.0.forward.func.__closure__[0].cell_contents.forward.__self__` is `blocks.0` itself
+    path = _HOOK_INDIRECTION.sub("", dynamo_path)
+    path = re.sub(r"^L\['function_reference'\]", "", path)  # the hooked root's own forward
+    path = re.sub(r"^L\['(self|model)'\]\.?", "", path)
     path = re.sub(r"__dict__\['_modules'\]\['([^']+)'\]", r"\1", path)
     path = re.sub(r"_modules\['([^']+)'\]", r"\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
@@ -254,6 +261,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
 
         return run
 
+    from .parallel import prepare_capture
+
+    prepare_capture(model)  # diffusers' context-parallel hooks, made traceable
     entry = _entry_function()
     try:
         with _capture_mode(), _outside_dispatch_modes(), quiet_logging():
@@ -287,7 +297,9 @@ def quiet_logging():
     ignored = "ignore_logging_functions" if hasattr(torch._dynamo.config, "ignore_logging_functions") \
         else "ignore_logger_methods"
     quiet[ignored] = set(getattr(torch._dynamo.config, ignored)) | {
-        logging.Logger.debug, logging.Logger.info, logging.Logger.warning}
+        logging.Logger.debug, logging.Logger.info, logging.Logger.warning,
+        # transformers adds Logger.warning_once, which diffusers' context-parallel split hook calls
+        *(getattr(logging.Logger, name) for name in ("warning_once", "info_once") if hasattr(logging.Logger, name))}
     return torch._dynamo.config.patch(**quiet)
 
 
@@ -366,6 +378,8 @@ def _standalone(model, recorded, args, kwargs, result) -> CapturedGraph:
     output_node = next(n for n in dynamo_gm.graph.nodes if n.op == "output")
     graph.output(pytree.tree_map(lambda n: env[n] if isinstance(n, fx.Node) else n, output_node.args[0]))
 
+    from .parallel import is_context_parallel_hook
+
     module_types: dict[str, type] = {}
     for node in graph.nodes:
         stack = []
@@ -373,6 +387,10 @@ def _standalone(model, recorded, args, kwargs, result) -> CapturedGraph:
             path = normalize_module_path(dynamo_path)
             stack.append(path)
             module_types[path] = module_type
+        if stack and is_context_parallel_hook(node):
+            # a split of a module's inputs (Wan shards at blocks.0) or a gather of its outputs runs
+            # at the module's boundary: glue of its parent, not part of the block
+            stack.pop()
         node.meta[MODULE_STACK] = tuple(stack)
     graph.lint()
     gm = fx.GraphModule(root, graph, class_name="CapturedGraph")
@@ -408,15 +426,18 @@ def capture_dynamic(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
         torch._dynamo.maybe_mark_dynamic(hidden, 1)
         graph_module, example_inputs = capture_dynamic(model, (), {"hidden_states": hidden, ...})
     """
+    from .parallel import prepare_capture
+
     recorded: dict[str, Any] = {}
 
     def record(gm, example_inputs):
         recorded["gm"], recorded["inputs"] = gm, example_inputs
         return gm.forward
 
+    prepare_capture(model)
     entry = _entry_function()
     try:
-        with _capture_mode(), _outside_dispatch_modes():
+        with _capture_mode(), _outside_dispatch_modes(), quiet_logging():
             torch.compile(entry, backend=record, fullgraph=True, dynamic=False)(model, args, kwargs)
     except Exception as error:
         raise CaptureError(f"dynamo could not capture {type(model).__name__} with symbolic sizes: "

@@ -40,6 +40,7 @@ import torch
 import torch.fx as fx
 
 from .capture import MODULE_STACK, CapturedGraph, capture
+from .parallel import ContextParallel, context_parallel
 from .regions import (HIDDEN, Attention, Block, BlockRange, ModelRegions, Region, RegionError, WholeModel,
                       example_value, find_regions)
 
@@ -219,6 +220,7 @@ class PassRewrite:
     scalars: tuple[str, ...]
     state: tuple[str, ...]
     host_reads: int = 0
+    reduces: tuple[str, ...] = ()  # what a decision all-reduces over the context-parallel group
 
     @property
     def decides_in_graph(self) -> bool:
@@ -240,6 +242,7 @@ class RewrittenProgram:
     scalars: tuple[ScalarSpec, ...]
     flags: tuple[FlagSpec, ...]
     passes: tuple[PassRewrite, ...]
+    parallel: ContextParallel | None = None  # the group the model's sequence is sharded over
 
     @property
     def gated_paths(self) -> list[str]:
@@ -271,6 +274,12 @@ class RewrittenProgram:
                                                           if len(rewrite.replaced) > 4 else "")
             how = "decides in the graph" if rewrite.decides_in_graph else f"flags {list(rewrite.flags)}"
             lines.append(f"  {rewrite.name}: replaced {replaced or 'nothing'}; {how}")
+            if self.parallel is not None:
+                lines.append(f"    all-reduces over the {self.parallel.size} ranks, once per decision, before its "
+                             f"host read: {'; '.join(rewrite.reduces)}" if rewrite.reduces else
+                             "    no collective: decided from the step, which every rank has; state per rank on its shard")
+        if self.parallel is not None:
+            lines.insert(1, f"  {self.parallel.describe()}")
         return "\n".join(lines)
 
 
@@ -291,6 +300,7 @@ class _PassRecord:
     state: list[str] = field(default_factory=list)
     host_reads: int = 0
     forecasts: bool = False
+    reduces: list[str] = field(default_factory=list)
 
 
 class ProgramBuilder:
@@ -309,6 +319,7 @@ class ProgramBuilder:
         self.graph = self.graph_module.graph
         self.regions = _map_regions(regions, node_map, self.graph_module)
         self.parent = parent  # a variant's builder declares nothing new: it reads its parent's names
+        self.parallel = context_parallel(captured.graph_module.model)
         self._placeholders: dict[str, list[fx.Node]] = {"state": [], "scalar": [], "flag": []}
         self._inputs = [n for n in self.graph.nodes if n.op == "placeholder"]
         self.state: list[StateSlot] = []
@@ -352,10 +363,10 @@ class ProgramBuilder:
         flags = tuple(FlagSpec(spec.name, spec.decide, spec.owner, tuple(self._gates.get(spec.name, ())))
                       for spec in self._flag_specs.values())
         records = tuple(PassRewrite(type(p).__name__, tuple(r.replaced), tuple(r.flags), tuple(r.scalars),
-                                    tuple(r.state), r.host_reads)
+                                    tuple(r.state), r.host_reads, tuple(r.reduces))
                         for p in passes if (r := self._records.get(p.namespace)) is not None)
         return RewrittenProgram(self.captured, self.found, self.graph_module, tuple(self.state),
-                                tuple(self.scalars), flags, records)
+                                tuple(self.scalars), flags, records, self.parallel)
 
     def _check(self, g: "PassBuilder") -> None:
         """After each pass: the graph is well formed, and everything the pass declared is read."""
@@ -813,6 +824,22 @@ class PassBuilder:
         resolved = tuple(self._builder._resolve_arg(a) for a in args)
         with graph.inserting_after(after):
             return graph.call_function(fn, resolved)
+
+    def metric_group(self, what: str) -> str | None:
+        """The process group a dynamic decision's metric is reduced over: the model's
+        context-parallel group (diffusers' ``enable_parallelism``), None on one process. The decision
+        function hands it to :func:`fxcache.parallel.mean_ratios`, which all-reduces the metric's sums
+        once per decision, so every rank reads the same value. ``what`` names the sums, for ``explain()``.
+
+        Example::
+
+            group = g.metric_group("sum |r - r_prev| and sum |r_prev| of the head residual")
+            change = g.call(relative_l1_change, residual, reference, group, after=residual)"""
+        if self._builder.parallel is None:
+            return None
+        if what not in self._record().reduces:
+            self._record().reduces.append(what)
+        return self._builder.parallel.group
 
     def host_bool(self, decision: fx.Node) -> fx.Node:
         """Read a 0-d bool decision back to the host (``.item()``), for a policy that branches in

@@ -400,7 +400,9 @@ class CachedModel(torch.nn.Module):
         (``true``) or reused (``false``), counters such as ``first_block_cache.tail_computed``, and ``cache_bytes``;
         ``totals`` the same summed over every generation since the transform. Also graphs compiled,
         captures, programs held (``programs``, at most ``max_programs``), and cache bytes in all and
-        per pass.
+        per pass. Under diffusers' context parallelism, ``context_parallel`` has the group's size, this
+        rank, the degrees and, per pass, what its decision all-reduces (None on one process); cache
+        bytes are this rank's, on its shard.
 
         Example::
 
@@ -430,7 +432,16 @@ class CachedModel(torch.nn.Module):
                 "programs_evicted": self._evicted,
                 "cache_bytes": self._cache_bytes(),
                 "cache_bytes_by_pass": by_pass,
+                "context_parallel": self._parallel_figures(),
             }
+
+    def _parallel_figures(self) -> dict[str, Any] | None:
+        parallel = self._latest().rewritten.parallel if self._programs else None
+        if parallel is None:
+            return None
+        return {"group_size": parallel.size, "rank": parallel.rank, "ulysses_degree": parallel.ulysses_degree,
+                "ring_degree": parallel.ring_degree, "collectives_per_decision": 1,
+                "reduced": {p.name: list(p.reduces) for p in self._latest().rewritten.passes if p.reduces}}
 
     def _generation_figures(self, counters: str | None) -> dict[str, dict[str, Any]]:
         """Per context: calls and flag counts since the last reset, bytes held, and the state's

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from ..parallel import mean_ratio
 from ..regions import HIDDEN, RegionError
 from ..rewrite import INPUTS, REGION, CacheView, PassBuilder, copy_into
 
@@ -155,7 +156,8 @@ def rewrite_dual_blocks(g: PassBuilder, plan: DualBlockPlan) -> None:
         continuous = g.state("continuous_cached_steps", shape=(), dtype=torch.int64)
 
     front_residual = g.call(torch.sub, hidden_out, hidden_in, after=front[-1].nodes[-1])
-    change = g.call(relative_l1_change, front_residual, reference, after=front_residual)
+    group = g.metric_group("sum |r - r_prev| and sum |r_prev| of the decision residual r, with their counts")
+    change = g.call(relative_l1_change, front_residual, reference, group, after=front_residual)
     similar = g.call(plan.similar, change, threshold, after=change)
     compute = g.call(gate_reuse, similar, warmup, cached, plan.max_cached_steps, continuous,
                      plan.max_continuous_cached_steps, after=similar)
@@ -167,11 +169,12 @@ def rewrite_dual_blocks(g: PassBuilder, plan: DualBlockPlan) -> None:
               computed, INPUTS)
 
 
-def relative_l1_change(residual: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def relative_l1_change(residual: torch.Tensor, reference: torch.Tensor, group: str | None = None) -> torch.Tensor:
     """``mean|r - r_ref| / mean|r_ref|`` in the residual's dtype, as float64 (0-d): diffusers and
     cache-dit both compute it so and compare the Python float they read. A zero reference (nothing
-    computed yet) gives inf or NaN."""
-    return ((residual - reference).abs().mean() / reference.abs().mean()).double()
+    computed yet) gives inf or NaN. Under context parallelism (``group``) the means are over the
+    whole sequence, reduced in one collective (:func:`fxcache.parallel.mean_ratio`)."""
+    return mean_ratio((residual - reference).abs(), reference.abs(), group)
 
 
 def gate_reuse(similar: torch.Tensor, warmup, cached, max_cached: int, continuous, max_continuous: int) -> torch.Tensor:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..parallel import mean_ratio
 from ..regions import HIDDEN, RegionError
 from ..rewrite import INPUTS, REGION, PassBuilder, copy_into
 from .base import CachePass
@@ -101,21 +102,24 @@ class EasyCache(CachePass):
         force = g.scalar("force_compute", value=lambda step: float(self.forced(step.index, step.num_steps)))
         transformation = g.cache("transformation", like=y)
         counter = g.counter("blocks_computed")
+        group = g.metric_group("sum |x - x_prev| and sum |y_last| for the decision, with their counts; on a "
+                               "computed step also sum |y - y_last| and sum |x - x_last| for the rate k")
         compute = g.call(predict_and_decide, x, previous_input, last_output, rate, accumulated, computed_steps,
-                         thresh, force, after=x)
+                         thresh, force, group, after=x)
         host = self.lowering == "host"
         decision = g.host_bool(compute) if host else compute
         g.replace(stack, run_and_measure_rate, host, decision, compute, REGION, transformation, position, streams,
-                  counter, (last_input, last_output, rate, computed_steps), INPUTS)
+                  counter, (last_input, last_output, rate, computed_steps, group), INPUTS)
 
 
 def predict_and_decide(x: torch.Tensor, previous_input: torch.Tensor, last_output: torch.Tensor, rate: torch.Tensor,
                        accumulated: torch.Tensor, computed_steps: torch.Tensor, thresh: torch.Tensor,
-                       force: torch.Tensor) -> torch.Tensor:
+                       force: torch.Tensor, group: str | None = None) -> torch.Tensor:
     """Add ``k * mean|x - x_prev| / mean|y_last|`` to the accumulated error; compute (0-d bool) when
     forced, before ``k`` is known (under two computed steps) or when the sum reaches ``thresh`` (NaN
-    computes), which sets it to 0. ``x_prev`` becomes ``x``."""
-    change = ((x - previous_input).abs().mean() / last_output.abs().mean()).double()
+    computes), which sets it to 0. ``x_prev`` becomes ``x``. Under context parallelism the means are
+    over the whole sequence (one collective, ``group``)."""
+    change = mean_ratio((x - previous_input).abs(), last_output.abs(), group)
     total = accumulated.reshape(()) + rate.reshape(()) * change
     reuse = (force.reshape(()) == 0) & (computed_steps >= 2) & (total < thresh.reshape(()))
     copy_into(accumulated, torch.where(reuse, total, torch.zeros_like(total)).reshape(1))
@@ -124,11 +128,14 @@ def predict_and_decide(x: torch.Tensor, previous_input: torch.Tensor, last_outpu
 
 
 def measure_rate(compute: torch.Tensor, x: torch.Tensor, y: torch.Tensor, last_input: torch.Tensor,
-                 last_output: torch.Tensor, rate: torch.Tensor, computed_steps: torch.Tensor) -> None:
+                 last_output: torch.Tensor, rate: torch.Tensor, computed_steps: torch.Tensor,
+                 group: str | None = None) -> None:
     """On a computed step (``compute``, 0-d bool): ``k = mean|y - y_last| / mean|x - x_last|`` when a
     step computed before, then ``x_last, y_last = x, y``. Written with ``torch.where``, so it also
-    runs unbranched after ``torch.cond``."""
-    new_rate = ((y - last_output).abs().mean() / (x - last_input).abs().mean()).double()
+    runs unbranched after ``torch.cond``. Under context parallelism ``k`` is over the whole sequence:
+    a second collective (``group``), on the computed steps of the host lowering, which every rank
+    takes alike."""
+    new_rate = mean_ratio((y - last_output).abs(), (x - last_input).abs(), group)
     copy_into(rate, torch.where(compute & (computed_steps >= 1), new_rate, rate.reshape(())).reshape(1))
     copy_into(last_input, torch.where(compute, x, last_input))
     copy_into(last_output, torch.where(compute, y, last_output))

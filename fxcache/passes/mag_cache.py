@@ -36,6 +36,7 @@ from typing import Any, Callable
 import torch
 
 from ..observe import observe
+from ..parallel import context_parallel, mean_ratio
 from ..regions import HIDDEN, RegionError
 from ..rewrite import INPUTS, REGION, PassBuilder
 from .base import CachePass, ConfigError
@@ -316,6 +317,9 @@ def measure_mag_ratios(model: torch.nn.Module, generate: Callable[[torch.nn.Modu
     """
     ratios: dict[str, list[float]] = {}
     previous: dict[str, torch.Tensor] = {}
+    # under context parallelism each rank holds a shard of the tokens: the mean over all of them, so
+    # every rank gets the same ratios (and so the same schedule)
+    group = getattr(context_parallel(model), "group", None)
 
     def select(regions):
         return {"in": regions.blocks[0].stream_inputs[HIDDEN], "out": regions.blocks[-1].stream_outputs[HIDDEN]}
@@ -332,7 +336,9 @@ def measure_mag_ratios(model: torch.nn.Module, generate: Callable[[torch.nn.Modu
         else:
             current_norm = torch.linalg.norm(residual.float(), dim=-1)
             previous_norm = torch.linalg.norm(previous[context].float(), dim=-1)
-            ratio = (current_norm / (previous_norm + 1e-8)).mean().item()
+            per_token = current_norm / (previous_norm + 1e-8)
+            ratio = per_token.mean().item() if group is None else \
+                mean_ratio(per_token, torch.ones_like(per_token), group).item()
         ratios.setdefault(context, []).append(ratio)
         previous[context] = residual
 

@@ -36,6 +36,7 @@ import torch
 import torch.fx as fx
 
 from ..observe import observe
+from ..parallel import context_parallel, mean_ratio
 from ..regions import HIDDEN, Block, RegionError, descendants, example_value
 from ..rewrite import INPUTS, REGION, PassBuilder, copy_into
 from .base import CachePass, ConfigError
@@ -133,8 +134,9 @@ class TeaCache(CachePass):
         computed = g.counter("blocks_computed")
         threshold = g.scalar("threshold", value=self.threshold, dtype=torch.float64)
         force = g.scalar("force_compute", value=lambda step: float(self.forces(step.index, step.num_steps)))
+        group = g.metric_group("sum |m - m_prev| and sum |m_prev| of the indicator m, with their counts")
         compute = g.call(accumulate_and_decide, indicator, previous, accumulated, threshold, force,
-                         self.coefficients, after=indicator)
+                         self.coefficients, group, after=indicator)
         if self.lowering == "host":
             decision, policy = g.host_bool(compute), run_or_add_residual
         else:
@@ -170,11 +172,13 @@ class TeaCache(CachePass):
 
 
 def accumulate_and_decide(indicator: torch.Tensor, previous: torch.Tensor, accumulated: torch.Tensor,
-                          threshold: torch.Tensor, force: torch.Tensor, coefficients: tuple[float, ...]) -> torch.Tensor:
+                          threshold: torch.Tensor, force: torch.Tensor, coefficients: tuple[float, ...],
+                          group: str | None = None) -> torch.Tensor:
     """Add the rescaled relative L1 change of the indicator to the accumulated distance; compute
     (0-d bool) when forced or when the distance reaches ``threshold`` (NaN computes). Updates the
-    previous indicator and the accumulated distance (reset to 0 on computing)."""
-    change = ((indicator - previous).abs().mean() / previous.abs().mean()).double()
+    previous indicator and the accumulated distance (reset to 0 on computing). Under context
+    parallelism the change is over the whole sequence (one collective, ``group``)."""
+    change = mean_ratio((indicator - previous).abs(), previous.abs(), group)
     rescaled = torch.zeros_like(change)
     for coefficient in coefficients:  # Horner: highest power first, as np.poly1d
         rescaled = rescaled * change + coefficient
@@ -239,8 +243,10 @@ def measure_changes(model: torch.nn.Module, generate: Callable[[torch.nn.Module]
         return {"indicator": find_indicator(blocks[0], inputs, indicator),
                 "output": blocks[-1].stream_outputs[HIDDEN]}
 
+    group = getattr(context_parallel(model), "group", None)  # each rank holds a shard: measure the whole
+
     def relative_l1(now: torch.Tensor, before: torch.Tensor) -> float:
-        return float((now - before).abs().mean() / before.abs().mean())
+        return float(mean_ratio((now - before).abs(), before.abs(), group))
 
     def measure(context: str, values: dict[str, torch.Tensor]) -> None:
         current = (values["indicator"].float(), values["output"].float())
