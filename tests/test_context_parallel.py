@@ -26,6 +26,10 @@ from fxcache.passes import FirstBlockCache, MagCache, PyramidAttentionBroadcast,
 from fxcache.testing import models
 from tests.helpers import relative_difference
 
+# one xdist worker runs this module (the README's command distributes by group): the two ranks are
+# spawned once, not once per worker
+pytestmark = pytest.mark.xdist_group("context_parallel")
+
 WORLD = 2
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
 JOB_TIMEOUT = 420  # seconds for one job on both ranks, compiles included

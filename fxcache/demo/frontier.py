@@ -92,7 +92,8 @@ class Calibration:
 
 
 def _cache_dit(num_steps: int, calibrator: str | None = None, **fields) -> Callable[[torch.nn.Module], Any]:
-    """A setting's ``make`` result for cache-dit: DBCache with ``fields`` (and a calibrator) on a copy."""
+    """A setting's ``make`` result for cache-dit: DBCache with ``fields`` and a calibrator
+    (``"taylorseer"``, order 1, or ``"foca"``) on a copy."""
     from .peers import apply_cache_dit
 
     def make_config():
@@ -101,9 +102,10 @@ def _cache_dit(num_steps: int, calibrator: str | None = None, **fields) -> Calla
         return DBCacheConfig(num_inference_steps=num_steps, **fields)
 
     def make_calibrator():
-        from cache_dit import TaylorSeerCalibratorConfig
+        from cache_dit import FoCaCalibratorConfig, TaylorSeerCalibratorConfig
 
-        return TaylorSeerCalibratorConfig(taylorseer_order=1) if calibrator == "taylorseer" else None
+        return {None: lambda: None, "taylorseer": lambda: TaylorSeerCalibratorConfig(taylorseer_order=1),
+                "foca": FoCaCalibratorConfig}[calibrator]()
 
     return lambda model: apply_cache_dit(model, make_config, make_calibrator)
 
@@ -144,6 +146,14 @@ def settings(num_steps: int = 20) -> list[Setting]:
         add("DBCache F1B1 + TaylorSeer", f"threshold={t}",
             lambda c, t=t: [fx.DBCache(residual_diff_threshold=t, **dbcache), forecast()],
             cache_dit=lambda c, t=t: _cache_dit(num_steps, "taylorseer", residual_diff_threshold=t, **dbcache))
+    for t in (0.4, 0.8):
+        # cache-dit's FoCa calibrator does not divide the anchor's rate by the steps between computed
+        # values (docs/foca.md): the same setting, two points
+        add("DBCache F1B1 + FoCa", f"threshold={t}",
+            lambda c, t=t: [fx.DBCache(residual_diff_threshold=t, **dbcache), fx.FoCa(target="reused")],
+            cache_dit=lambda c, t=t: _cache_dit(num_steps, "foca", residual_diff_threshold=t, **dbcache))
+        add("DBCache F1B1 + HiCache", f"threshold={t}",
+            lambda c, t=t: [fx.DBCache(residual_diff_threshold=t, **dbcache), fx.HiCache(target="reused")])
     for policy in ("slow", "medium", "fast"):
         mask = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=0, steps_computation_policy="static")
         add("DBCache steps mask", f"{policy}, static",
@@ -177,6 +187,11 @@ def settings(num_steps: int = 20) -> list[Setting]:
                                                          taylor_factors_dtype=torch.float32),
             lambda c, i=interval, o=order: diffusers.TaylorSeerCacheConfig(cache_interval=i, max_order=o,
                                                                            taylor_factors_dtype=torch.float32))
+    for interval in (3, 4, 5):
+        add("FoCa", f"interval={interval}", lambda c, i=interval: fx.FoCa(cache_interval=i, warmup_steps=3))
+    for interval, order, scale in ((3, 1, 0.5), (5, 1, 0.5), (5, 2, 0.7)):
+        add("HiCache", f"interval={interval}, order={order}, scale={scale}",
+            lambda c, i=interval, o=order, k=scale: fx.HiCache(cache_interval=i, max_order=o, scale=k, warmup_steps=3))
     add("PAB + MagCache", "spatial every 2, threshold=0.12", lambda c: [
         fx.PyramidAttentionBroadcast(spatial_attention_block_skip_range=2, current_timestep_callback=c.clock),
         fx.MagCache(threshold=0.12, num_inference_steps=num_steps, mag_ratios=c.mag_ratios)])

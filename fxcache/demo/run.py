@@ -81,10 +81,11 @@ def run_digits_demo(out: str = "fxcache-demo.png", steps: int = 20, backend: str
 
 
 def format_reports(reports, clock: str = "process time") -> str:
+    width = max([40] + [len(r.name) + 2 for r in reports])
     lines = [f"speed-up: uncached / cached {clock} of one grid (best of 2)",
-             f"{'run':<42} {'FLOP frac':>9} {'speed-up':>8} {'PSNR dB':>8} {'SSIM':>6} {'accuracy':>8}"]
+             f"{'run':<{width}} {'FLOP frac':>9} {'speed-up':>8} {'PSNR dB':>8} {'SSIM':>6} {'accuracy':>8}"]
     for r in reports:
-        lines.append(f"{r.name:<42} {r.flop_fraction:>9.3f} {r.speedup:>7.2f}x {r.psnr:>8.1f} {r.ssim:>6.3f} "
+        lines.append(f"{r.name:<{width}} {r.flop_fraction:>9.3f} {r.speedup:>7.2f}x {r.psnr:>8.1f} {r.ssim:>6.3f} "
                      f"{r.accuracy:>8.2f}")
     return "\n".join(lines)
 
