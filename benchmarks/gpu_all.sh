@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU number of issue 16 in one run on a lent H200 (budget: under 8 minutes of the session's
-# 15 device minutes, machine start excluded), tables written to $OUT.
+# Every GPU number of issue 16 in one run on a lent H200 (budget: under 9.5 minutes of the session's
+# 15 device minutes, machine start excluded; each part has its own timeout), tables written to $OUT.
 #
 # 1. Here (a machine with pip and the internet), once: fetch the wheels the device lacks into .whl/
 #    (ignored by git; diffusers and cache-dit are not installed there, torch 2.11 is):
 #        bash benchmarks/gpu_all.sh fetch
 # 2. On the device (the `run` tool), carrying .whl:
-#        run(command="bash benchmarks/gpu_all.sh", carry=[".whl"], timeout_s=540)
+#        run(command="bash benchmarks/gpu_all.sh", carry=[".whl"], timeout_s=595)
 #
 # What it measures (each part under its own time limit, rows written as they finish, so a part cut
 # short still leaves its rows and the table is printed from them):
@@ -17,8 +17,11 @@
 #   B. reduced depth 4 + 8 (as the 2026-11-26 table): the same uncached rows, FirstBlockCache
 #      skipping nothing (t=0.08) and skipping every step after the first (t=1e6): fxcache,
 #      diffusers, cache-dit DBCache F1B0 eager and + regional compile.
-#   The warm-up column of A beside B is the compile-time row: cold first compiles (a fresh Inductor
-#   cache) of regional compile, whole-graph compile and fxcache at 12 and at 57 blocks.
+#   The warm-up column of A is wall time with one Inductor cache for the part (rows after the first
+#   may reuse kernels of earlier rows); C is the cold compile-time table.
+#   C. cold compile time at 12 blocks, a fresh process and Inductor cache per row: diffusers' regional
+#      compile, fxcache MagCache with block kinds compiled once (nested_compile_region, the default)
+#      and as one flat graph (FXCACHE_BLOCK_REGIONS=0).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,14 +59,22 @@ started=$(date +%s)
 cat "$OUT/env.txt"
 
 # A: full depth, ~4.5 minutes (each whole-graph compile of 57 blocks is the bulk)
-timeout 280 python3 -m fxcache.demo.bench --double 19 --single 38 --methods mag --peers diffusers --repeats 1 \
+timeout 260 python3 -m fxcache.demo.bench --double 19 --single 38 --methods mag --peers diffusers --repeats 1 \
     --json "$OUT/full_depth.json" 2>&1 | grep -v "^W[0-9]" | tee "$OUT/full_depth.log"
 echo "A done after $(( $(date +%s) - started )) s"
 
 # B: reduced depth with cache-dit, ~2.5 minutes
-timeout 170 python3 -m fxcache.demo.bench --double 4 --single 8 --methods fbc,fbc-forced --peers diffusers,cache-dit \
+timeout 150 python3 -m fxcache.demo.bench --double 4 --single 8 --methods fbc,fbc-forced --peers diffusers,cache-dit \
     --repeats 2 --json "$OUT/reduced_depth.json" 2>&1 | grep -v "^W[0-9]" | tee "$OUT/reduced_depth.log"
 echo "B done after $(( $(date +%s) - started )) s"
+
+# C: cold compile time at 12 blocks (4 + 8), each row in a fresh process with a fresh Inductor cache:
+# diffusers' regional compile, fxcache with each block kind compiled once (nested_compile_region) and
+# fxcache as one flat graph, ~2.5 minutes
+timeout 150 python3 benchmarks/compile_time.py --blocks 12 --device cuda --size gpu --mode reduce-overhead \
+    --rows regional,fxcache --fxcache-block-regions both --json "$OUT/compile_time.jsonl" 2>&1 \
+    | grep -v "^W[0-9]" | tee "$OUT/compile_time.log"
+echo "C done after $(( $(date +%s) - started )) s"
 
 # the tables, from the rows each part wrote (complete or cut short)
 rows=$(ls "$OUT"/full_depth.rows.jsonl "$OUT"/reduced_depth.rows.jsonl 2>/dev/null)

@@ -97,11 +97,11 @@ class CaptureGuard:
         f_locals = {"model": model, "args": args, "kwargs": kwargs}
         if _instrumented():  # checked as captured: without the caller's modes and global hooks
             with _capture_mode(), _outside_dispatch_modes():
-                return bool(self._manager.check(f_locals))
+                return self._manager.check(f_locals)
         if torch.is_grad_enabled() or torch.is_inference_mode_enabled():
             with _capture_mode():
-                return bool(self._manager.check(f_locals))
-        return bool(self._manager.check(f_locals))  # already the capture's mode: the common case
+                return self._manager.check(f_locals)
+        return self._manager.check(f_locals)  # already the capture's mode: the common case
 
     def release(self) -> None:
         """Drop the capture's cache entry (and with it the guards and dynamo's tracing state)."""
@@ -153,6 +153,7 @@ class CapturedGraph:
     module_types: dict[str, type] = field(default_factory=dict)
     input_spec: pytree.TreeSpec | None = None  # structure of the call's (args, kwargs)
     guard: CaptureGuard | None = None  # when a later call needs a new capture
+    _output_kind: str | None = field(default=None, repr=False, compare=False)
 
     def example_call(self, batch_of=None) -> tuple[tuple, dict]:
         """Call arguments with this graph's signature: zeros for tensors (``batch_of(shape)`` may
@@ -185,6 +186,12 @@ class CapturedGraph:
     def rebuild_output(self, flat: tuple, call_leaves: list | None = None) -> Any:
         """The module's return value from the graph's flat outputs (``call_leaves`` as above: needed
         when the model returns one of its inputs)."""
+        if self._output_kind is None:
+            self._output_kind = self._kind_of_output()
+        if self._output_kind == "tensor":
+            return flat[self.output_slots[0]]
+        if self._output_kind == "tuple":
+            return tuple([flat[slot] for slot in self.output_slots])
         leaves = []
         for slot in self.output_slots:
             if isinstance(slot, int):
@@ -194,6 +201,19 @@ class CapturedGraph:
             else:
                 leaves.append(slot.value)
         return pytree.tree_unflatten(leaves, self.output_spec)
+
+    def _kind_of_output(self) -> str:
+        """``"tensor"`` or ``"tuple"`` (of graph outputs: what denoisers return with
+        ``return_dict=False``), rebuilt without pytree on every call; else ``"tree"``."""
+        if not all(type(slot) is int for slot in self.output_slots):
+            return "tree"
+        if self.output_spec.is_leaf():
+            return "tensor"
+        spec = self.output_spec
+        children = spec.children() if hasattr(spec, "children") else spec.children_specs  # torch < 2.12
+        if spec.type is tuple and all(child.is_leaf() for child in children):
+            return "tuple"
+        return "tree"
 
 
 @dataclass(frozen=True)
@@ -266,7 +286,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
     prepare_capture(model)  # diffusers' context-parallel hooks, made traceable
     entry = _entry_function()
     try:
-        with _capture_mode(), _outside_dispatch_modes(), quiet_logging():
+        with _capture_mode(), _outside_dispatch_modes(), quiet_logging(), _tagged_guards():
             compiled = torch.compile(entry, backend=record, fullgraph=True, dynamic=False)
             result = compiled(model, args, kwargs)
     except Exception as error:  # dynamo reports breaks as several exception types
@@ -286,6 +306,16 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
         recorded.clear()
     captured.guard = CaptureGuard(entry)
     return captured
+
+
+def _tagged_guards():
+    """Guards built with dynamo's recursive dict tags: a module whose guarded subtree holds only
+    modules, dicts and tensors is checked as a whole by comparing the version tags of the dicts in
+    it (CPython bumps a dict's tag on every mutation), and its guards run only when a tag moved. The
+    same guards, a fraction of the work per call (the check runs on every call of the model)."""
+    if not hasattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards"):
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True)
 
 
 def quiet_logging():
@@ -312,9 +342,14 @@ def _global_hook_dicts() -> list[dict]:
         if isinstance(hooks := getattr(nn_module, name, None), dict)]
 
 
+# torch mutates these dicts in place (never rebinds them), so one lookup serves every call
+_HOOK_DICTS = tuple(_global_hook_dicts())
+_dispatch_depth = torch._C._len_torch_dispatch_stack
+
+
 def _instrumented() -> bool:
     """Whether the caller has a dispatch mode or global module hooks active (a FlopCounterMode)."""
-    return torch._C._len_torch_dispatch_stack() > 0 or any(_global_hook_dicts())
+    return _dispatch_depth() > 0 or any(_HOOK_DICTS)
 
 
 @contextlib.contextmanager

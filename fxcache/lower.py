@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
+import os
+import types
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -23,7 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from .capture import quiet_logging
+from .capture import MODULE_STACK, quiet_logging
 from .rewrite import RewrittenProgram
 from .state import CacheState
 
@@ -67,6 +70,154 @@ def _room_for_decision_tuples(num_flags: int):
         yield
 
 
+# Compile each kind of transformer block once (torch.compiler.nested_compile_region): on unless the
+# environment sets FXCACHE_BLOCK_REGIONS=0, or code sets ``fxcache.lower.block_regions = False``
+block_regions = os.environ.get("FXCACHE_BLOCK_REGIONS", "1") != "0"
+
+
+def stamp_blocks(gm: fx.GraphModule, block_paths: list[str]) -> tuple[fx.GraphModule, dict[str, int]]:
+    """A copy of ``gm`` in which every transformer block (a contiguous run of nodes whose module stack
+    names one of ``block_paths``, in the program or inside a region a pass outlined) is one call of a
+    function shared by all blocks of the same code: the block's graph with its parameters as
+    arguments, marked ``torch.compiler.nested_compile_region``. Dynamo then traces it as
+    ``invoke_subgraph`` and Inductor compiles each distinct block once and calls it per block,
+    instead of compiling every block's copy of the same kernels. Returns the copy and counts
+    (``blocks`` stamped, ``kinds`` compiled)."""
+    shared: dict[tuple, Callable] = {}
+    counts = {"blocks": 0, "kinds": 0}
+    paths = set(block_paths)
+
+    def process(module: fx.GraphModule) -> fx.GraphModule:
+        graph = fx.Graph()
+        node_map: dict[fx.Node, fx.Node] = {}
+        graph.output(graph.graph_copy(module.graph, node_map))
+        for old, new in node_map.items():
+            new.meta = dict(old.meta)
+        for run in _block_runs(graph, paths):
+            _stamp(graph, run, shared, counts)
+        graph.lint()
+        root = torch.nn.Module()
+        root.model = module.model
+        for name, child in module.named_children():
+            if name != "model":
+                root.add_module(name, process(child) if isinstance(child, fx.GraphModule) else child)
+        for node in graph.nodes:
+            if node.op == "get_attr" and not node.target.startswith("model.") and "." not in node.target \
+                    and not hasattr(root, node.target):
+                setattr(root, node.target, getattr(module, node.target))
+        copy = fx.GraphModule(root, graph, class_name=type(module).__name__)
+        copy.model = module.model
+        return copy
+
+    return process(gm), counts
+
+
+def _storage(node: fx.Node):
+    """Identity of the storage of ``node``'s example value (fake tensors of one capture share
+    storages the way the real ones do)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if not isinstance(value, torch.Tensor):
+        return None
+    try:
+        return StorageWeakRef(value.untyped_storage())
+    except Exception:  # a tensor without storage: nothing to alias
+        return None
+
+
+def _block_of(node: fx.Node, paths: set[str]) -> str | None:
+    for path in node.meta.get(MODULE_STACK, ()):
+        if path in paths:
+            return path
+    return None
+
+
+def _block_runs(graph: fx.Graph, paths: set[str]) -> list[list[fx.Node]]:
+    """Per block, its nodes in order, when they form one contiguous run (``get_attr`` reads between
+    them aside); a block split by other nodes is left as it is."""
+    runs: dict[str, list[fx.Node]] = {}
+    order = [n for n in graph.nodes if n.op not in ("get_attr", "placeholder", "output")]
+    for node in order:
+        path = _block_of(node, paths)
+        if path is not None:
+            runs.setdefault(path, []).append(node)
+    position = {n: i for i, n in enumerate(order)}
+    return [run for run in runs.values()
+            if position[run[-1]] - position[run[0]] + 1 == len(run) and len(run) > 1]
+
+
+def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> None:
+    members = set(run)
+    activations, params = [], []
+    for node in run:
+        for arg in node.all_input_nodes:
+            if arg not in members and arg not in activations and arg not in params:
+                (params if arg.op == "get_attr" else activations).append(arg)
+    outputs = [n for n in run if any(user not in members for user in n.users)]
+    if not outputs:
+        return
+    body = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, node in enumerate([*activations, *params]):
+        env[node] = body.placeholder(f"input_{i}")
+        env[node].meta = dict(node.meta)
+    key_parts = [len(activations), len(params)]
+    for i, node in enumerate(run):
+        env[node] = body.node_copy(node, lambda n: env[n])
+        env[node].meta = dict(node.meta)
+        key_parts.append((node.op, node.target if isinstance(node.target, str) else id(node.target)))
+    # a higher-order op may not return its inputs or views of them (a block that passes a stream
+    # through), nor two views of one tensor (a single-stream block's text and image slices): those
+    # outputs are copies
+    seen = {_storage(node) for node in [*activations, *params]} - {None}
+    returned = []
+    for out in outputs:
+        value, storage = env[out], _storage(out)
+        if storage in seen or value.op == "placeholder":
+            value = body.call_method("clone", (value,))
+        elif storage is not None:
+            seen.add(storage)
+        returned.append(value)
+    body.output(tuple(returned))
+    for i, node in enumerate(body.nodes):  # canonical names: blocks of one kind print alike
+        if node.op not in ("placeholder", "output"):
+            node._rename(f"v{i}")
+    code = body.python_code("self").src
+    key = (code, tuple(key_parts), tuple(outputs.index(o) for o in outputs))
+    if key not in shared:
+        forward = fx.GraphModule(torch.nn.Module(), body, class_name="Block").forward
+
+        def block(*args):
+            return forward(*args)
+
+        # a code object per kind: dynamo keys the regions it reuses by the function's code
+        name = f"block_kind_{counts['kinds']}"
+        block = types.FunctionType(block.__code__.replace(co_name=name, co_qualname=name), block.__globals__,
+                                   name, None, block.__closure__)
+        marked = torch.compiler.nested_compile_region(block)
+        # FX prints a torch function by its import path, which names torch's own wrapper, not this
+        # one: as fxcache's, it is kept by reference in the program's globals
+        marked.__module__, marked.__name__ = __name__, f"block_kind_{counts['kinds']}"
+        marked.__qualname__ = marked.__name__
+        shared[key] = marked
+        counts["kinds"] += 1
+    counts["blocks"] += 1
+    with graph.inserting_after(run[-1]):
+        call = graph.call_function(shared[key], tuple([*activations, *params]))
+    call.meta[MODULE_STACK] = run[0].meta.get(MODULE_STACK, ())[:1]
+    results = []
+    with graph.inserting_after(call):
+        for i, out in enumerate(outputs):
+            node = graph.call_function(operator.getitem, (call, i))
+            node.meta = {k: v for k, v in out.meta.items() if k != "nn_module_stack"}
+            results.append(node)
+    for out, new in zip(outputs, results):
+        out.replace_all_uses_with(new, delete_user_cb=lambda user: user not in members)
+    for node in reversed(run):
+        graph.erase_node(node)
+
+
 @dataclass(eq=False)
 class Program:
     """One :class:`RewrittenProgram` compiled, with the :class:`CacheState` it runs on (shared by
@@ -81,6 +232,9 @@ class Program:
     used: bool = False  # called since the last reset
     seen_flags: set = field(default_factory=set)  # decision tuples compiled so far
     group: int = 0  # programs of one group share ``state`` (the runtime assigns it)
+    call_structure: Any = None  # the structure of the call it was captured from (the runtime's key)
+    stamped: dict = field(default_factory=dict)  # blocks compiled once per kind (see stamp_blocks)
+    compiled_module: Any = None  # what torch.compile was handed: the program, its blocks stamped
     _compiled: Any = None
 
     @property
@@ -112,7 +266,11 @@ class Program:
                 alive.compiles += 1
             return user_backend(graph_module, example_inputs)
 
-        program._compiled = torch.compile(rewritten.graph_module, backend=counting_backend, fullgraph=fullgraph,
+        graph_module = rewritten.graph_module
+        if block_regions and hasattr(torch.compiler, "nested_compile_region"):
+            graph_module, program.stamped = stamp_blocks(graph_module, [b.name for b in rewritten.regions.blocks])
+        program.compiled_module = graph_module
+        program._compiled = torch.compile(graph_module, backend=counting_backend, fullgraph=fullgraph,
                                           dynamic=False)
         return program
 
@@ -120,7 +278,7 @@ class Program:
         """Drop dynamo's compiled code for this program (its cache entries keep guards and graphs
         alive otherwise), and its state unless another program shares it; called when the runtime
         evicts it."""
-        torch._dynamo.eval_frame.remove_from_cache(type(self.graph_module).forward.__code__)
+        torch._dynamo.eval_frame.remove_from_cache(type(self.compiled_module).forward.__code__)
         if free_state:
             self.state.free()
 

@@ -167,11 +167,13 @@ class CachedModel(torch.nn.Module):
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"cache_context name must be a non-empty string, got {name!r}")
-        previous, self._active = self._active, _ActiveContext(name, fields)
+        local = self._local  # set directly: nn.Module.__setattr__ is slow, and this runs every call
+        previous = getattr(local, "active", None)
+        local.active = _ActiveContext(name, fields)
         try:
             yield
         finally:
-            self._active = previous
+            local.active = previous
 
     def reset(self) -> None:
         """Forget all cache state and step progress: the next call starts a new generation.
@@ -217,17 +219,19 @@ class CachedModel(torch.nn.Module):
     def forward(self, *args, **kwargs):
         # torch.compile on top of a CachedModel runs this as it is: the work is compiled inside
         with self._lock:
-            leaves, structure = torch.utils._pytree.tree_flatten((args, kwargs))
+            leaves, structure = _flatten_call(args, kwargs)
             program = self._program_for(args, kwargs, structure)
-            context = self._active.name if self._active else DEFAULT_CONTEXT
+            active = getattr(self._local, "active", None)
+            context = active.name if active is not None else DEFAULT_CONTEXT
             step = self._step(context, program)
             flags = self._flags(program, step)
-            scalars = self._scalars(program, step)
-            if context not in program.state.tensors:
+            scalars = self._scalars(program, step) if program.rewritten.scalars else ()
+            state = program.state
+            if context not in state.tensors:
                 self._check_cache_budget(program, context)
-            flat = program(program.captured.inputs_from(args, kwargs, leaves), program.state.for_context(context),
-                           scalars, flags)
-            return program.captured.rebuild_output(flat, leaves)
+            captured = program.rewritten.captured
+            flat = program(captured.inputs_from(args, kwargs, leaves), state.for_context(context), scalars, flags)
+            return captured.rebuild_output(flat, leaves)
 
     def _program_for(self, args: tuple, kwargs: dict, structure) -> Program:
         """The program whose capture still holds for this call (most recently used first), or a new
@@ -237,8 +241,10 @@ class CachedModel(torch.nn.Module):
             # devices and non-tensor values, so no signature is needed here; the call's structure
             # must match too (guards accept keyword arguments in another order, the leaves would not)
             latest = self._programs[next(reversed(self._programs))]
-            if latest.captured.input_spec == structure and latest.captured.guard.holds(self.original, args, kwargs):
-                self._recaptures[latest.captured.signature] = 0
+            captured = latest.rewritten.captured
+            if latest.call_structure == structure and captured.guard.holds(self._modules["original"], args, kwargs):
+                if self._recaptures:
+                    self._recaptures[captured.signature] = 0
                 return latest
         signature = input_signature(args, kwargs)
         for key in reversed(self._programs):
@@ -275,6 +281,7 @@ class CachedModel(torch.nn.Module):
             program = Program.build(rewritten, **self._compile_args)
             self._groups += 1
             program.group = self._groups
+        program.call_structure = _flatten_call(args, kwargs)[1]
         self._programs[id(program)] = program
         while len(self._programs) > self._max_programs:
             _, evicted = self._programs.popitem(last=False)
@@ -324,7 +331,8 @@ class CachedModel(torch.nn.Module):
     def _step(self, context: str, program: Program) -> Step:
         """Resolve the step of this call (see the module docstring) and start a new generation for
         the context when the step does not advance."""
-        fields = self._active.fields if self._active else {}
+        active = getattr(self._local, "active", None)
+        fields = active.fields if active is not None else {}
         progress = self._progress.setdefault(context, _ContextProgress())
         num_steps, timestep = None, None
         scheduler = self._current_scheduler()
@@ -372,7 +380,7 @@ class CachedModel(torch.nn.Module):
         specs = program.rewritten.flags
         if not specs:
             return ()
-        flags = tuple(bool(spec.decide(step)) for spec in specs)
+        flags = tuple([bool(spec.decide(step)) for spec in specs])
         counts = self._progress[step.context].flag_counts
         for spec, value in zip(specs, flags):
             counts.setdefault(spec.name, [0, 0])[0 if value else 1] += 1
@@ -559,6 +567,26 @@ class CachedModel(torch.nn.Module):
             self._plan_costs[key] = symbolic_costs(self.original, args, kwargs, gated)
         contexts = tuple(self._progress) or tuple(program.state.contexts) or (DEFAULT_CONTEXT,)
         return build_schedule(rewritten, num_steps, timesteps, contexts, self._plan_costs[key])
+
+
+# call arguments that torch's pytree treats as leaves; None is one too in some torch versions and
+# a node without leaves in others
+_LEAF_TYPES = (torch.Tensor, bool, int, float, str)
+_NONE_IS_LEAF = len(torch.utils._pytree.tree_leaves(None)) == 1
+
+
+def _flatten_call(args: tuple, kwargs: dict) -> tuple[list, Any]:
+    """The call's leaves as ``pytree.tree_flatten((args, kwargs))`` orders them, and a key of its
+    structure: programs are looked up by it on every call. Arguments that are all tensors, scalars,
+    strings or None (what diffusers denoisers take) skip the pytree walk; the key is then the
+    positional count, the keywords in order and where the Nones are. Anything else is flattened by
+    pytree and keyed by its tree spec."""
+    values = (*args, *kwargs.values())
+    for value in values:
+        if value is not None and not isinstance(value, _LEAF_TYPES):
+            return torch.utils._pytree.tree_flatten((args, kwargs))
+    leaves = list(values) if _NONE_IS_LEAF else [value for value in values if value is not None]
+    return leaves, (len(args), tuple(kwargs), tuple([value is None for value in values]))
 
 
 def _add_figures(into: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
