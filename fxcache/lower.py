@@ -70,9 +70,11 @@ def _room_for_decision_tuples(num_flags: int):
         yield
 
 
-# Compile each kind of transformer block once (torch.compiler.nested_compile_region): on unless the
-# environment sets FXCACHE_BLOCK_REGIONS=0, or code sets ``fxcache.lower.block_regions = False``
-block_regions = os.environ.get("FXCACHE_BLOCK_REGIONS", "1") != "0"
+# Compile each kind of transformer block once (torch.compiler.nested_compile_region): opt-in with
+# FXCACHE_BLOCK_REGIONS=1 or ``fxcache.lower.block_regions = True``. Off by default: on torch 2.13
+# dynamo refuses some outlined blocks ("Encountered aliasing during higher order op tracing":
+# CogVideoX, Flux under FirstBlockCache's cond lowering, DBCache), see docs/benchmarks.md
+block_regions = os.environ.get("FXCACHE_BLOCK_REGIONS", "0") == "1"
 
 
 def stamp_blocks(gm: fx.GraphModule, block_paths: list[str]) -> tuple[fx.GraphModule, dict[str, int]]:

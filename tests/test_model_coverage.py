@@ -236,6 +236,7 @@ CI_PAIRS = [
     ("hunyuan-video-framepack-batch1", "MagCache"),   # a data-dependent stream length: a clear error
     ("unet-2d-condition", "PyramidAttentionBroadcast"),  # a UNet is refused as a UNet
     ("cogvideox-one-block", "FirstBlockCache"),       # block caches refuse one block, clearly
+    ("sana", "PyramidAttentionBroadcast"),            # linear attention (no SDPA) is attention, as in diffusers
 ]
 PAIRS = ALL_PAIRS if FULL else CI_PAIRS
 

@@ -181,12 +181,14 @@ def settings(num_steps: int = 20) -> list[Setting]:
                                                         current_timestep_callback=c.clock),
             lambda c, r=r: diffusers.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=r,
                                                                      current_timestep_callback=c.clock))
-    for interval, order in ((2, 1), (3, 1), (5, 1), (5, 2)):
-        add("TaylorSeer", f"interval={interval}, order={order}",
-            lambda c, i=interval, o=order: fx.TaylorSeer(cache_interval=i, max_order=o,
-                                                         taylor_factors_dtype=torch.float32),
-            lambda c, i=interval, o=order: diffusers.TaylorSeerCacheConfig(cache_interval=i, max_order=o,
-                                                                           taylor_factors_dtype=torch.float32))
+    # fp32 factors, and bf16 (diffusers' default: half the state, see docs/benchmarks.md's memory table)
+    for interval, order, dtype in ((2, 1, torch.float32), (3, 1, torch.float32), (5, 1, torch.float32),
+                                   (5, 2, torch.float32), (3, 1, torch.bfloat16), (5, 1, torch.bfloat16)):
+        label = f"interval={interval}, order={order}" + (", bf16 factors" if dtype == torch.bfloat16 else "")
+        add("TaylorSeer", label,
+            lambda c, i=interval, o=order, d=dtype: fx.TaylorSeer(cache_interval=i, max_order=o, taylor_factors_dtype=d),
+            lambda c, i=interval, o=order, d=dtype: diffusers.TaylorSeerCacheConfig(cache_interval=i, max_order=o,
+                                                                                    taylor_factors_dtype=d))
     for interval in (3, 4, 5):
         add("FoCa", f"interval={interval}", lambda c, i=interval: fx.FoCa(cache_interval=i, warmup_steps=3))
     for interval, order, scale in ((3, 1, 0.5), (5, 1, 0.5), (5, 2, 0.7)):
