@@ -533,7 +533,7 @@ class ProgramBuilder:
         for old, subs in list(self._substitutes.items()):  # earlier substitutes now erased in turn
             if any(s in members for s in subs):
                 self._substitutes[old] = new_nodes
-        for glue in reversed(self._glue.pop(id(region), [])):
+        for glue in self._glue.pop(id(region), []):  # each lands just before the call: keep their order
             module.prepend(glue)
         self._replacements.append(_Replacement(owner, region.name, region.scope, set(new_nodes)))
         return results

@@ -237,6 +237,7 @@ CI_PAIRS = [
     ("unet-2d-condition", "PyramidAttentionBroadcast"),  # a UNet is refused as a UNet
     ("cogvideox-one-block", "FirstBlockCache"),       # block caches refuse one block, clearly
     ("sana", "PyramidAttentionBroadcast"),            # linear attention (no SDPA) is attention, as in diffusers
+    ("wan-vace-zero-hints", "MagCache"),              # two glue nodes between blocks (hint adds), kept in order
 ]
 PAIRS = ALL_PAIRS if FULL else CI_PAIRS
 

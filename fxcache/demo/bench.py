@@ -34,7 +34,6 @@ import contextlib
 import copy
 import datetime
 import json
-import os
 import platform
 import statistics
 import time
@@ -48,6 +47,7 @@ from .. import transform
 from ..flops import count_flops
 from ..passes import FasterCache, FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer
 from ..passes.mag_cache import FLUX_MAG_RATIOS
+from .peers import apply_cache_dit, cache_dit_available, end_generation
 
 __all__ = ["Row", "format_table", "main"]
 
@@ -153,14 +153,9 @@ def clock(device):
 
 
 def reset(model):
-    """Start a new generation: fxcache's ``reset`` and diffusers' hooks answer
-    ``_reset_stateful_cache``; cache-dit's context is rebuilt by the callable :func:`with_cache_dit`
-    leaves on the model."""
-    bench_reset = getattr(model, "_fxcache_bench_reset", None)
-    if bench_reset is not None:
-        bench_reset()
-    elif hasattr(model, "_reset_stateful_cache"):
-        model._reset_stateful_cache()
+    """Start a new generation, whoever caches (fxcache, diffusers' hooks, cache-dit): see
+    :func:`fxcache.demo.peers.end_generation`."""
+    end_generation(model)
 
 
 def time_generations(model, fixed, start, steps, device, repeats, timestep=None):
@@ -238,32 +233,19 @@ def with_hook(model, config):
     return hooked
 
 
-def cache_dit_available() -> bool:
-    try:
-        import cache_dit  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def with_cache_dit(model, threshold: float, steps: int):
     """cache-dit's DBCache F1B0 (first block computes, none at the back) on a copy of ``model``,
     with FirstBlockCache's decision rule: relative L1 of the first block's residual against
     ``threshold``, no warm-up steps, no cap on cached steps."""
-    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
-    import cache_dit
-    from cache_dit import DBCacheConfig
 
     def config():
+        from cache_dit import DBCacheConfig
+
         return DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
                              max_warmup_steps=0, max_cached_steps=-1, max_continuous_cached_steps=-1,
                              num_inference_steps=steps)
 
-    cached = copy.deepcopy(model)
-    cache_dit.enable_cache(cached, cache_config=config())  # patches the module in place
-    # a fresh context per generation (the warm-up runs fewer steps than num_inference_steps)
-    cached._fxcache_bench_reset = lambda: cache_dit.refresh_context(cached, cache_config=config())
-    return cached
+    return apply_cache_dit(model, config)
 
 
 @contextlib.contextmanager
