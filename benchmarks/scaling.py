@@ -25,8 +25,8 @@ A model, not a measurement. Everything is computed from the models' shapes:
   does it as one all-gather, a P2P ring moves the same bytes in P-1 passes), plus the all-gather of
   the output at ``proj_out``;
 - fxcache's decision reduction for a dynamic method (issue 14, implemented in fxcache/parallel.py):
-  one all-reduce per decision, i.e. per forward call, modelled as two fp32 sums (8 bytes); as built
-  it carries the two sums and their element counts in float64 (32 bytes), latency-bound either way.
+  one all-reduce per decision, i.e. per forward call: the two sums and their element counts in
+  float64 (32 bytes), latency-bound.
 
 Time uses the stated assumptions (``ASSUMPTIONS`` below, printed with the tables): peak bf16 dense
 989 TFLOP/s (H100 SXM / H200 datasheet) at an assumed MFU, NVLink 4 450 GB/s and PCIe Gen5 x16
@@ -49,6 +49,7 @@ import torch
 
 BYTES_BF16 = 2
 BYTES_FP32 = 4
+BYTES_FP64 = 8
 
 # Everything that turns bytes and FLOPs into seconds. "cited" are datasheet values, "assumed" are ours.
 ASSUMPTIONS = {
@@ -290,9 +291,9 @@ def gather_comm(m: Model, P: int) -> Comm:
 
 
 def reduce_comm(P: int) -> Comm:
-    """fxcache's decision reduction: one all-reduce of two fp32 sums (8 bytes payload); ring
-    all-reduce wire bytes per GPU 2(P-1)/P x payload."""
-    return Comm(2 * BYTES_FP32 * 2 * (P - 1) / P, 1) if P > 1 else Comm()
+    """fxcache's decision reduction (fxcache/parallel.py): one all-reduce of two sums and their
+    element counts in float64 (32 bytes payload); ring all-reduce wire bytes per GPU 2(P-1)/P x payload."""
+    return Comm(4 * BYTES_FP64 * 2 * (P - 1) / P, 1) if P > 1 else Comm()
 
 
 # ------------------------------------------------------------------------------------------ caching
