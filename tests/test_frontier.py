@@ -95,6 +95,7 @@ def test_demo_runs_the_best_setting_of_each_method_and_says_when_there_is_none()
 
 
 def test_command_writes_the_page_and_cache_dit_agrees_on_the_steps_masks(tmp_path, monkeypatch):
+    pytest.importorskip("cache_dit")
     from fxcache.__main__ import main
 
     monkeypatch.chdir(tmp_path)
@@ -133,6 +134,7 @@ def assert_libraries_agree(result: Frontier, expected_points: int) -> None:
 
 
 def test_fxcache_diffusers_and_cache_dit_first_block_cache_give_one_point():
+    pytest.importorskip("cache_dit")
     chosen = [s for s in frontier.settings(6) if s.method == "FirstBlockCache" and s.label == "threshold=0.3"]
     result = frontier.run_frontier(chosen, samples_per_class=1, num_steps=6, progress=False)
     assert not result.failed, result.failed
