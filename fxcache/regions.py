@@ -530,7 +530,10 @@ def _attention_modules_without_sdpa(blocks, found: set[str], model) -> list[Atte
         for path in paths:
             if path in found or any(path.startswith(f + ".") or f.startswith(path + ".") for f in found):
                 continue
-            module = model.get_submodule(path)
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:  # a stack entry that names no submodule cannot be an attention module
+                continue
             if not isinstance(module, (AttentionModuleMixin, DiffusersAttention)):
                 continue
             owned = {n for n in block.nodes if path in _stack(n)}

@@ -360,7 +360,7 @@ def run_frontier(chosen: Sequence[Setting] | None = None, *, denoiser=None, samp
         methods=list(dict.fromkeys(s.method for s in chosen))))
 
 
-def _environment(**settings) -> dict[str, Any]:
+def _environment(**grid) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"torch": torch.__version__}
@@ -370,7 +370,7 @@ def _environment(**settings) -> dict[str, Any]:
         except PackageNotFoundError:
             pass
     return {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "versions": versions, **settings}
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "versions": versions, **grid}
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -383,8 +383,8 @@ def best_settings(frontier: Frontier, min_psnr: float = QUALITY_BAR_DB) -> dict[
 
 def format_table(frontier: Frontier) -> str:
     """The points as a markdown table, one row per method and setting, the libraries side by side
-    (``fxcache / diffusers / cache-dit``, ``-`` where a library has no such point); ``*`` marks a
-    point on the PSNR front."""
+    (``fxcache / diffusers / cache-dit``, ``-`` where a library has no such point); a bold PSNR is
+    on the PSNR front."""
     front = set(frontier.front())
     libraries = [lib for lib in LIBRARIES if any(p.library == lib for p in frontier.points)]
     header = " / ".join(libraries)
