@@ -225,8 +225,9 @@ def _cached(model: torch.nn.Module, method, backend: str):
         return hooked
     if callable(method):
         return method(model)
-    raise TypeError(f"compare a fxcache pass (e.g. FirstBlockCache(threshold=0.1)) or a diffusers cache "
-                    f"config (e.g. FirstBlockCacheConfig(threshold=0.1)), got {type(method).__name__}")
+    raise TypeError(f"compare a fxcache pass (e.g. FirstBlockCache(threshold=0.1)), a diffusers cache "
+                    f"config (e.g. FirstBlockCacheConfig(threshold=0.1)) or a function that returns the model "
+                    f"to run, got {type(method).__name__}")
 
 
 def compare_passes(methods: Mapping[str, Any] | Sequence[Any], path: str | Path | None = None, *,
