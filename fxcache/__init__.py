@@ -22,7 +22,7 @@ from .regions import RegionError
 from .rewrite import require_distinct
 from .runtime import CachedModel
 
-__all__ = ["CachedModel", "CaptureError", "ConfigError", "RegionError", "transform"]
+__all__ = ["CachedModel", "CaptureError", "ConfigError", "RegionError", "backend", "transform"]
 __version__ = "0.1.0"
 
 
@@ -57,9 +57,21 @@ def transform(model: torch.nn.Module, passes: Sequence[CachePass], *, backend: s
         raise TypeError(f"transform() takes an nn.Module, got {type(model).__name__}")
     if isinstance(model, CachedModel):
         raise TypeError("this module is already transformed; transform its .original with all passes at once")
+    passes = _validated(passes, backend, mode, options, scheduler)
+    if max_cache_bytes is not None and (not isinstance(max_cache_bytes, int) or max_cache_bytes < 0):
+        raise ValueError(f"max_cache_bytes must be a non-negative int (bytes), got {max_cache_bytes!r}")
+    if isinstance(max_programs, bool) or not isinstance(max_programs, int) or max_programs < 1:
+        raise ValueError(f"max_programs must be a positive int, got {max_programs!r}")
+    return CachedModel(model, passes, backend=backend, mode=mode, options=options, scheduler=scheduler,
+                       max_cache_bytes=max_cache_bytes, max_programs=max_programs)
+
+
+def _validated(passes, backend, mode, options, scheduler) -> list[CachePass]:
+    """The checks :func:`transform` and :func:`backend` share: the passes, the scheduler and what
+    torch.compile accepts."""
     passes = list(passes) if not isinstance(passes, CachePass) else [passes]
     if not passes:
-        raise ValueError("transform() needs at least one pass, e.g. passes=[FirstBlockCache()]")
+        raise ValueError("fxcache needs at least one pass, e.g. passes=[FirstBlockCache()]")
     for p in passes:
         if not isinstance(p, CachePass):
             raise TypeError(f"passes must be fxcache.passes objects, got {type(p).__name__}; "
@@ -72,14 +84,12 @@ def transform(model: torch.nn.Module, passes: Sequence[CachePass], *, backend: s
             f"scheduler={type(scheduler).__name__} keeps no step_index/timesteps on the host, which "
             "fxcache reads the step from (some schedulers, e.g. CogVideoX's DPM ones, keep none). Leave "
             "scheduler= out: steps then come from the pipeline's cache_context fields or a call counter.")
-    if max_cache_bytes is not None and (not isinstance(max_cache_bytes, int) or max_cache_bytes < 0):
-        raise ValueError(f"max_cache_bytes must be a non-negative int (bytes), got {max_cache_bytes!r}")
-    if isinstance(max_programs, bool) or not isinstance(max_programs, int) or max_programs < 1:
-        raise ValueError(f"max_programs must be a positive int, got {max_programs!r}")
     try:  # what torch.compile would reject, rejected now rather than after the first capture
         make_backend(backend, mode, options)
     except Exception as error:
-        raise ValueError(f"transform(backend={backend!r}, mode={mode!r}, options={options!r}) is not "
+        raise ValueError(f"backend={backend!r}, mode={mode!r}, options={options!r} is not "
                          f"what torch.compile accepts: {str(error).rstrip('.')}") from None
-    return CachedModel(model, passes, backend=backend, mode=mode, options=options, scheduler=scheduler,
-                       max_cache_bytes=max_cache_bytes, max_programs=max_programs)
+    return passes
+
+
+from .compile_backend import backend  # noqa: E402  (it reads _validated from here)

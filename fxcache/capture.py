@@ -26,7 +26,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-__all__ = ["CaptureError", "CaptureGuard", "CapturedGraph", "InputSignature", "capture", "input_signature"]
+__all__ = ["CaptureError", "CaptureGuard", "CapturedGraph", "InputSignature", "capture", "capture_in_backend",
+           "input_signature"]
 
 # meta keys written on every node of a captured graph
 MODULE_STACK = "fxcache_module_stack"  # tuple of module paths, outermost first
@@ -153,6 +154,9 @@ class CapturedGraph:
     module_types: dict[str, type] = field(default_factory=dict)
     input_spec: pytree.TreeSpec | None = None  # structure of the call's (args, kwargs)
     guard: CaptureGuard | None = None  # when a later call needs a new capture
+    # captured inside a torch.compile backend: positions of the graph's inputs among the backend's
+    # inputs (dynamo's guards decide when to capture again, so ``guard`` is None)
+    backend_inputs: list[int] | None = None
     _output_kind: str | None = field(default=None, repr=False, compare=False)
 
     def example_call(self, batch_of=None) -> tuple[tuple, dict]:
@@ -166,7 +170,10 @@ class CapturedGraph:
             again = capture(captured.graph_module.model, args, kwargs)
         """
         if self.input_spec is None:
-            raise CaptureError("this graph was captured without its call structure")
+            raise CaptureError(
+                "this graph is a piece of the model's forward that dynamo split at a graph break, not the "
+                "whole call, so it cannot be captured again with other inputs (what FasterCache's half batch, "
+                "plan() and calibration do); make the forward one graph to use them")
         leaves = []
         for leaf in self.signature.leaves:
             if isinstance(leaf, tuple) and leaf[:1] == ("tensor",):
@@ -372,27 +379,54 @@ def _outside_dispatch_modes():
 
 
 def _standalone(model, recorded, args, kwargs, result) -> CapturedGraph:
-    dynamo_gm: fx.GraphModule = recorded["gm"]
-    attribute_names = _tensor_attributes(model)
     user_leaves = pytree.tree_leaves((args, kwargs))
     leaf_index = {id(t): i for i, t in enumerate(user_leaves) if isinstance(t, torch.Tensor)}
+    gm, input_leaves, input_names, module_types, _ = _standalone_graph(model, recorded["gm"], recorded["inputs"],
+                                                                       leaf_index, strict=True)
+    flat_graph_outputs = recorded["outputs"]
+    position = {id(t): i for i, t in enumerate(flat_graph_outputs) if isinstance(t, torch.Tensor)}
+    out_leaves, out_spec = pytree.tree_flatten(result)
+    slots: list[Any] = []
+    for leaf in out_leaves:
+        if isinstance(leaf, torch.Tensor):
+            if id(leaf) in position:
+                slots.append(position[id(leaf)])
+            elif id(leaf) in leaf_index:
+                slots.append(_InputLeaf(leaf_index[id(leaf)]))
+            else:
+                raise CaptureError("an output tensor of the model is neither an output of its captured "
+                                   "graph nor one of the call's inputs")
+        else:
+            slots.append(_Constant(leaf))
+    return CapturedGraph(gm, input_signature(args, kwargs), input_leaves, input_names, out_spec, slots,
+                         module_types, input_spec=pytree.tree_flatten((args, kwargs))[1])
 
+
+def _standalone_graph(model, dynamo_gm: fx.GraphModule, example_inputs: list, leaf_index: dict[int, int],
+                      strict: bool) -> tuple[fx.GraphModule, list[int], list[str], dict[str, type], list[int]]:
+    """``dynamo_gm`` with the tensors ``model`` holds read by ``get_attr`` and module stacks as paths.
+    A graph input found in ``leaf_index`` (id -> leaf position) is a call argument; any other input
+    is an error when ``strict``, else it stays an input with leaf -1 (a value computed before a
+    graph break). Also returns, per input of the new graph, its position among ``example_inputs``."""
+    attribute_names = _tensor_attributes(model)
     root = torch.nn.Module()
     root.model = model
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    input_leaves, input_names = [], []
+    input_leaves, input_names, positions = [], [], []
     placeholders = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
-    for node, example in zip(placeholders, recorded["inputs"]):
+    for position, (node, example) in enumerate(zip(placeholders, example_inputs)):
         if not isinstance(example, torch.Tensor):
             raise CaptureError(f"graph input {node.name} is not a tensor ({type(example).__name__})")
-        if id(example) in leaf_index:
+        if id(example) in leaf_index or (id(example) not in attribute_names and not strict):
             name = re.sub(r"^l_(kwargs|args)_", "", node.name).rstrip("_")
+            name = re.sub(r"^l_", "", name)
             if not name.isidentifier():  # positional arguments: l_args_0_ -> input_0
                 name = f"input_{name}"
             new = graph.placeholder(name)
-            input_leaves.append(leaf_index[id(example)])
+            input_leaves.append(leaf_index.get(id(example), -1))
             input_names.append(name)
+            positions.append(position)
         elif id(example) in attribute_names:
             new = graph.get_attr("model." + attribute_names[id(example)])
         else:
@@ -430,24 +464,39 @@ def _standalone(model, recorded, args, kwargs, result) -> CapturedGraph:
     graph.lint()
     gm = fx.GraphModule(root, graph, class_name="CapturedGraph")
     gm.model = model  # GraphModule copied a skeleton of the get_attr paths; hold the real module
+    return gm, input_leaves, input_names, module_types, positions
 
-    flat_graph_outputs = recorded["outputs"]
-    position = {id(t): i for i, t in enumerate(flat_graph_outputs) if isinstance(t, torch.Tensor)}
-    out_leaves, out_spec = pytree.tree_flatten(result)
-    slots: list[Any] = []
-    for leaf in out_leaves:
-        if isinstance(leaf, torch.Tensor):
-            if id(leaf) in position:
-                slots.append(position[id(leaf)])
-            elif id(leaf) in leaf_index:
-                slots.append(_InputLeaf(leaf_index[id(leaf)]))
-            else:
-                raise CaptureError("an output tensor of the model is neither an output of its captured "
-                                   "graph nor one of the call's inputs")
-        else:
-            slots.append(_Constant(leaf))
-    return CapturedGraph(gm, input_signature(args, kwargs), input_leaves, input_names, out_spec, slots,
-                         module_types, input_spec=pytree.tree_flatten((args, kwargs))[1])
+
+def capture_in_backend(model: torch.nn.Module, dynamo_gm: fx.GraphModule, example_inputs: list,
+                       call: tuple[tuple, dict] | None = None) -> CapturedGraph:
+    """The graph dynamo hands a ``torch.compile`` backend, standalone as :func:`capture` makes it:
+    tensors ``model`` holds are read with ``get_attr``, every other input stays an input, and
+    ``backend_inputs`` are their positions among the backend's inputs. ``call``, the model's
+    ``(args, kwargs)`` when the graph is its whole forward, gives the call structure
+    (:meth:`CapturedGraph.example_call`); a graph that starts after a graph break has none.
+
+    Example::
+
+        def my_backend(gm, example_inputs):
+            captured = capture_in_backend(model, gm, example_inputs)
+            ...
+    """
+    args, kwargs = call if call is not None else ((), {})
+    user_leaves = pytree.tree_leaves((args, kwargs))
+    leaf_index = {id(t): i for i, t in enumerate(user_leaves) if isinstance(t, torch.Tensor)}
+    gm, input_leaves, input_names, module_types, positions = _standalone_graph(model, dynamo_gm, example_inputs,
+                                                                               leaf_index, strict=False)
+    count = len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+    whole = call is not None and all(leaf >= 0 for leaf in input_leaves)
+    if whole:
+        signature, spec = input_signature(args, kwargs), pytree.tree_flatten((args, kwargs))[1]
+    else:
+        signature = input_signature(tuple(example_inputs[i] for i in positions), {})
+        spec, input_leaves = None, [-1] * len(input_leaves)
+    captured = CapturedGraph(gm, signature, input_leaves, input_names, pytree.tree_structure(tuple(range(count))),
+                             list(range(count)), module_types, input_spec=spec)
+    captured.backend_inputs = positions
+    return captured
 
 
 def capture_dynamic(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, list]:

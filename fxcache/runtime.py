@@ -110,10 +110,13 @@ class CachedModel(torch.nn.Module):
         self._totals: dict[str, dict[str, Any]] = {}
         self._timesteps: list[float] | None = None
         self._captures = 0
-        self._groups = 0  # programs of one group share their state (see _build)
+        self._groups = 0  # programs of one group share their state (see _register)
         self._evicted = 0
         self._scalar_tensors: dict[tuple, torch.Tensor] = {}
         self._plan_costs: dict[tuple, Any] = {}  # FLOP formulas per signature and gated regions (plan())
+        self._split = None  # a SplitForward once the forward proved to have graph breaks
+        self._pieces_run = 0  # rewritten graphs run inside torch.compile (split forward, fxcache.backend)
+        self._capture_path = None  # what explain() says of how the model is captured, when not one graph
 
     # -- attribute forwarding -----------------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -219,19 +222,29 @@ class CachedModel(torch.nn.Module):
     def forward(self, *args, **kwargs):
         # torch.compile on top of a CachedModel runs this as it is: the work is compiled inside
         with self._lock:
+            if self._split is not None:
+                return self._split(args, kwargs)
             leaves, structure = _flatten_call(args, kwargs)
             program = self._program_for(args, kwargs, structure)
-            active = getattr(self._local, "active", None)
-            context = active.name if active is not None else DEFAULT_CONTEXT
-            step = self._step(context, program)
-            flags = self._flags(program, step)
-            scalars = self._scalars(program, step) if program.rewritten.scalars else ()
-            state = program.state
-            if context not in state.tensors:
-                self._check_cache_budget(program, context)
+            if program is None:  # the forward has graph breaks: dynamo runs it from now on
+                return self._split(args, kwargs)
             captured = program.rewritten.captured
-            flat = program(captured.inputs_from(args, kwargs, leaves), state.for_context(context), scalars, flags)
+            flat = self._run_program(program, captured.inputs_from(args, kwargs, leaves))
             return captured.rebuild_output(flat, leaves)
+
+    def _run_program(self, program: Program, inputs: list) -> tuple:
+        """One call of ``program`` under the active cache context: the step, the flags and scalars it
+        selects, and the context's state. Also what a graph rewritten inside ``torch.compile`` runs
+        (:mod:`fxcache.compile_backend`)."""
+        active = getattr(self._local, "active", None)
+        context = active.name if active is not None else DEFAULT_CONTEXT
+        step = self._step(context, program)
+        flags = self._flags(program, step)
+        scalars = self._scalars(program, step) if program.rewritten.scalars else ()
+        state = program.state
+        if context not in state.tensors:
+            self._check_cache_budget(program, context)
+        return program(inputs, state.for_context(context), scalars, flags)
 
     def _program_for(self, args: tuple, kwargs: dict, structure) -> Program:
         """The program whose capture still holds for this call (most recently used first), or a new
@@ -266,10 +279,27 @@ class CachedModel(torch.nn.Module):
                 f"{signature.describe()}: something changes the module (or the call's non-tensor "
                 f"arguments) on every call{f' ({changed})' if changed else ''}. Keep module attributes "
                 "fixed during generation, or pass values that vary as tensors.")
-        captured = capture(self.original, args, kwargs)
+        try:
+            captured = capture(self.original, args, kwargs)
+        except CaptureError as error:
+            from .compile_backend import SplitForward, is_graph_break
+
+            if not is_graph_break(error):
+                raise
+            # dynamo cannot make the forward one graph: it runs the forward, split at its breaks, and
+            # fxcache rewrites the graph that holds the block loop (see fxcache.compile_backend)
+            self._split = SplitForward(self, error)
+            return None
         self._captures += 1
         self._recaptures[signature] = captures + 1
-        rewritten = ProgramBuilder(captured, find_regions(captured)).rewrite(self._passes)
+        return self._register(ProgramBuilder(captured, find_regions(captured)).rewrite(self._passes),
+                              _flatten_call(args, kwargs)[1])
+
+    def _register(self, rewritten: RewrittenProgram, call_structure, evictable: bool = True) -> Program:
+        """Compile ``rewritten`` and keep it, least recently used out past ``max_programs``
+        (``evictable=False``: dynamo holds it in its cache entries and bounds it by its recompile
+        limit)."""
+        signature = rewritten.captured.signature
         previous = next((p for p in reversed(self._programs.values()) if p.captured.signature == signature), None)
         if previous is not None and previous.state.slots == rewritten.state:
             # the module changed under the same inputs (a LoRA scale, a processor, inference-mode
@@ -281,10 +311,12 @@ class CachedModel(torch.nn.Module):
             program = Program.build(rewritten, **self._compile_args)
             self._groups += 1
             program.group = self._groups
-        program.call_structure = _flatten_call(args, kwargs)[1]
+        program.call_structure = call_structure
+        program.evictable = evictable
         self._programs[id(program)] = program
-        while len(self._programs) > self._max_programs:
-            _, evicted = self._programs.popitem(last=False)
+        while sum(p.evictable for p in self._programs.values()) > self._max_programs:
+            key = next(k for k, p in self._programs.items() if p.evictable)
+            evicted = self._programs.pop(key)
             self._evicted += 1
             evicted.captured.guard.release()
             evicted.release(free_state=not any(p.group == evicted.group for p in self._programs.values()))
@@ -523,6 +555,12 @@ class CachedModel(torch.nn.Module):
             lines.append("(regions are read when the model is first called)")
             return "\n".join(lines)
         program = self._latest().rewritten
+        if self._split is not None:
+            lines.append(self._split.describe())
+        elif self._capture_path is not None:
+            lines.append(self._capture_path())
+        else:
+            lines.append("capture: the whole forward as one graph")
         lines.append(self.regions().describe())
         lines.append(program.describe())
         for rewrite in program.passes:
@@ -539,7 +577,7 @@ class CachedModel(torch.nn.Module):
             else:
                 try:
                     lines.append(str(self.plan(num_steps, timesteps)))
-                except ValueError as error:  # e.g. a timestep range and no timesteps to plan with
+                except (ValueError, CaptureError) as error:  # no timesteps to plan with; a split forward
                     lines.append(f"(no schedule: {error})")
         return "\n".join(lines)
 

@@ -248,6 +248,7 @@ CI_PAIRS = [
     ("cogvideox-one-block", "FirstBlockCache"),       # block caches refuse one block, clearly
     ("sana", "PyramidAttentionBroadcast"),            # linear attention (no SDPA) is attention, as in diffusers
     ("wan-vace-zero-hints", "MagCache"),              # two glue nodes between blocks (hint adds), kept in order
+    ("z-image", "PyramidAttentionBroadcast"),         # graph breaks before the block loop: split, exact
 ]
 PAIRS = ALL_PAIRS if FULL else CI_PAIRS
 
