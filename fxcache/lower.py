@@ -72,8 +72,8 @@ def _room_for_decision_tuples(num_flags: int):
 
 # Compile each kind of transformer block once (torch.compiler.nested_compile_region): opt-in with
 # FXCACHE_BLOCK_REGIONS=1 or ``fxcache.lower.block_regions = True``. Off by default: on torch 2.13
-# dynamo refuses some outlined blocks ("Encountered aliasing during higher order op tracing":
-# CogVideoX, Flux under FirstBlockCache's cond lowering, DBCache), see docs/benchmarks.md
+# dynamo still refuses some outlined blocks ("Encountered aliasing during higher order op tracing"
+# under DBCache) and FirstBlockCache's host lowering reads once more, see docs/benchmarks.md
 block_regions = os.environ.get("FXCACHE_BLOCK_REGIONS", "0") == "1"
 
 
@@ -205,8 +205,21 @@ def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> N
         shared[key] = marked
         counts["kinds"] += 1
     counts["blocks"] += 1
+    # nor take two views of one tensor (CogVideoX's first block gets its text and video streams as
+    # slices of one concatenation): the later one enters as a copy
+    arguments, taken = [], set()
+    for node in [*activations, *params]:
+        storage = _storage(node)
+        if storage is not None and storage in taken:
+            with graph.inserting_before(run[0]):
+                copy = graph.call_method("clone", (node,))
+            copy.meta = {k: v for k, v in node.meta.items() if k != "nn_module_stack"}
+            node = copy
+        elif storage is not None:
+            taken.add(storage)
+        arguments.append(node)
     with graph.inserting_after(run[-1]):
-        call = graph.call_function(shared[key], tuple([*activations, *params]))
+        call = graph.call_function(shared[key], tuple(arguments))
     call.meta[MODULE_STACK] = run[0].meta.get(MODULE_STACK, ())[:1]
     results = []
     with graph.inserting_after(call):
