@@ -90,12 +90,17 @@ def test_a_break_inside_the_block_loop_is_a_clear_error_not_an_uncached_model():
         _loop(split, calls)
 
 
-def test_torch_compile_with_the_fxcache_backend_equals_transform():
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile"])
+def test_torch_compile_with_the_fxcache_backend_equals_transform(how):
     model, calls, _ = drifting_calls(STEPS)
     expected = _loop(fxcache.transform(model, [FirstBlockCache(threshold=0.05)], backend="eager"), calls)
 
     cache = fxcache.backend([FirstBlockCache(threshold=0.05)], backend="eager")
-    compiled = torch.compile(model, backend=cache)
+    if how == "torch.compile":
+        compiled = torch.compile(model, backend=cache)
+    else:  # in place, as diffusers' docs compile a pipeline's transformer
+        model.compile(backend=cache)
+        compiled = model
     first = _loop(compiled, calls)
     compiled._reset_stateful_cache()  # what a pipeline calls at the end: fxcache routed it to the cache
     second = _loop(compiled, calls, "cond")  # and cache_context too (TinyDiT had none before)

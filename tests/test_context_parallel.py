@@ -22,7 +22,8 @@ import torch
 
 import fxcache
 from fxcache.parallel import ContextParallel, ParallelError, context_parallel
-from fxcache.passes import FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer
+from fxcache.passes import (DBCache, EasyCache, FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer,
+                            TeaCache)
 from fxcache.testing import models
 from tests.helpers import relative_difference
 
@@ -56,6 +57,13 @@ def make_pass(key: str, tiny: models.TinyDenoiser):
     if key == "mag_cache":
         return MagCache(mag_ratios=[1.0] + [0.98] * (STEPS - 1), num_inference_steps=STEPS, threshold=0.1,
                         retention_ratio=0.0)
+    # the dynamic passes beyond diffusers, at settings that reuse 2-3 of the 6 steps on tiny Flux
+    if key == "teacache":
+        return TeaCache(threshold=0.3, num_inference_steps=STEPS)
+    if key == "db_cache":
+        return DBCache(Fn_compute_blocks=1, residual_diff_threshold=0.3, max_warmup_steps=1)
+    if key == "easycache":
+        return EasyCache(thresh=0.1, ret_steps=1, num_inference_steps=STEPS)
     raise ValueError(key)
 
 
@@ -321,6 +329,23 @@ def test_every_pass_on_ulysses_equals_one_process_and_every_rank_decides_alike(r
         assert explain.count("no collective: decided from the step") == len(keys) - len(reduced)
         # cache state lives per rank on its shard: sequence-shaped state takes half the bytes
         assert results[0][keys]["cache_bytes"] < cached.stats()["cache_bytes"]
+
+
+def test_the_dynamic_passes_beyond_diffusers_on_ulysses_equal_one_process(ranks):
+    """TeaCache, DBCache and EasyCache decide from metrics of sharded tensors too: each all-reduces
+    its sums once per decision, so every rank reuses the steps one process reuses (tiny Flux)."""
+    groups = (("teacache",), ("db_cache",), ("easycache",))
+    ranks.submit("job_passes", "flux", groups)
+    expected = {keys: reference("flux", keys) for keys in groups}
+    results = ranks.collect()
+    for keys in groups:
+        x, decisions, _ = expected[keys]
+        assert_equal_runs([r[keys] for r in results], "flux", x, decisions, f"flux {keys}")
+        computed = [v for k, v in decisions[-1]["cond"].items() if k.endswith("_computed")]
+        assert computed and 0 < computed[0] < STEPS, f"{keys}: should compute some steps and reuse others"
+        name = type(make_pass(keys[0], build("flux"))).__name__
+        assert list(results[0][keys]["parallel"]["reduced"]) == [name]
+        assert results[0][keys]["explain"].count("all-reduces over the 2 ranks") == 1
 
 
 @pytest.mark.parametrize("name", ["flux", "wan"])
