@@ -22,8 +22,8 @@ import torch
 
 import fxcache
 from fxcache.parallel import ContextParallel, ParallelError, context_parallel
-from fxcache.passes import (DBCache, EasyCache, FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer,
-                            TeaCache)
+from fxcache.passes import (DBCache, EasyCache, FasterCache, FirstBlockCache, MagCache, PyramidAttentionBroadcast,
+                            TaylorSeer, TeaCache)
 from fxcache.testing import models
 from tests.helpers import relative_difference
 
@@ -64,6 +64,13 @@ def make_pass(key: str, tiny: models.TinyDenoiser):
         return DBCache(Fn_compute_blocks=1, residual_diff_threshold=0.3, max_warmup_steps=1)
     if key == "easycache":
         return EasyCache(thresh=0.1, ret_steps=1, num_inference_steps=STEPS)
+    if key == "faster_cache":  # batched CFG only; Flux's output is token-layout on a 4 x 4 grid
+        scale = tiny.timestep_scale
+        return FasterCache(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 0.95 * scale),
+                           unconditional_batch_skip_range=3, unconditional_batch_timestep_skip_range=(-1, 0.9 * scale),
+                           low_frequency_weight_update_timestep_range=(0.2 * scale, 0.9 * scale),
+                           high_frequency_weight_update_timestep_range=(-1, 0.5 * scale),
+                           attention_weight_callback=lambda _: 0.3, token_grid=(4, 4))
     raise ValueError(key)
 
 
@@ -86,10 +93,11 @@ def uneven_noise(tiny: models.TinyDenoiser, seed: int) -> torch.Tensor:
 
 
 def batched(tiny: models.TinyDenoiser, x: torch.Tensor, sigma: float) -> dict:
-    """One call for both CFG branches (batch 2: conditional then unconditional)."""
-    cond, uncond = tiny.inputs(x, sigma, 0), tiny.inputs(x, sigma, 1)
-    return {k: torch.cat([v, uncond[k]]) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == x.shape[0]
-            else v for k, v in cond.items()}
+    """One call for both CFG branches (batch 2: unconditional then conditional, as diffusers' video
+    pipelines batch them and FasterCache expects)."""
+    uncond, cond = tiny.inputs(x, sigma, 1), tiny.inputs(x, sigma, 0)
+    return {k: torch.cat([v, cond[k]]) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == x.shape[0]
+            else v for k, v in uncond.items()}
 
 
 @torch.no_grad()
@@ -110,7 +118,7 @@ def loop(model, tiny: models.TinyDenoiser, *, seed: int = 0, contexts=CFG, layou
         if layout == "batched":
             with model.cache_context("cond_uncond", **fields):
                 out = model(**batched(tiny, x, sigmas[i]))[0]
-            velocities = [out[:1], out[1:]]
+            velocities = [out[1:], out[:1]]  # cond, uncond
         elif layout == "cfg_parallel":
             rank = dist.get_rank(group)
             with model.cache_context(contexts[rank], **fields):
@@ -359,11 +367,19 @@ def test_the_ranks_halves_would_decide_differently_alone(name):
 
 
 def test_batched_cfg_keeps_one_state_per_context_on_every_rank(ranks):
-    ranks.submit("job_passes", "flux", (("first_block_cache",),), "batched")
-    x, decisions, _ = reference("flux", "first_block_cache", layout="batched")
+    """FirstBlockCache, and FasterCache (batched CFG is its layout: it reuses attention and skips the
+    unconditional half, capturing the model again at half batch on every rank)."""
+    groups = (("first_block_cache",), ("faster_cache",))
+    ranks.submit("job_passes", "flux", groups, "batched")
+    expected = {keys: reference("flux", keys, layout="batched") for keys in groups}
     results = ranks.collect()
-    assert_equal_runs([r[("first_block_cache",)] for r in results], "flux", x, decisions, "batched CFG")
-    assert set(decisions[-1]) == {"cond_uncond"}
+    for keys in groups:
+        x, decisions, _ = expected[keys]
+        assert_equal_runs([r[keys] for r in results], "flux", x, decisions, f"batched CFG {keys}")
+        assert set(decisions[-1]) == {"cond_uncond"}
+    figures = expected[("faster_cache",)][1][-1]["cond_uncond"]
+    assert figures["faster_cache.compute_uncond"]["false"] > 0
+    assert figures["faster_cache.compute_spatial_attention"]["false"] > 0
 
 
 def test_transform_before_enable_parallelism(ranks):
