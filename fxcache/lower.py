@@ -150,6 +150,8 @@ def _block_runs(graph: fx.Graph, paths: set[str]) -> list[list[fx.Node]]:
 
 
 def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> None:
+    if all(node.op == "call_function" and node.target is operator.getitem for node in run):
+        return  # only unpacks what a pass's call returned for the block: nothing to compile
     members = set(run)
     activations, params = [], []
     for node in run:
@@ -176,7 +178,10 @@ def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> N
     returned = []
     for out in outputs:
         value, storage = env[out], _storage(out)
-        if storage in seen or value.op == "placeholder":
+        # an element of a tuple input (the result of a region a pass outlined) is that input too:
+        # dynamo flattens tuple inputs into placeholders
+        unpacked = value.op == "call_function" and value.target is operator.getitem and value.args[0].op == "placeholder"
+        if storage in seen or value.op == "placeholder" or unpacked:
             value = body.call_method("clone", (value,))
         elif storage is not None:
             seen.add(storage)
@@ -283,7 +288,11 @@ class Program:
             return user_backend(graph_module, example_inputs)
 
         graph_module = rewritten.graph_module
-        if block_regions and hasattr(torch.compiler, "nested_compile_region"):
+        # Inductor (torch 2.13) cannot lower a stamped block inside a torch.cond branch ("both a
+        # fallback and a decomp for same op"): a pass that decides in the graph without a host read
+        # branches with torch.cond, so its program keeps its blocks flat
+        with_cond = any(r.replaced and not r.flags and r.host_reads == 0 for r in rewritten.passes)
+        if block_regions and hasattr(torch.compiler, "nested_compile_region") and not with_cond:
             graph_module, program.stamped = stamp_blocks(graph_module, [b.name for b in rewritten.regions.blocks])
         program.compiled_module = graph_module
         program._compiled = torch.compile(graph_module, backend=counting_backend, fullgraph=fullgraph,
