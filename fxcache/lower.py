@@ -71,9 +71,9 @@ def _room_for_decision_tuples(num_flags: int):
 
 
 # Compile each kind of transformer block once (torch.compiler.nested_compile_region): opt-in with
-# FXCACHE_BLOCK_REGIONS=1 or ``fxcache.lower.block_regions = True``. Off by default: on torch 2.13
-# dynamo still refuses some outlined blocks ("Encountered aliasing during higher order op tracing"
-# under DBCache) and FirstBlockCache's host lowering reads once more, see docs/benchmarks.md
+# FXCACHE_BLOCK_REGIONS=1 or ``fxcache.lower.block_regions = True``. Off by default until it has run
+# on torch 2.11 with CUDA graphs; on 2.13 the suite passes with it on but for one compile-time host
+# read (docs/benchmarks.md)
 block_regions = os.environ.get("FXCACHE_BLOCK_REGIONS", "0") == "1"
 
 
