@@ -126,14 +126,15 @@ def _capture_mode():
         yield
 
 
-def _entry_function() -> types.FunctionType:
-    """A fresh ``model(*args, **kwargs)`` with a code object of its own (see :class:`CaptureGuard`)."""
+def _entry_function(name: str = "fxcache_capture") -> types.FunctionType:
+    """A fresh ``model(*args, **kwargs)`` with a code object of its own, named ``name``: dynamo's
+    cache entries for it belong to this one caller (see :class:`CaptureGuard`)."""
 
     def call(model, args, kwargs):
         return model(*args, **kwargs)
 
-    code = call.__code__.replace(co_name="fxcache_capture")
-    return types.FunctionType(code, call.__globals__, "fxcache_capture")
+    code = call.__code__.replace(co_name=name)
+    return types.FunctionType(code, call.__globals__, name)
 
 
 @dataclass

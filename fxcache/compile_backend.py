@@ -28,13 +28,16 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .capture import CaptureError, _tensor_attributes, capture_in_backend, quiet_logging
+from .capture import CaptureError, _entry_function, _tensor_attributes, capture_in_backend, quiet_logging
 from .lower import make_backend
 from .passes.base import CachePass
-from .regions import RegionError, find_regions
+from .regions import find_regions
 from .rewrite import ProgramBuilder
+from .runtime import CachedModel, _flatten_call
 
 __all__ = ["CacheBackend", "SplitForward", "backend", "is_graph_break"]
+
+SPLIT_ENTRY = "fxcache_split_forward"  # the code name of the frame a split forward is compiled from
 
 
 def backend(passes: Sequence[CachePass], *, backend: str | Callable = "inductor", mode: str | None = None,
@@ -169,8 +172,6 @@ class CacheBackend:
 
     def _runtime_for(self, root: torch.nn.Module, mode, options):
         if self.runtime is None:
-            from .runtime import CachedModel
-
             compile_args = dict(self._compile_args)
             if mode is not None or options:  # given to torch.compile: they compile the program too
                 if callable(compile_args["backend"]):
@@ -198,13 +199,17 @@ class SplitForward:
         first = (str(cause).splitlines() or [""])[0].strip()
         self.reason = f"{type(cause).__name__}: {first[:150]}{'...' if len(first) > 150 else ''}"
         self.backend = CacheBackend(runtime.passes, runtime=runtime, **runtime._compile_args)
-        entry = _split_entry()
-        self._compiled = torch.compile(entry, backend=self.backend, dynamic=False)
-        self._code = entry.__code__
+        self._compiled = torch.compile(_entry_function(SPLIT_ENTRY), backend=self.backend, dynamic=False)
+        self._checked = None  # the structure and shapes of the last call checked (_check_call)
 
     def __call__(self, args: tuple, kwargs: dict):
         runtime = self.runtime
-        runtime._check_call(args, kwargs)
+        # the checks read the call's structure and shapes alone, and cost ~0.2 ms: once per kind of call
+        leaves, structure = _flatten_call(args, kwargs)
+        checked = (structure, [leaf.shape for leaf in leaves if isinstance(leaf, torch.Tensor)])
+        if checked != self._checked:
+            runtime._check_call(args, kwargs)
+            self._checked = checked
         before = runtime._pieces_run
         # the model's warnings and log calls are left out of the graphs as at capture; the config
         # patch costs heap per call, so only the first call (which compiles) gets it
@@ -282,17 +287,6 @@ def _compiled_as_is(compiled: Callable) -> Callable:
     return run
 
 
-def _split_entry() -> types.FunctionType:
-    """``model(*args, **kwargs)`` with a code object of its own, so dynamo's cache entries for it
-    belong to this model alone."""
-
-    def call(model, args, kwargs):
-        return model(*args, **kwargs)
-
-    code = call.__code__.replace(co_name="fxcache_split_forward")
-    return types.FunctionType(code, call.__globals__, "fxcache_split_forward")
-
-
 def _compiling_frame() -> tuple[dict, types.CodeType | None]:
     """The locals and code of the frame dynamo is compiling (the backend is called while it does)."""
     from torch._dynamo.symbolic_convert import InstructionTranslator
@@ -331,7 +325,7 @@ def _call_of(model: torch.nn.Module, frame_locals: dict, code) -> tuple[tuple, d
     ``_call_impl``, or fxcache's entry), else None (a piece that starts after a break)."""
     if code is None:
         return None
-    if code.co_name == "fxcache_split_forward":
+    if code.co_name == SPLIT_ENTRY:
         return tuple(frame_locals["args"]), dict(frame_locals["kwargs"])
     if code.co_name == "_call_impl":
         return tuple(frame_locals.get("args", ())), dict(frame_locals.get("kwargs", {}))

@@ -161,9 +161,10 @@ def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> N
     outputs = [n for n in run if any(user not in members for user in n.users)]
     if not outputs:
         return
+    inputs = [*activations, *params]
     body = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    for i, node in enumerate([*activations, *params]):
+    for i, node in enumerate(inputs):
         env[node] = body.placeholder(f"input_{i}")
         env[node].meta = dict(node.meta)
     key_parts = [len(activations), len(params)]
@@ -174,7 +175,8 @@ def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> N
     # a higher-order op may not return its inputs or views of them (a block that passes a stream
     # through), nor two views of one tensor (a single-stream block's text and image slices): those
     # outputs are copies
-    seen = {_storage(node) for node in [*activations, *params]} - {None}
+    input_storages = [_storage(node) for node in inputs]
+    seen = set(input_storages) - {None}
     returned = []
     for out in outputs:
         value, storage = env[out], _storage(out)
@@ -213,8 +215,7 @@ def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> N
     # nor take two views of one tensor (CogVideoX's first block gets its text and video streams as
     # slices of one concatenation): the later one enters as a copy
     arguments, taken = [], set()
-    for node in [*activations, *params]:
-        storage = _storage(node)
+    for node, storage in zip(inputs, input_storages):
         if storage is not None and storage in taken:
             with graph.inserting_before(run[0]):
                 copy = graph.call_method("clone", (node,))
@@ -289,9 +290,8 @@ class Program:
 
         graph_module = rewritten.graph_module
         # Inductor (torch 2.13) cannot lower a stamped block inside a torch.cond branch ("both a
-        # fallback and a decomp for same op"): a pass that decides in the graph without a host read
-        # branches with torch.cond, so its program keeps its blocks flat
-        with_cond = any(r.replaced and not r.flags and r.host_reads == 0 for r in rewritten.passes)
+        # fallback and a decomp for same op"): such programs keep their blocks flat
+        with_cond = any(r.branches_with_cond for r in rewritten.passes)
         if block_regions and hasattr(torch.compiler, "nested_compile_region") and not with_cond:
             graph_module, program.stamped = stamp_blocks(graph_module, [b.name for b in rewritten.regions.blocks])
         program.compiled_module = graph_module

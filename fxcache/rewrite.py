@@ -226,6 +226,11 @@ class PassRewrite:
     def decides_in_graph(self) -> bool:
         return self.host_reads > 0 or (bool(self.replaced) and not self.flags)
 
+    @property
+    def branches_with_cond(self) -> bool:
+        """Decides in the graph without reading the decision back: its branches are ``torch.cond``."""
+        return self.decides_in_graph and self.host_reads == 0
+
 
 @dataclass(frozen=True, eq=False)
 class RewrittenProgram:
