@@ -79,6 +79,9 @@ def test_a_forward_with_a_break_before_the_blocks_equals_the_one_graph_path(name
     explained = split.explain()
     assert "dynamo splits the forward at graph breaks" in explained and "1 holding the block loop rewritten" in explained
     assert "capture: the whole forward as one graph" in reference.explain()
+    # bad input is refused as on the one-graph path, though checks run once per kind of call there
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        split(*calls[0], bogus=1)
     if name != "first_block_cache":  # a static schedule needs the forward as one graph to plan FLOPs
         assert "(no schedule: this graph is a piece of the model's forward" in split.explain(num_steps=STEPS)
 
