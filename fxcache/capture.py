@@ -289,21 +289,32 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
 
         return run
 
+    from .opaque import MAX_OPAQUE_CLASSES, leaf_of_break, make_opaque
     from .parallel import prepare_capture
 
     prepare_capture(model)  # diffusers' context-parallel hooks, made traceable
-    entry = _entry_function()
-    try:
-        with _capture_mode(), _outside_dispatch_modes(), quiet_logging(), _tagged_guards():
-            compiled = torch.compile(entry, backend=record, fullgraph=True, dynamic=False)
-            result = compiled(model, args, kwargs)
-    except Exception as error:  # dynamo reports breaks as several exception types
-        raise CaptureError(
-            f"dynamo could not capture {type(model).__name__} as one graph with no breaks: "
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. fxcache needs "
-            "the denoiser's forward to run on these inputs and to be traceable with "
-            "torch.compile(fullgraph=True)."
-        ) from error
+    made_opaque: set[type] = set()
+    while True:
+        entry = _entry_function()
+        try:
+            with _capture_mode(), _outside_dispatch_modes(), quiet_logging(), _tagged_guards():
+                compiled = torch.compile(entry, backend=record, fullgraph=True, dynamic=False)
+                result = compiled(model, args, kwargs)
+            break
+        except Exception as error:  # dynamo reports breaks as several exception types
+            recorded.clear()
+            # untraceable code inside a block (data-dependent routing): that module runs outside the graph
+            leaf = leaf_of_break(model, error) if len(made_opaque) < MAX_OPAQUE_CLASSES else None
+            if leaf is not None and leaf[0] not in made_opaque:
+                made_opaque.add(leaf[0])
+                make_opaque(model, *leaf, args, kwargs)
+                continue
+            raise CaptureError(
+                f"dynamo could not capture {type(model).__name__} as one graph with no breaks: "
+                f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. fxcache needs "
+                "the denoiser's forward to run on these inputs and to be traceable with "
+                "torch.compile(fullgraph=True)."
+            ) from error
     if "gm" not in recorded:
         raise CaptureError(f"dynamo ran {type(model).__name__} without producing a graph")
     try:
@@ -511,6 +522,7 @@ def capture_dynamic(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
         torch._dynamo.maybe_mark_dynamic(hidden, 1)
         graph_module, example_inputs = capture_dynamic(model, (), {"hidden_states": hidden, ...})
     """
+    from .opaque import MAX_OPAQUE_CLASSES, leaf_of_break, make_opaque
     from .parallel import prepare_capture
 
     recorded: dict[str, Any] = {}

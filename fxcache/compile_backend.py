@@ -31,7 +31,7 @@ import torch.fx as fx
 from .capture import CaptureError, _entry_function, _tensor_attributes, capture_in_backend, quiet_logging
 from .lower import make_backend
 from .passes.base import CachePass
-from .regions import find_regions
+from .regions import RegionError, find_regions
 from .rewrite import ProgramBuilder
 from .runtime import CachedModel, _flatten_call
 
@@ -110,7 +110,15 @@ class CacheBackend:
             return self._as_is(gm, example_inputs)
         call = _call_of(model, frame_locals, code)
         captured = capture_in_backend(model, gm, example_inputs, call)
-        regions = find_regions(captured)
+        try:
+            regions = find_regions(captured)
+        except RegionError as error:
+            breaks = torch._dynamo.utils.counters["graph_break"]
+            if not breaks:
+                raise
+            reason = next(iter(breaks)).strip().splitlines()[0]
+            raise CaptureError(_BLOCKS_SPLIT.format(model=type(model).__name__, detail=f" ({reason}); the graph "
+                                                    f"that holds attention has no whole block")) from error
         if call is None and all("." in _list_path(block.name) for block in regions.blocks):
             # a piece of a split forward whose blocks all sit inside a submodule (HunyuanVideo's text
             # refiner, context_embedder.token_refiner.refiner_blocks): glue before the denoiser's loop
@@ -361,10 +369,15 @@ def _require_whole_block_lists(model: torch.nn.Module, regions) -> None:
     for prefix, count in found.items():
         total = len(model.get_submodule(prefix))
         if count < total:
-            raise CaptureError(
-                f"fxcache: a graph break splits the block loop of {type(model).__name__}: one graph holds "
-                f"{count} of the {total} blocks of {prefix}. fxcache needs the blocks in one graph: make the "
-                "code inside the blocks traceable (no data-dependent sizes or branches there).")
+            raise CaptureError(_BLOCKS_SPLIT.format(model=type(model).__name__,
+                                                    detail=f": one graph holds {count} of the {total} blocks of {prefix}"))
+
+
+_BLOCKS_SPLIT = (
+    "fxcache: a graph break splits the block loop of {model}{detail}. fxcache needs the blocks in one graph. "
+    "fxcache.transform(model, passes) runs an untraceable module inside the blocks (data-dependent routing) "
+    "outside the graph and keeps the loop whole: use it, or make the code inside the blocks traceable (no "
+    "data-dependent sizes or branches there).")
 
 
 def _parameter_probe(model: torch.nn.Module, example_inputs: list) -> tuple[int, Callable] | None:

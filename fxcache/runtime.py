@@ -31,6 +31,7 @@ import torch
 
 from .capture import CaptureError, InputSignature, capture, input_signature
 from .lower import Program
+from .opaque import describe_opaque
 from .passes.base import CachePass, Step
 from .regions import ModelRegions, find_regions
 from .rewrite import ProgramBuilder, RewrittenProgram
@@ -561,6 +562,9 @@ class CachedModel(torch.nn.Module):
             lines.append(self._capture_path())
         else:
             lines.append("capture: the whole forward as one graph")
+        opaque = describe_opaque(self.original)
+        if opaque is not None:
+            lines.append(f"capture: {opaque}")
         lines.append(self.regions().describe())
         lines.append(program.describe())
         for rewrite in program.passes:

@@ -72,3 +72,12 @@ class DiffusersCopyPerContext(torch.nn.Module):
     def _reset_stateful_cache(self):
         for model in self.copies.values():
             model._reset_stateful_cache()
+
+
+def batched_inputs(tiny, x, sigma):
+    """One call for both CFG branches, batch [uncond; cond], as diffusers' video pipelines make it."""
+    uncond, cond = tiny.inputs(x, sigma, condition=1), tiny.inputs(x, sigma, condition=0)
+    batch = x.shape[0]  # per-sample inputs are batched; position ids (Flux img_ids, txt_ids) are not
+    return {k: torch.cat([uncond[k], cond[k]]) if torch.is_tensor(uncond[k]) and uncond[k].shape[0] == batch
+            else uncond[k] for k in uncond}
+

@@ -13,7 +13,7 @@ from fxcache import ConfigError
 from fxcache.passes import FasterCache, Step
 from fxcache.passes.faster_cache import frequency_mask
 from fxcache.testing import models
-from tests.helpers import DiffusersCopyPerContext, relative_difference, with_diffusers_cache
+from tests.helpers import DiffusersCopyPerContext, batched_inputs, relative_difference, with_diffusers_cache
 from tests.static_pass_helpers import (assert_one_graph_per_decision_tuple, Clock, decision_tuples, run_euler)
 
 STEPS = 8
@@ -31,14 +31,6 @@ def config_for(tiny, **fields):
                 attention_weight_callback=lambda _: 0.3)
     base.update(fields)
     return base
-
-
-def batched_inputs(tiny, x, sigma):
-    """One call for both CFG branches, batch [uncond; cond], as diffusers' video pipelines make it."""
-    uncond, cond = tiny.inputs(x, sigma, condition=1), tiny.inputs(x, sigma, condition=0)
-    batch = x.shape[0]  # per-sample inputs are batched; position ids (Flux img_ids, txt_ids) are not
-    return {k: torch.cat([uncond[k], cond[k]]) if torch.is_tensor(uncond[k]) and uncond[k].shape[0] == batch
-            else uncond[k] for k in uncond}
 
 
 @torch.no_grad()

@@ -20,27 +20,30 @@ import os
 
 import pytest
 import torch
-from diffusers.hooks import (FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
+from diffusers.hooks import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
                              TaylorSeerCacheConfig)
 
 import fxcache
 from fxcache.flops import count_flops
-from fxcache.passes import FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer
-from tests.helpers import relative_difference, with_diffusers_cache
+from fxcache.passes import FasterCache, FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer
+from tests.helpers import batched_inputs, relative_difference, with_diffusers_cache
 from tests.model_registry import BY_NAME, CASES, METHODS, SUPPORTED, Unsupported, uncovered_classes
 from tests.static_pass_helpers import Clock
 
 STEPS = 3  # every skipping config below computes at step 0 and reuses at step 1
 FULL = os.environ.get("FXCACHE_FULL_COVERAGE") == "1"
 # every attention module inside a block, whatever the block list and the module are called (Kandinsky 5:
-# visual_transformer_blocks.0.self_attention, Lumina-Next: layers.0.attn1); diffusers' defaults miss
-# some, fxcache's too
-ANY_BLOCK_ATTENTION = (r".*(blocks|layers)\.\d+\.[^.]*attn[^.]*", r".*(blocks|layers)\.\d+\.[^.]*attention[^.]*")
+# visual_transformer_blocks.0.self_attention, Lumina-Next: layers.0.attn1, HiDream: a wrapper,
+# double_stream_blocks.0.block.attn1); diffusers' defaults miss some, fxcache's too
+ANY_BLOCK_ATTENTION = (r".*(blocks|layers)\.\d+\.(block\.)?[^.]*attn[^.]*",
+                       r".*(blocks|layers)\.\d+\.(block\.)?[^.]*attention[^.]*")
 WIDE = (-1.0, 1e9)  # a timestep range every step is inside
+GUIDANCE = 3.0  # FasterCache's loop: batched CFG [uncond; cond]
 
 
-def configs(method: str, skipping: bool):
-    """(fxcache pass, diffusers config) for ``method``: never skipping, or reusing at step 1."""
+def configs(method: str, skipping: bool, tiny=None):
+    """(fxcache pass, diffusers config) for ``method``: never skipping, or reusing at step 1 (FasterCache:
+    attention extrapolated and the unconditional half synthesised at step 1)."""
     if method == "FirstBlockCache":
         threshold = 1e9 if skipping else 0.0  # every step after the first reuses / none does
         return FirstBlockCache(threshold=threshold), FirstBlockCacheConfig(threshold=threshold)
@@ -57,17 +60,43 @@ def configs(method: str, skipping: bool):
         fields = dict(mag_ratios=[1.0] * STEPS, num_inference_steps=STEPS, threshold=1.0, retention_ratio=0.0,
                       max_skip_steps=STEPS if skipping else 0)
         return MagCache(**fields), MagCacheConfig(**fields)
+    if method == "FasterCache":
+        every = 2 if skipping else 1
+        fields = dict(spatial_attention_block_skip_range=every, temporal_attention_block_skip_range=every,
+                      unconditional_batch_skip_range=every, attention_weight_callback=lambda _: 0.3,
+                      tensor_format=_tensor_format(tiny), **{f"{what}_range": WIDE for what in (
+                          "spatial_attention_timestep_skip", "temporal_attention_timestep_skip",
+                          "unconditional_batch_timestep_skip", "low_frequency_weight_update_timestep",
+                          "high_frequency_weight_update_timestep")})
+        return FasterCache(**fields, token_grid=_token_grid(tiny)), FasterCacheConfig(**fields)
     raise ValueError(f"no coverage configs for {method}")
 
 
+def _tensor_format(tiny) -> str:
+    """The layout of the model's output sample: its latents' (CogVideoX and ConsisID put frames first)."""
+    if len(tiny.latent_shape) == 5:
+        return "BFCHW" if type(tiny.model).__name__ in ("CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel") \
+            else "BCFHW"
+    return "BCHW"
+
+
+def _token_grid(tiny) -> tuple[int, int] | None:
+    """The grid of a token-layout sample (B, S, C): square in every registry case."""
+    if len(tiny.latent_shape) != 3:
+        return None
+    side = int(round(tiny.latent_shape[1] ** 0.5))
+    return (side, side) if side * side == tiny.latent_shape[1] else None
+
+
 @torch.no_grad()
-def run_loop(model, tiny, *, count=False):
+def run_loop(model, tiny, *, count=False, cfg=False):
     """A ``STEPS``-step Euler loop like a pipeline's (context "cond" with the step fields; the clock is
     diffusers' ``current_timestep``); returns (x0, x_N, FLOPs of the loop or None).
 
     With ``count`` the whole loop runs under ``fxcache.flops.count_flops`` (the programs run eagerly,
     only the work that executes is counted): one capture for the loop, where counting a single step
-    would capture again under the counter's module hooks."""
+    would capture again under the counter's module hooks. With ``cfg`` each call is batched CFG,
+    [uncond; cond] in context "cond_uncond", as FasterCache needs."""
     batch = tiny.latent_shape[0]
     start = tiny.noise(seed=0, batch=batch)
     sigmas = torch.linspace(1.0, 0.0, STEPS + 1).tolist()
@@ -79,9 +108,10 @@ def run_loop(model, tiny, *, count=False):
             timestep = sigmas[i] * tiny.timestep_scale
             if clock is not None:
                 clock.timestep = torch.tensor(timestep)
-            inputs = tiny.inputs(x, sigmas[i])
-            context = model.cache_context("cond", step_index=i, num_inference_steps=STEPS, timestep=timestep) \
-                if isinstance(model, fxcache.CachedModel) else model.cache_context("cond") \
+            inputs = batched_inputs(tiny, x, sigmas[i]) if cfg else tiny.inputs(x, sigmas[i])
+            name = "cond_uncond" if cfg else "cond"
+            context = model.cache_context(name, step_index=i, num_inference_steps=STEPS, timestep=timestep) \
+                if isinstance(model, fxcache.CachedModel) else model.cache_context(name) \
                 if hasattr(model, "cache_context") else _nothing()
             with context:
                 out = model(**inputs)
@@ -90,6 +120,9 @@ def run_loop(model, tiny, *, count=False):
                 velocity = torch.stack(velocity)
             if velocity.shape[1] == 2 * x.shape[1]:  # learned sigma (PixArt, DiT): pipelines keep the first half
                 velocity = velocity[:, : x.shape[1]]
+            if cfg:
+                uncond, cond = velocity.chunk(2)
+                velocity = uncond + GUIDANCE * (cond - uncond)
             x = x + (sigmas[i + 1] - sigmas[i]) * velocity
         return x
 
@@ -100,10 +133,10 @@ def run_loop(model, tiny, *, count=False):
 
 
 @functools.lru_cache(maxsize=None)
-def uncached_run(name: str):
+def uncached_run(name: str, cfg: bool = False):
     """The uncached loop of a case, once per session (the builds are seeded, so every build is equal)."""
     tiny = BY_NAME[name].build()
-    return run_loop(tiny.model, tiny, count=True)
+    return run_loop(tiny.model, tiny, count=True, cfg=cfg)
 
 
 class _nothing:
@@ -117,7 +150,7 @@ class _nothing:
 def diffusers_hooked(tiny, method: str, config):
     """A copy of the model with diffusers' hook; PAB reads the clock that ``run_loop`` sets."""
     clock = Clock()
-    if method == "PyramidAttentionBroadcast":
+    if method in ("PyramidAttentionBroadcast", "FasterCache"):
         config.current_timestep_callback = clock
     if hasattr(tiny.model, "enable_cache"):
         hooked = with_diffusers_cache(tiny.model, config)
@@ -138,6 +171,7 @@ class _AppliedHook(torch.nn.Module):
 
         self.model = copy.deepcopy(model)
         apply = {FirstBlockCacheConfig: hooks.apply_first_block_cache, MagCacheConfig: hooks.apply_mag_cache,
+                 FasterCacheConfig: hooks.apply_faster_cache,
                  PyramidAttentionBroadcastConfig: hooks.apply_pyramid_attention_broadcast,
                  TaylorSeerCacheConfig: hooks.apply_taylorseer_cache}[type(config)]
         apply(self.model, config)
@@ -172,10 +206,11 @@ def check_skipping(case, method: str) -> tuple[str, str]:
     the table cell as (label, detail): ("exact vs diffusers", ""), ("works, diffusers' hook cannot",
     its error) or ("works, not compared with diffusers", why)."""
     tiny = case.build()
-    ours, theirs = configs(method, skipping=True)
+    ours, theirs = configs(method, skipping=True, tiny=tiny)
+    cfg = method == "FasterCache"
     cached = fxcache.transform(tiny.model, [ours], backend="eager")
-    start, result, flops = run_loop(cached, tiny, count=True)
-    _, uncached, full_flops = uncached_run(case.name)
+    start, result, flops = run_loop(cached, tiny, count=True, cfg=cfg)
+    _, uncached, full_flops = uncached_run(case.name, cfg)
     assert torch.isfinite(result).all(), f"{case.name} x {method}: non-finite latents"
     assert flops < full_flops, f"{case.name} x {method}: the loop ran {flops} FLOPs, uncached {full_flops}"
     if method in case.not_compared:
@@ -187,7 +222,7 @@ def check_skipping(case, method: str) -> tuple[str, str]:
         if not hooks_applied(hooked):  # diffusers only warns ("No transformer blocks found") and runs uncached
             raise LookupError(f"diffusers' {method} hook found nothing to hook in {type(tiny.model).__name__} and "
                               "leaves it uncached")
-        _, expected, _ = run_loop(hooked, tiny)
+        _, expected, _ = run_loop(hooked, tiny, cfg=cfg)
     except Exception as error:  # noqa: BLE001 - diffusers' hook cannot run here: reported in the table
         failure = error
     if failure is None:
@@ -205,19 +240,20 @@ def check_skipping(case, method: str) -> tuple[str, str]:
 def check_never_skip(case, method: str) -> None:
     """A config that never skips is bit-identical to the uncached model over the loop."""
     tiny = case.build()
-    ours, _ = configs(method, skipping=False)
+    ours, _ = configs(method, skipping=False, tiny=tiny)
+    cfg = method == "FasterCache"
     cached = fxcache.transform(tiny.model, [ours], backend="eager")
-    _, result, _ = run_loop(cached, tiny)
-    _, uncached, _ = uncached_run(case.name)
+    _, result, _ = run_loop(cached, tiny, cfg=cfg)
+    _, uncached, _ = uncached_run(case.name, cfg)
     assert torch.equal(result, uncached), f"{case.name} x {method}: never-skip differs from uncached"
 
 
 def check_unsupported(case, method: str, expected: Unsupported) -> tuple[str, str]:
     tiny = case.build()
-    ours, _ = configs(method, skipping=True)
+    ours, _ = configs(method, skipping=True, tiny=tiny)
     cached = fxcache.transform(tiny.model, [ours], backend="eager")
     with pytest.raises(_error_class(expected.error), match=expected.match):
-        run_loop(cached, tiny)
+        run_loop(cached, tiny, cfg=method == "FasterCache")
     return "unsupported", f"{expected.reason} (`{expected.error}`)"
 
 
@@ -249,6 +285,7 @@ CI_PAIRS = [
     ("sana", "PyramidAttentionBroadcast"),            # linear attention (no SDPA) is attention, as in diffusers
     ("wan-vace-zero-hints", "MagCache"),              # two glue nodes between blocks (hint adds), kept in order
     ("z-image", "PyramidAttentionBroadcast"),         # graph breaks before the block loop: split, exact
+    ("hidream", "TaylorSeer"),                        # MoE routing in the blocks runs outside the graph; exact
 ]
 PAIRS = ALL_PAIRS if FULL else CI_PAIRS
 
