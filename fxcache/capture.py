@@ -522,7 +522,6 @@ def capture_dynamic(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
         torch._dynamo.maybe_mark_dynamic(hidden, 1)
         graph_module, example_inputs = capture_dynamic(model, (), {"hidden_states": hidden, ...})
     """
-    from .opaque import MAX_OPAQUE_CLASSES, leaf_of_break, make_opaque
     from .parallel import prepare_capture
 
     recorded: dict[str, Any] = {}
