@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from .capture import CaptureError, _entry_function, _tensor_attributes, capture_in_backend, quiet_logging
 from .lower import make_backend
-from .passes.base import CachePass
+from .passes.base import CachePass, ConfigError
 from .regions import RegionError, find_regions
 from .rewrite import ProgramBuilder
 from .runtime import CachedModel, _flatten_call
@@ -221,8 +221,15 @@ class SplitForward:
         before = runtime._pieces_run
         # the model's warnings and log calls are left out of the graphs as at capture; the config
         # patch costs heap per call, so only the first call (which compiles) gets it
-        with quiet_logging() if before == 0 else contextlib.nullcontext(), _through_dynamo():
-            result = self._compiled(runtime.original, args, kwargs)
+        try:
+            with quiet_logging() if before == 0 else contextlib.nullcontext(), _through_dynamo():
+                result = self._compiled(runtime.original, args, kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            # fxcache's own errors, raised while dynamo compiled a piece, reach the caller as they are
+            inner = getattr(error, "inner_exception", None)
+            if isinstance(inner, (CaptureError, RegionError, ConfigError)):
+                raise inner from error
+            raise
         if runtime._pieces_run == before:
             model = type(runtime.original).__name__
             raise CaptureError(

@@ -60,9 +60,10 @@ def _call_module(key: int, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
                 f"rule read from its first call: it returns tensors shaped like its inputs; this call returned "
                 f"{tuple(out.shape)} {out.dtype} for an input of {tuple(inputs[j].shape)} {inputs[j].dtype}. Its "
                 "output's shape must follow its inputs' shapes.")
-    # an op's outputs may not alias its inputs
+    # an op's outputs may not alias its inputs, and have the strides of its fake (contiguous)
     storages = {t.untyped_storage().data_ptr() for t in inputs}
-    return [out.clone() if out.untyped_storage().data_ptr() in storages else out for out in outputs]
+    return [out.clone(memory_format=torch.contiguous_format) if out.untyped_storage().data_ptr() in storages
+            else out.contiguous() for out in outputs]
 
 
 # the module may read back to the host (HiDream's routing does): Inductor keeps it out of CUDA graphs

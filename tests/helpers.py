@@ -75,9 +75,37 @@ class DiffusersCopyPerContext(torch.nn.Module):
 
 
 def batched_inputs(tiny, x, sigma):
-    """One call for both CFG branches, batch [uncond; cond], as diffusers' video pipelines make it."""
+    """One call for both CFG branches, batch [uncond; cond], as diffusers' video pipelines make it. The
+    per-sample inputs are those whose leading dim follows the latents' batch (position ids, Flux's
+    img_ids, and per-layer scales are not, whatever their length)."""
     uncond, cond = tiny.inputs(x, sigma, condition=1), tiny.inputs(x, sigma, condition=0)
-    batch = x.shape[0]  # per-sample inputs are batched; position ids (Flux img_ids, txt_ids) are not
-    return {k: torch.cat([uncond[k], cond[k]]) if torch.is_tensor(uncond[k]) and uncond[k].shape[0] == batch
-            else uncond[k] for k in uncond}
+    per_sample = per_sample_inputs(tiny, x, sigma)
+
+    def batched(k):
+        if k not in per_sample:
+            return uncond[k]
+        if isinstance(uncond[k], list) and len(uncond[k]) == x.shape[0]:  # one tensor per sample (Z-Image)
+            return uncond[k] + cond[k]
+        if isinstance(uncond[k], list):  # one batched tensor per text-encoder layer (Bria FIBO)
+            return [torch.cat(pair) for pair in zip(uncond[k], cond[k])]
+        return torch.cat([uncond[k], cond[k]])
+
+    return {k: batched(k) for k in uncond}
+
+
+def per_sample_inputs(tiny, x, sigma) -> set[str]:
+    """Names of the call's tensors whose leading dim is the batch, and of its lists of tensors that are
+    one per sample or whose tensors are batched: the call built again at one more sample tells."""
+    def lead(value):
+        if isinstance(value, list) and value and torch.is_tensor(value[0]):
+            return (len(value), lead(value[0]))
+        return value.shape[0] if torch.is_tensor(value) and value.dim() else None
+
+    def grows(one, more):
+        if isinstance(one, tuple):
+            return more[0] == one[0] + 1 or grows(one[1], more[1])
+        return one is not None and more == one + 1
+
+    one, more = tiny.inputs(x, sigma), tiny.inputs(torch.cat([x, x[:1]]), sigma)
+    return {k for k, v in one.items() if grows(lead(v), lead(more[k]))}
 

@@ -335,7 +335,23 @@ def _loop_split(why: str) -> dict:
 
 
 # diffusers' block hooks (FirstBlockCache, MagCache) need the block class in their TransformerBlockRegistry
-_NO_BLOCK_REGISTRY = ("PyramidAttentionBroadcast", "TaylorSeer")
+_NO_BLOCK_REGISTRY = ("PyramidAttentionBroadcast", "TaylorSeer", "FasterCache")
+
+# FasterCache's rows run a batched-CFG loop ([uncond; cond] in one call) and capture the model again at half
+# that batch
+_FASTER_CACHE_SPLIT = {"FasterCache": Unsupported(
+    "CaptureError", "cannot be captured again with other inputs",
+    "FasterCache captures the model again at half the CFG batch, which needs the forward as one graph; this "
+    "forward has graph breaks outside the block loop (it runs split)")}
+_FASTER_CACHE_VACE_SCALE = {"FasterCache": Unsupported(
+    "CaptureError", "does not run at half the CFG batch",
+    "`control_hidden_states_scale` has one entry per VACE layer, 2 here, as many as the CFG batch of one sample: "
+    "fxcache halves every input whose leading dim is the CFG batch, so it halves that one too (a CFG batch "
+    "of another size runs)")}
+_FASTER_CACHE_VIDEO_TOKENS = {"FasterCache": Unsupported(
+    "ConfigError", "token-layout",
+    "the output is video tokens (B, frames x H x W, C): FasterCache's frequency split takes the token grid of "
+    "one frame (`token_grid=(H, W)`), so a video in token layout has none")}
 _ALL_HOOKS = ("FirstBlockCache", "PyramidAttentionBroadcast", "TaylorSeer", "MagCache")
 
 CASES: list[ModelCase] = [
@@ -356,14 +372,15 @@ CASES: list[ModelCase] = [
                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=None, axes_dims_rope=[0, 4, 4]),
           (1, 16, 4), _bria_make, 1.0, diffusers_hooks=("PyramidAttentionBroadcast", "TaylorSeer")),
     _case("wan", "WanTransformer3DModel", WAN, (1, 4, 2, 8, 8), _text_video(8, 16)),
-    _case("wan-vace", "WanVACETransformer3DModel", WAN_VACE, (1, 16, 2, 8, 8), _wan_vace(1.0), not_compared={
+    _case("wan-vace", "WanVACETransformer3DModel", WAN_VACE, (1, 16, 2, 8, 8), _wan_vace(1.0),
+          expected=_FASTER_CACHE_VACE_SCALE, not_compared={
         "FirstBlockCache": _VACE_HINTS_TWICE, "MagCache": _VACE_HINTS_TWICE,
         "PyramidAttentionBroadcast": "diffusers also broadcasts the attention of the control branch (`vace_blocks`, "
                                      "matched by its identifier `blocks`); fxcache runs that branch every step as "
                                      "glue before the denoiser's blocks. Equal with the hints scaled to 0 "
                                      "(row wan-vace-zero-hints)"}),
     _case("wan-vace-zero-hints", "WanVACETransformer3DModel", WAN_VACE, (1, 16, 2, 8, 8), _wan_vace(0.0),
-          diffusers_hooks=_ALL_HOOKS),
+          diffusers_hooks=_ALL_HOOKS, expected=_FASTER_CACHE_VACE_SCALE),
     _case("skyreels-v2", "SkyReelsV2Transformer3DModel", WAN, (1, 4, 2, 8, 8), _text_video(8, 16),
           diffusers_hooks=_NO_BLOCK_REGISTRY),
     _case("chronoedit", "ChronoEditTransformer3DModel",
@@ -387,7 +404,10 @@ CASES: list[ModelCase] = [
     _case("hunyuan-video-framepack", "HunyuanVideoFramepackTransformer3DModel", FRAMEPACK,
           (2, 4, 3, 4, 4), _framepack_make),
     _case("hunyuan-video-framepack-batch1", "HunyuanVideoFramepackTransformer3DModel", FRAMEPACK,
-          (1, 4, 3, 4, 4), _framepack_make, expected={m: _FRAMEPACK_CROPPED_TEXT for m in METHODS}),
+          (1, 4, 3, 4, 4), _framepack_make, expected={**{m: _FRAMEPACK_CROPPED_TEXT for m in METHODS}, "FasterCache": (
+              Unsupported("CaptureError", "does not run at half the CFG batch",
+                          "the CFG batch (2) masks the text, but at half of it (one sample) the model crops the text "
+                          "tokens to the mask's length (`.item()`), which no graph can hold"))}),
     _case("hunyuan-video-1.5", "HunyuanVideo15Transformer3DModel",
           dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
                num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
@@ -410,7 +430,7 @@ CASES: list[ModelCase] = [
     _case("ltx", "LTXVideoTransformer3DModel",
           dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
                num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=16),
-          (1, 2 * 4 * 4, 4), _masked_text(8, 16, num_frames=2, height=4, width=4)),
+          (1, 2 * 4 * 4, 4), _masked_text(8, 16, num_frames=2, height=4, width=4), expected=_FASTER_CACHE_VIDEO_TOKENS),
     _case("sd3", "SD3Transformer2DModel",
           dict(sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
                caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
@@ -432,12 +452,17 @@ CASES: list[ModelCase] = [
     _case("lumina2", "Lumina2Transformer2DModel",
           dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=24, num_layers=2, num_refiner_layers=1,
                num_attention_heads=3, num_kv_heads=1, multiple_of=2, norm_eps=1e-5, axes_dim_rope=(4, 2, 2),
-               axes_lens=(128, 128, 128), cap_feat_dim=32), (1, 4, 8, 8), _masked_text(8, 32), 1.0),
+               axes_lens=(128, 128, 128), cap_feat_dim=32), (1, 4, 8, 8), _masked_text(8, 32), 1.0,
+          expected=_FASTER_CACHE_SPLIT),
     _case("hidream", "HiDreamImageTransformer2DModel",
           dict(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
                num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=4,
                num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1),
-               force_inference_output=True), (1, 4, 8, 8), _hidream_make),  # MoE routing runs outside the graph
+               force_inference_output=True), (1, 4, 8, 8), _hidream_make,  # MoE routing runs outside the graph
+          expected={"FasterCache": Unsupported(
+              "CaptureError", "does not run at half the CFG batch",
+              "the Llama-3 embeddings put the layers first and the batch second, (layers, B, S, C): FasterCache "
+              "halves the CFG batch along inputs' leading dim")}),
     _case("qwen-image", "QwenImageTransformer2DModel",
           dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
                num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6)), (1, 16, 16),
@@ -466,7 +491,7 @@ CASES: list[ModelCase] = [
           dict(hidden_size=16, num_attention_heads=4, num_key_value_heads=4, intermediate_size=32, num_layers=2,
                pad_token_id=0, vocab_size=1000, in_channels=4, time_step_dim=4,
                rope_scaling={"long_factor": list(range(1, 3)), "short_factor": list(range(1, 3))}),
-          (1, 4, 8, 8), _omnigen_make, 1.0),
+          (1, 4, 8, 8), _omnigen_make, 1.0, expected=_FASTER_CACHE_SPLIT),
     _case("cogview3plus", "CogView3PlusTransformer2DModel",
           dict(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=4, num_attention_heads=2, out_channels=4,
                text_embed_dim=8, time_embed_dim=8, condition_dim=2, pos_embed_max_size=8, sample_size=8),
@@ -525,8 +550,8 @@ CASES: list[ModelCase] = [
     _new_case("glm-image", "GlmImageTransformer2DModel",
           dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
                text_embed_dim=32, time_embed_dim=16, condition_dim=8, prior_vq_quantizer_codebook_size=64),
-          (1, 4, 8, 8), _common((8, 32), prior_token_id=lambda b: torch.arange(b) % 64,
-                                prior_token_drop=lambda b: torch.zeros(b, dtype=torch.bool),
+          (1, 4, 8, 8), _common((8, 32), prior_token_id=lambda b: torch.arange(16).repeat(b, 1) * 3 % 64,
+                                prior_token_drop=lambda b: torch.zeros(b, 16, dtype=torch.bool),
                                 target_size=lambda b: torch.tensor([[8.0, 8.0]]).expand(b, -1),
                                 crop_coords=lambda b: torch.zeros(b, 2))),
     _new_case("prx", "PRXTransformer2DModel",
@@ -535,7 +560,11 @@ CASES: list[ModelCase] = [
     _new_case("z-image", "ZImageTransformer2DModel",
           dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=16, n_layers=2, n_refiner_layers=1,
                n_heads=1, n_kv_heads=2, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
-               axes_dims=[8, 4, 4], axes_lens=[256, 32, 32]), (1, 4, 1, 8, 8), _z_image_make, 1.0),
+               axes_dims=[8, 4, 4], axes_lens=[256, 32, 32]), (1, 4, 1, 8, 8), _z_image_make, 1.0,
+          expected={"FasterCache": Unsupported(
+              "ConfigError", "tensor_format", "Z-Image takes and returns lists of one (C, F, H, W) tensor per "
+              "sample: the CFG batch is a list's length, not a leading dim FasterCache can halve (and the forward "
+              "runs split)")}),
     _new_case("motif-video", "MotifVideoTransformer3DModel",
           dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=1,
                num_single_layers=1, num_decoder_layers=0, mlp_ratio=2.0, patch_size=1, patch_size_t=1,
@@ -570,7 +599,8 @@ CASES: list[ModelCase] = [
                                encoder_hidden_states=_text(x.shape[0], 8, 16, c),
                                audio_encoder_hidden_states=_text(x.shape[0], 8, 16, c + 2), timestep=t,
                                encoder_attention_mask=torch.ones(x.shape[0], 8, dtype=torch.bool), num_frames=2,
-                               height=4, width=4, audio_num_frames=5, fps=25.0, return_dict=False)),
+                               height=4, width=4, audio_num_frames=5, fps=25.0, return_dict=False),
+          expected=_FASTER_CACHE_VIDEO_TOKENS),
 ]
 
 BY_NAME = {case.name: case for case in CASES}
@@ -617,7 +647,7 @@ def _case_cells(name: str, never_skip: bool = True) -> list[tuple[str, str]]:
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     cells = []
-    for method in DOCUMENTED_METHODS:
+    for method in METHODS:
         try:
             cells.append(coverage.table_cell(BY_NAME[name], method, never_skip=never_skip))
         except BaseException as error:  # noqa: BLE001 - reported in the table and by the exit status
@@ -629,8 +659,6 @@ def _case_cells(name: str, never_skip: bool = True) -> list[tuple[str, str]]:
     return cells
 
 
-# FasterCache needs a batched-CFG loop that the coverage checks do not run yet
-DOCUMENTED_METHODS = tuple(m for m in METHODS if m != "FasterCache")
 
 
 def write_docs(path: str, jobs: int = 1, never_skip: bool = True, resume: bool = False,
@@ -679,7 +707,7 @@ def _measured_rows(path: str, keep_failed: bool = False) -> dict[str, list[tuple
     rows = {}
     for line in text.splitlines():
         parts = [p.strip() for p in line.strip().strip("|").split("|")]
-        if len(parts) != 2 + len(DOCUMENTED_METHODS) or classes.get(parts[0]) != parts[1].strip("`"):
+        if len(parts) != 2 + len(METHODS) or classes.get(parts[0]) != parts[1].strip("`"):
             continue
         cells = []
         for raw in parts[2:]:
@@ -702,7 +730,7 @@ def _write_table(path: str, results: dict[str, list[tuple[str, str]]], never_ski
 
     not_run = ("not run in this generation", "")
     rows = [f"| {case.name} | `{case.class_name}` | "
-            + " | ".join(cell(*c) for c in results.get(case.name, [not_run] * len(DOCUMENTED_METHODS))) + " |"
+            + " | ".join(cell(*c) for c in results.get(case.name, [not_run] * len(METHODS))) + " |"
             for case in CASES]
     import diffusers
 
@@ -718,8 +746,10 @@ def _write_table(path: str, results: dict[str, list[tuple[str, str]]], never_ski
         f"diffusers {diffusers.__version__}); do not edit by hand."
         + ("" if done == len(CASES) else f" **Incomplete run: {done} of {len(CASES)} cases.**"),
         "Each cell is measured on a tiny random config (fp32, eager backend, a 3-step Euler loop): see "
-        "`tests/model_registry.py` and `tests/test_model_coverage.py`. FasterCache is not in the table yet: "
-        "its checks need a batched-CFG loop."
+        "`tests/model_registry.py` and `tests/test_model_coverage.py`. FasterCache's loop is batched CFG "
+        "([uncond; cond] in one call, guidance 3); fxcache halves every input whose leading dim is the CFG batch, "
+        "and diffusers' hook, which halves the inputs its `_unconditional_conditional_input_kwargs_identifiers` "
+        "name (five by default), is given the call's per-sample inputs so that it halves the same."
         + ("" if never_skip else " This run left out the never-skip bit-identity check (`--no-never-skip`); "
            "`FXCACHE_FULL_COVERAGE=1 pytest tests/test_model_coverage.py` runs it for every pair."),
         "",
@@ -731,8 +761,8 @@ def _write_table(path: str, results: dict[str, list[tuple[str, str]]], never_ski
         "difference). **unsupported**: fxcache raises the error in the note, for the reason given. **fails**: a "
         "check failed in this run (an open bug).",
         "",
-        "| case | class | " + " | ".join(DOCUMENTED_METHODS) + " |",
-        "|---|---|" + "---|" * len(DOCUMENTED_METHODS),
+        "| case | class | " + " | ".join(METHODS) + " |",
+        "|---|---|" + "---|" * len(METHODS),
         *rows,
         "",
         "## Notes",

@@ -82,8 +82,10 @@ def _loop(model, calls):
 ], ids=["first_block_cache", "taylorseer"])
 def test_routing_inside_the_blocks_runs_outside_one_graph_with_the_same_pass_semantics(passes):
     model, dense, calls = _models()
-    expected = _loop(fxcache.transform(dense, passes(), backend="eager"), calls)
-    assert "outside the graph" not in fxcache.transform(dense, passes(), backend="eager").explain()
+    traced = fxcache.transform(dense, passes(), backend="eager")
+    expected = _loop(traced, calls)
+    assert "capture: the whole forward as one graph" in traced.explain()
+    assert "outside the graph" not in traced.explain()
 
     cached = fxcache.transform(model, passes(), backend="eager")
     result = _loop(cached, calls)

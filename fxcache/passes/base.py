@@ -125,14 +125,15 @@ class AttentionKindsPass(CachePass):
     def kind_of(self, attention: Attention) -> str | None:
         raise NotImplementedError
 
-    def targets(self, regions: ModelRegions) -> dict[str, list[Attention]]:
-        """Attention regions by the kind of settings they use (kinds with none are left out)."""
+    def targets(self, regions: ModelRegions, allow_none: bool = False) -> dict[str, list[Attention]]:
+        """Attention regions by the kind of settings they use (kinds with none are left out); none at
+        all is an error unless ``allow_none``."""
         by_kind: dict[str, list[Attention]] = {}
         for attention in regions.attentions:
             kind = self.kind_of(attention)
             if kind is not None:
                 by_kind.setdefault(kind, []).append(attention)
-        if not by_kind:
+        if not by_kind and not allow_none:
             found = ", ".join(f"{a.name} ({a.kind})" for a in regions.attentions) or "none"
             raise RegionError(f"{type(self).__name__}: no attention module matches the configured kinds "
                               f"and identifiers; attention found: {found}")

@@ -67,6 +67,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from ..capture import CaptureError
 from ..regions import Attention, RegionError, example_value
 from ..rewrite import INPUTS, REGION, Flag, PassBuilder, Scalar, State, call_variant, copy_into
 from .base import AttentionKindsPass, ConfigError, attention_settings
@@ -179,7 +180,7 @@ class FasterCache(AttentionKindsPass):
 
     # -- rewrite ------------------------------------------------------------------------------------
     def rewrite(self, g: PassBuilder) -> None:
-        by_kind = self.targets(g.regions)
+        by_kind = self.targets(g.regions, allow_none=not self.is_guidance_distilled)  # CFG-Cache alone, as diffusers
         model = g.model
         timestep = self.timestep_once()
         if self.is_guidance_distilled:
@@ -216,8 +217,20 @@ class FasterCache(AttentionKindsPass):
 
         # the conditional-only step: the model captured again with the cond half of batched inputs
         # (see Note [The half-batch variant])
-        half = g.variant(batch_of=lambda shape: (batch, *shape[1:]) if shape and shape[0] == full_batch else shape)
-        half_by_kind = self.targets(half.regions)
+        try:
+            half = g.variant(batch_of=lambda shape: (batch, *shape[1:]) if shape and shape[0] == full_batch else shape)
+        except CaptureError as error:
+            if error.__cause__ is None:  # not a failed capture: the graph cannot be captured again at all
+                raise
+            halved = [name for name, node in inputs.items()
+                      if example_value(node).dim() > 0 and example_value(node).shape[0] == full_batch]
+            raise CaptureError(
+                f"FasterCache: the model does not run at half the CFG batch ({batch}) with every input whose "
+                f"leading dim is {full_batch} halved ({', '.join(halved)}). If one of them has {full_batch} entries "
+                f"that are not one per sample (a per-layer scale, say), it was halved too: call with a CFG batch "
+                f"that no such input's length matches. The half-batch capture said: {str(error).splitlines()[0]}"
+            ) from error
+        half_by_kind = self.targets(half.regions, allow_none=True)
         half_declared = self._declare(half, half_by_kind, model, timestep, half_batch=False)
         _rewrite_attention(half, half_by_kind, half_declared, extrapolate_or_compute)
         half_sample_position = half.outputs.index(half.sample)
