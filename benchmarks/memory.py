@@ -182,6 +182,10 @@ def cases(steps: int, timestep: CurrentTimestep) -> dict:
         "TaylorSeer interval 5, order 1, factors float32": (
             TaylorSeer(taylor_factors_dtype=torch.float32),
             TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32)),
+        # fxcache stores float8 factors scaled into the format's range (one float32 scale each); diffusers casts
+        "TaylorSeer interval 5, order 1, factors float8_e4m3fn": (
+            TaylorSeer(taylor_factors_dtype=torch.float8_e4m3fn),
+            TaylorSeerCacheConfig(taylor_factors_dtype=torch.float8_e4m3fn)),
         "FasterCache spatial every 2 (guidance-distilled)": (FasterCache(**faster), FasterCacheConfig(**faster)),
     }
 

@@ -147,3 +147,55 @@ def test_never_skip_config_is_bit_identical(steps, before, seed):
     _, result = run_euler(cached, tiny, steps, seed=seed)
     _, original = run_euler(tiny.model, tiny, steps, seed=seed)
     assert torch.equal(result, original)
+
+
+def test_float8_factors_are_scaled_into_their_range_and_hold_a_quarter_of_float32():
+    """float8 factors (fxcache's option; diffusers' plain cast would saturate at float8_e4m3fn's 448) stay
+    close to float32 factors where the attention outputs run far past that range."""
+    from .dit import drifting_calls
+
+    model, calls, _ = drifting_calls(7)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.self_attn.out.weight.mul_(3000)
+    outputs = []
+    model.blocks[0].self_attn.register_forward_hook(lambda module, args, out: outputs.append(out.abs().max()))
+    model(*calls[0])
+    assert outputs[0] > 3 * 448, "the test needs attention outputs past float8_e4m3fn's range"
+
+    results, cache_bytes = {}, {}
+    for dtype in (torch.float32, torch.float8_e4m3fn):
+        cached = fxcache.transform(model, [TaylorSeer(cache_interval=3, disable_cache_before_step=1, max_order=1,
+                                                      taylor_factors_dtype=dtype,
+                                                      cache_identifiers=[r"blocks\.\d+\.self_attn"])], backend="eager")
+        results[dtype] = torch.stack([cached(*call) for call in calls])
+        cache_bytes[dtype] = cached.stats()["contexts"]["default"]["cache_bytes"]
+    exact, small = results[torch.float32], results[torch.float8_e4m3fn]
+    assert 0 < (small - exact).norm() / exact.norm() < 0.1
+    # a quarter of the factors' bytes, plus one float32 scale per factor and a few bytes of bookkeeping
+    assert cache_bytes[torch.float32] // 4 < cache_bytes[torch.float8_e4m3fn] <= cache_bytes[torch.float32] // 4 + 64
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_float8_factor_is_read_back_within_the_formats_precision_whatever_its_range(dtype):
+    from fxcache.passes.taylorseer import _DiffusersTaylor, _read
+
+    value = torch.cat([torch.linspace(-5000.0, 5000.0, 101), torch.linspace(-1e-3, 1e-3, 11) * 5000])
+    zeros = torch.zeros_like(value, dtype=dtype)
+    new = _DiffusersTaylor.update((zeros, zeros, torch.ones(()), torch.ones(())), (torch.ones(1),), value)
+    stored = [n.to(dtype) for n in new[:2]]  # what the state's copy does
+    read = _read(stored, new[2:], 0, torch.float32)
+    mantissa = {torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}[dtype]
+    assert ((read - value).abs() <= value.abs() * 2.0 ** -(mantissa + 1) + 1e-6 * value.abs().max()).all()
+    assert value.to(dtype).float().abs().max() < 5000 or dtype == torch.float8_e5m2  # a plain cast saturates
+
+
+@pytest.mark.parametrize("fields", [dict(target="reused"), dict()], ids=["taylorseer-reused", "foca"])
+def test_float8_factors_are_offered_for_taylorseer_modules_only(fields):
+    from fxcache.passes import FoCa
+
+    with pytest.raises(ConfigError, match="offered for TaylorSeer's own modules"):
+        if fields:
+            TaylorSeer(taylor_factors_dtype=torch.float8_e4m3fn, **fields)
+        else:
+            FoCa(factors_dtype=torch.float8_e5m2)

@@ -79,10 +79,18 @@ class ForecastPass(CachePass):
     def _require_target(self):
         self._require_choice("target", ("modules", "reused"))
 
-    def _require_float_dtype(self, field: str):
+    def _require_float_dtype(self, field: str, float8: bool = False):
+        """``float8``: the float8 formats are accepted too (stored scaled, see TaylorSeer)."""
         value = getattr(self, field)
         if value is not None and (not isinstance(value, torch.dtype) or not value.is_floating_point):
             self._fail(field, "must be None or a floating torch.dtype, e.g. torch.float32")
+        if value in FLOAT8_MAX and not float8:
+            self._fail(field, f"{value} is offered for TaylorSeer's own modules (target='modules') only; use "
+                              "torch.bfloat16 or torch.float16 here")
+
+
+# largest finite value of each float8 format: a factor stored in one is scaled to fit
+FLOAT8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 
 class IntervalForecastPass(ForecastPass):

@@ -34,8 +34,8 @@ import torch
 
 from ..regions import Region, example_value
 from ..rewrite import PassBuilder
-from .forecast import (DifferenceForecast, ForecastPass, interval_computes, rewrite_modules, select_modules,
-                       taylor_coefficients)
+from .forecast import (FLOAT8_MAX, DifferenceForecast, ForecastPass, interval_computes, rewrite_modules,
+                       select_modules, taylor_coefficients)
 
 __all__ = ["TaylorSeer"]
 
@@ -87,7 +87,7 @@ class TaylorSeer(ForecastPass):
         if self.disable_cache_after_step is not None:
             self._require_integer("disable_cache_after_step", 0)
         self._require_integer("max_order", 0)
-        self._require_float_dtype("taylor_factors_dtype")
+        self._require_float_dtype("taylor_factors_dtype", float8=self.target == "modules")
         for field in ("skip_predict_identifiers", "cache_identifiers"):
             if getattr(self, field) is not None:
                 self._require_patterns(field)
@@ -176,21 +176,35 @@ class _DiffusersTaylor:
 
     def declare(self, g: PassBuilder, name: str, like):
         value = example_value(like)
-        return tuple(g.state(f"{name}.order{order}", shape=tuple(value.shape), dtype=self.dtype or value.dtype,
-                             device=value.device) for order in range(self.max_order + 1)), self.scalars
+        dtype = self.dtype or value.dtype
+        factors = tuple(g.state(f"{name}.order{order}", shape=tuple(value.shape), dtype=dtype, device=value.device)
+                        for order in range(self.max_order + 1))
+        if dtype in FLOAT8_MAX:  # one float32 scale per factor (see _scaled)
+            factors += tuple(g.state(f"{name}.scale{order}", shape=(), dtype=torch.float32, device=value.device)
+                             for order in range(self.max_order + 1))
+        return factors, self.scalars
 
     @staticmethod
     def update(factors: tuple, scalars: tuple, output: torch.Tensor) -> list:
         # the runtime hands scalars over as 1-element tensors; as 0-d tensors of the output dtype they
         # act like the Python numbers diffusers uses (no type promotion, same rounding)
+        factors, scales = _scaled(factors)
         distance = scalars[0].reshape(()).to(output.dtype)
         new = [output]
         for order in range(len(factors) - 1):
-            new.append((new[order] - factors[order].to(output.dtype)) / distance)
-        return new
+            new.append((new[order] - _read(factors, scales, order, output.dtype)) / distance)
+        if scales is None:
+            return new
+        largest = FLOAT8_MAX[factors[0].dtype]
+        new_scales = [(value.abs().amax().float() / largest).clamp(min=torch.finfo(torch.float32).tiny)
+                      for value in new]
+        return [*(value.float() / scale for value, scale in zip(new, new_scales)), *new_scales]
 
     def predict(self, factors: tuple, scalars: tuple) -> torch.Tensor:
         dtype = self.output_dtype
+        factors, scales = _scaled(factors)
+        if scales is not None:
+            factors = [_read(factors, scales, order, torch.float32) for order in range(len(factors))]
         prediction = torch.zeros_like(factors[0], dtype=dtype)
         for factor, coefficient in zip(factors, scalars[1:]):
             if dtype in _REDUCED:
@@ -200,3 +214,20 @@ class _DiffusersTaylor:
                 term = factor.to(dtype) * coefficient.reshape(()).to(dtype)
             prediction = prediction + term
         return prediction
+
+
+def _scaled(tensors: tuple) -> tuple[tuple, tuple | None]:
+    """(factors, their scales) of float8 factors, stored as ``value / scale`` with the scale chosen so
+    the largest magnitude lands on the format's largest finite value (a plain cast saturates there:
+    float8_e4m3fn at 448); (factors, None) otherwise."""
+    if tensors[0].dtype not in FLOAT8_MAX:
+        return tensors, None
+    half = len(tensors) // 2
+    return tensors[:half], tensors[half:]
+
+
+def _read(factors: tuple, scales: tuple | None, order: int, dtype: torch.dtype) -> torch.Tensor:
+    if scales is None:
+        return factors[order].to(dtype)
+    return (factors[order].float() * scales[order]).to(dtype)
+
