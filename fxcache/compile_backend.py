@@ -234,10 +234,11 @@ class SplitForward:
             model = type(runtime.original).__name__
             raise CaptureError(
                 f"fxcache: dynamo splits {model}'s forward at graph breaks ({self.reason}), and no piece "
-                "holds the whole block loop: a break inside the loop compiles the blocks one by one, so "
-                "there is no program for the passes to rewrite. fxcache needs the blocks of the denoiser "
-                "in one graph: make the code inside the blocks traceable (no data-dependent sizes or "
-                "branches there).")
+                "holds the whole block loop, so there is no program for the passes to rewrite: a break "
+                "inside the loop's own code splits the blocks, and a break dynamo cannot resume from (one "
+                "inside a Python loop over data before the blocks) leaves the rest of that frame, blocks "
+                "included, to run eagerly. fxcache needs the blocks of the denoiser in one graph: make the "
+                "code before and between the blocks traceable (no data-dependent sizes or branches there).")
         return result
 
     def describe(self) -> str:

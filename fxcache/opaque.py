@@ -67,8 +67,11 @@ def _call_module(key: int, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 # the module may read back to the host (HiDream's routing does): Inductor keeps it out of CUDA graphs
-run_module = torch.library.custom_op("fxcache::run_module", _call_module, mutates_args=(),
-                                     tags=(torch.Tag.cudagraph_unsafe,))
+_TAGS = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
+try:
+    run_module = torch.library.custom_op("fxcache::run_module", _call_module, mutates_args=(), tags=_TAGS)
+except TypeError:  # a torch whose custom_op takes no tags
+    run_module = torch.library.custom_op("fxcache::run_module", _call_module, mutates_args=())
 
 
 @run_module.register_fake
@@ -78,13 +81,13 @@ def _run_module_fake(key: int, inputs: list[torch.Tensor]) -> list[torch.Tensor]
 
 
 try:  # a FLOP counter sees the module's own ops, as it would uncached
-    from torch.utils.flop_counter import _FlopCounterMode
+    from torch.utils.flop_counter import _FlopCounterMode  # private: guarded
 
     @run_module.register_torch_dispatch(_FlopCounterMode)
     def _run_module_counted(mode, func, types, args, kwargs):
         with mode:
             return _call_module(*args, **kwargs)
-except ImportError:  # torch moved its private counter mode: opaque modules then count 0 FLOPs
+except (ImportError, AttributeError):  # torch without that mode or hook: opaque modules then count 0 FLOPs
     pass
 
 

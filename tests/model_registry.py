@@ -330,7 +330,7 @@ def _loop_split(why: str) -> dict:
     """A forward with graph breaks where no graph holds the whole block loop (breaks outside the loop
     are tolerated: the graph that holds it is rewritten)."""
     row = Unsupported("CaptureError", "block loop", f"capture: {why}, so no graph holds the whole block loop "
-                      "and the blocks would be compiled one by one")
+                      "for the passes to rewrite")
     return {method: row for method in METHODS}
 
 

@@ -194,3 +194,14 @@ def test_the_fxcache_backend_says_to_use_transform_when_a_break_splits_the_block
     compiled = torch.compile(model, backend=fxcache.backend([FirstBlockCache(threshold=0.01)], backend="eager"))
     with pytest.raises(Exception, match="a graph break splits the block loop .*fxcache.transform"):
         compiled(*calls[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_opaque_module_under_inductor_with_cuda_graphs_equals_eager():
+    """The op is tagged cudagraph_unsafe: Inductor keeps the routing (a host read) out of CUDA graphs."""
+    model, dense, calls = _models()
+    model, calls = model.cuda(), [tuple(t.cuda() for t in call) for call in calls]
+    eager = _loop(fxcache.transform(model, [FirstBlockCache(threshold=0.01)], backend="eager"), calls)
+    compiled = _loop(fxcache.transform(model, [FirstBlockCache(threshold=0.01)], mode="reduce-overhead"), calls)
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4)
