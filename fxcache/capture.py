@@ -294,6 +294,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
 
     prepare_capture(model)  # diffusers' context-parallel hooks, made traceable
     made_opaque: set[type] = set()
+    opaque_failed = ""  # why a module inside the blocks could not run outside the graph
     while True:
         entry = _entry_function()
         try:
@@ -307,14 +308,18 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
             leaf = leaf_of_break(model, error) if len(made_opaque) < MAX_OPAQUE_CLASSES else None
             if leaf is not None and leaf[0] not in made_opaque:
                 made_opaque.add(leaf[0])
-                make_opaque(model, *leaf, args, kwargs)
-                continue
-            raise CaptureError(
+                try:
+                    make_opaque(model, *leaf, args, kwargs)
+                    continue
+                except CaptureError as not_opaque:  # the split forward may still hold (a refiner's module)
+                    opaque_failed = str(not_opaque)
+            failure = CaptureError(
                 f"dynamo could not capture {type(model).__name__} as one graph with no breaks: "
                 f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. fxcache needs "
                 "the denoiser's forward to run on these inputs and to be traceable with "
-                "torch.compile(fullgraph=True)."
-            ) from error
+                "torch.compile(fullgraph=True)." + (f" {opaque_failed}" if opaque_failed else ""))
+            failure.opaque_failed = opaque_failed
+            raise failure from error
     if "gm" not in recorded:
         raise CaptureError(f"dynamo ran {type(model).__name__} without producing a graph")
     try:

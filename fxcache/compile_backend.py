@@ -206,6 +206,7 @@ class SplitForward:
         cause = error.__cause__ or error
         first = (str(cause).splitlines() or [""])[0].strip()
         self.reason = f"{type(cause).__name__}: {first[:150]}{'...' if len(first) > 150 else ''}"
+        self.opaque_failed = getattr(error, "opaque_failed", "")  # fxcache.opaque tried and could not
         self.backend = CacheBackend(runtime.passes, runtime=runtime, **runtime._compile_args)
         self._compiled = torch.compile(_entry_function(SPLIT_ENTRY), backend=self.backend, dynamic=False)
         self._checked = None  # the structure and shapes of the last call checked (_check_call)
@@ -227,6 +228,8 @@ class SplitForward:
         except torch._dynamo.exc.BackendCompilerFailed as error:
             # fxcache's own errors, raised while dynamo compiled a piece, reach the caller as they are
             inner = getattr(error, "inner_exception", None)
+            if isinstance(inner, CaptureError) and self.opaque_failed:
+                raise CaptureError(f"{inner} {self.opaque_failed}") from error
             if isinstance(inner, (CaptureError, RegionError, ConfigError)):
                 raise inner from error
             raise
@@ -238,7 +241,8 @@ class SplitForward:
                 "inside the loop's own code splits the blocks, and a break dynamo cannot resume from (one "
                 "inside a Python loop over data before the blocks) leaves the rest of that frame, blocks "
                 "included, to run eagerly. fxcache needs the blocks of the denoiser in one graph: make the "
-                "code before and between the blocks traceable (no data-dependent sizes or branches there).")
+                "code before and between the blocks traceable (no data-dependent sizes or branches there)."
+                + (f" {self.opaque_failed}" if self.opaque_failed else ""))
         return result
 
     def describe(self) -> str:

@@ -134,10 +134,10 @@ def test_an_opaque_module_is_live_and_its_copies_are_their_own():
 
 
 class CropsTokens(nn.Module):
-    """A data-dependent size that reaches the output: it cannot be one op with a known shape."""
+    """Pools a data-dependent number of tokens into one: its output is shaped like none of its inputs."""
 
     def forward(self, x):
-        return x[:, :_count(x[0, :, 0] > x[0, :, 0].median())] * 2
+        return x[:, :_count(x[0, :, 0] > x[0, :, 0].median())].mean(1, keepdim=True)
 
 
 class CropsLoudTokens(nn.Module):
