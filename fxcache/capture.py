@@ -456,6 +456,11 @@ def _standalone_graph(model, dynamo_gm: fx.GraphModule, example_inputs: list, le
     for node in dynamo_gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
+        if _is_numpy_constant(node):
+            # numpy on constants (Cosmos: np.sqrt(1 / 24)): dynamo records a wrapper it refuses to trace
+            # a second time, so the value enters the graph as the Python number it is
+            env[node] = _numpy_value(node)
+            continue
         env[node] = graph.node_copy(node, lambda n: env[n])
         if node.op == "call_function" and node.target is torch._C._autograd._get_data_attr:
             # `tensor.data` as dynamo records it cannot be traced a second time; detach() is the
@@ -482,6 +487,20 @@ def _standalone_graph(model, dynamo_gm: fx.GraphModule, example_inputs: list, le
     gm = fx.GraphModule(root, graph, class_name="CapturedGraph")
     gm.model = model  # GraphModule copied a skeleton of the get_attr paths; hold the real module
     return gm, input_leaves, input_names, module_types, positions
+
+
+def _is_numpy_constant(node: fx.Node) -> bool:
+    wrapper = getattr(torch._dynamo.utils, "numpy_to_tensor_wrapper", None)
+    return (node.op == "call_function" and wrapper is not None and isinstance(node.target, wrapper)
+            and not any(isinstance(a, fx.Node) for a in pytree.tree_leaves((node.args, node.kwargs))))
+
+
+def _numpy_value(node: fx.Node):
+    value = node.target(*node.args, **node.kwargs)
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return value.item()
+    raise CaptureError(f"{node.name}: numpy on constants gave {type(value).__name__}, not a number; fxcache "
+                       "cannot put it in the graph")
 
 
 def capture_in_backend(model: torch.nn.Module, dynamo_gm: fx.GraphModule, example_inputs: list,

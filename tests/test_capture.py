@@ -56,3 +56,26 @@ def test_a_data_dependent_branch_is_a_clear_capture_error():
 
     with pytest.raises(CaptureError, match="Branchy.*fullgraph=True"):
         capture(Branchy(), (torch.randn(2, 4),), {})
+
+
+def test_numpy_on_constants_is_folded_so_the_rewritten_program_compiles():
+    """Cosmos scales a norm by ``np.sqrt(a.numel() / b.numel())``: dynamo records a numpy wrapper that it
+    refuses to trace when the rewritten program is compiled; the capture holds the number instead."""
+    import numpy as np
+
+    import fxcache
+    from fxcache.passes import FirstBlockCache
+    from tests.dit import TinyDiT, drifting_calls
+
+    class NumpyScaled(TinyDiT):
+        def forward(self, x, t, context):
+            out = super().forward(x, t, context)
+            return torch.add(x, out, alpha=np.sqrt(out.numel() / x[0].numel()))
+
+    model, calls, _ = drifting_calls(2)
+    scaled = NumpyScaled(depth=len(model.blocks)).eval()
+    scaled.load_state_dict(model.state_dict())
+    captured = capture(scaled, calls[0], {})
+    assert not any("wrapped" in node.name for node in captured.graph_module.graph.nodes)
+    cached = fxcache.transform(scaled, [FirstBlockCache(threshold=0.0)], backend="eager")  # never reuses
+    assert all(torch.equal(cached(*call), scaled(*call)) for call in calls)
