@@ -16,7 +16,8 @@ error.
 
 Example::
 
-    made = make_opaque(model, dynamo_error, args, kwargs)   # -> ["MOEFeedForwardSwiGLU x 2 (...)"]
+    leaf = leaf_of_break(model, dynamo_error)       # (MOEFeedForwardSwiGLU, "dynamo: ... in moe_infer")
+    make_opaque(model, *leaf, args, kwargs)         # its instances now call fxcache::run_module
 """
 
 from __future__ import annotations
@@ -146,13 +147,13 @@ def leaf_of_break(model: nn.Module, error: BaseException) -> tuple[type, str] | 
     return None
 
 
-def make_opaque(model: nn.Module, cls: type, why: str, args: tuple, kwargs: dict) -> str:
-    """Make every instance of ``cls`` inside ``model``'s block lists opaque, and return a line saying
-    which. The output rule comes from one eager call of the first instance the model reaches."""
-    from .capture import CaptureError, _outside_dispatch_modes
+def make_opaque(model: nn.Module, cls: type, why: str, args: tuple, kwargs: dict) -> None:
+    """Make every instance of ``cls`` inside ``model``'s block lists opaque (:func:`describe_opaque`
+    names them). The output rule comes from one eager call of the first instance the model reaches."""
+    from .capture import CaptureError
 
     instances = [m for _, m in _inside_block_lists(model) if type(m) is cls]
-    rule = _record_rule(model, instances, args, kwargs, _outside_dispatch_modes)
+    rule = _record_rule(model, instances, args, kwargs)
     if rule is None:
         raise CaptureError(
             f"dynamo cannot trace {cls.__name__} inside {type(model).__name__}'s blocks ({why}), and fxcache "
@@ -161,7 +162,6 @@ def make_opaque(model: nn.Module, cls: type, why: str, args: tuple, kwargs: dict
             "its inputs. Make that module traceable (no data-dependent sizes or branches).")
     for module in instances:
         module.forward = OpaqueForward(module, rule, why)
-    return f"{cls.__name__} x {len(instances)} ({why})"
 
 
 def describe_opaque(model: nn.Module) -> str | None:
@@ -183,7 +183,9 @@ class _Recorded(Exception):
     """Stops the recording call once the module has been seen."""
 
 
-def _record_rule(model, instances, args, kwargs, outside_dispatch_modes) -> OutputRule | None:
+def _record_rule(model, instances, args, kwargs) -> OutputRule | None:
+    from .capture import _outside_dispatch_modes
+
     seen: list[OutputRule | None] = []
 
     def hook(module, hook_args, hook_kwargs, output):
@@ -192,7 +194,7 @@ def _record_rule(model, instances, args, kwargs, outside_dispatch_modes) -> Outp
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in instances]
     try:
-        with torch.no_grad(), outside_dispatch_modes():
+        with torch.no_grad(), _outside_dispatch_modes():
             model(*args, **kwargs)
     except _Recorded:
         pass

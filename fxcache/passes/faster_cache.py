@@ -217,13 +217,14 @@ class FasterCache(AttentionKindsPass):
 
         # the conditional-only step: the model captured again with the cond half of batched inputs
         # (see Note [The half-batch variant])
+        batched = tuple(example_value(node).dim() > 0 and example_value(node).shape[0] == full_batch
+                        for node in inputs.values())
         try:
             half = g.variant(batch_of=lambda shape: (batch, *shape[1:]) if shape and shape[0] == full_batch else shape)
         except CaptureError as error:
             if error.__cause__ is None:  # not a failed capture: the graph cannot be captured again at all
                 raise
-            halved = [name for name, node in inputs.items()
-                      if example_value(node).dim() > 0 and example_value(node).shape[0] == full_batch]
+            halved = [name for name, halves in zip(inputs, batched) if halves]
             raise CaptureError(
                 f"FasterCache: the model does not run at half the CFG batch ({batch}) with every input whose "
                 f"leading dim is {full_batch} halved ({', '.join(halved)}). If one of them has {full_batch} entries "
@@ -236,8 +237,6 @@ class FasterCache(AttentionKindsPass):
         half_sample_position = half.outputs.index(half.sample)
         conditional_only = g.embed(half, "conditional_only")
 
-        batched = tuple(example_value(node).dim() > 0 and example_value(node).shape[0] == full_batch
-                        for node in inputs.values())
         body = g.whole("full_batch")
         if sample not in body.outputs:
             raise RegionError("FasterCache: the model's output sample is one of its inputs; nothing to cache")

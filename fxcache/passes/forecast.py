@@ -62,6 +62,9 @@ DEFAULT_FEATURE_IDENTIFIERS = (
     "^single_transformer_blocks\\.\\d+\\.proj_out$",
 )
 
+# largest finite value of each float8 format: a factor stored in one is scaled to fit
+FLOAT8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
 
 # -- the passes ------------------------------------------------------------------------------------
 class ForecastPass(CachePass):
@@ -87,10 +90,6 @@ class ForecastPass(CachePass):
         if value in FLOAT8_MAX and not float8:
             self._fail(field, f"{value} is offered for TaylorSeer's own modules (target='modules') only; use "
                               "torch.bfloat16 or torch.float16 here")
-
-
-# largest finite value of each float8 format: a factor stored in one is scaled to fit
-FLOAT8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 
 class IntervalForecastPass(ForecastPass):

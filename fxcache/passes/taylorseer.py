@@ -230,4 +230,3 @@ def _read(factors: tuple, scales: tuple | None, order: int, dtype: torch.dtype) 
     if scales is None:
         return factors[order].to(dtype)
     return (factors[order].float() * scales[order]).to(dtype)
-
