@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from .capture import MODULE_STACK, quiet_logging
 from .rewrite import RewrittenProgram
@@ -95,8 +96,8 @@ def stamp_blocks(gm: fx.GraphModule, block_paths: list[str]) -> tuple[fx.GraphMo
         graph.output(graph.graph_copy(module.graph, node_map))
         for old, new in node_map.items():
             new.meta = dict(old.meta)
-        for run in _block_runs(graph, paths):
-            _stamp(graph, run, shared, counts)
+        calls = [call for run in _block_runs(graph, paths) if (call := _stamp(graph, run, shared, counts))]
+        _match_strides(graph, calls)
         graph.lint()
         root = torch.nn.Module()
         root.model = module.model
@@ -149,18 +150,55 @@ def _block_runs(graph: fx.Graph, paths: set[str]) -> list[list[fx.Node]]:
             if position[run[-1]] - position[run[0]] + 1 == len(run) and len(run) > 1]
 
 
-def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> None:
+# ops whose result is a view of their first argument (a tensor, or a tuple of them): free to run
+# outside a compiled region
+_VIEW_METHODS = frozenset({"view", "view_as", "narrow", "split", "chunk", "unbind", "transpose", "permute",
+                           "unsqueeze", "squeeze", "expand", "expand_as", "t", "detach"})
+_VIEW_FUNCTIONS = frozenset({torch.narrow, torch.split, torch.chunk, torch.unbind, torch.transpose, torch.permute,
+                             torch.unsqueeze, torch.squeeze, torch.t, torch.detach})
+
+
+def _is_view(node: fx.Node) -> bool:
+    """A view of its first argument with every other argument a constant (basic indexing, a split)."""
+    if node.op == "call_method":
+        is_view = node.target in _VIEW_METHODS
+    elif node.op == "call_function":
+        is_view = node.target is operator.getitem or node.target in _VIEW_FUNCTIONS
+    else:
+        return False
+    return is_view and bool(node.args) and isinstance(node.args[0], fx.Node) \
+        and not any(isinstance(n, fx.Node) for n in pytree.tree_leaves((node.args[1:], node.kwargs)))
+
+
+def _dead_result(node: fx.Node) -> bool:
+    """A value computed and never read that returning costs nothing: not a view, not written in place."""
+    if node.users or node.op not in ("call_function", "call_method") or _is_view(node):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return not name.endswith("_") and isinstance(_example(node), torch.Tensor)
+
+
+def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> tuple[fx.Node, int] | None:
+    """Replace ``run`` by a call of its kind's function; returns the call and its number of activation
+    inputs (those before the parameters), or None where nothing was stamped."""
     if all(node.op == "call_function" and node.target is operator.getitem for node in run):
-        return  # only unpacks what a pass's call returned for the block: nothing to compile
+        return None  # only unpacks what a pass's call returned for the block: nothing to compile
+    # the views a block ends with stay outside its region: a block's last copy whose unused output
+    # was dead code (Flux's last single-stream block returns no text slice) is then the same kind as
+    # the others, and the region returns the one tensor, not two views of it that would need a copy
+    while len(run) > 1 and _is_view(run[-1]) and run[-1].args[0] in run:
+        run = run[:-1]
     members = set(run)
     activations, params = [], []
     for node in run:
         for arg in node.all_input_nodes:
             if arg not in members and arg not in activations and arg not in params:
                 (params if arg.op == "get_attr" else activations).append(arg)
-    outputs = [n for n in run if any(user not in members for user in n.users)]
+    # a value nothing reads (the last block's stream that no later block takes) is returned all the
+    # same, so that block is the same kind as the others; views aside, which would need copies
+    outputs = [n for n in run if any(user not in members for user in n.users) or _dead_result(n)]
     if not outputs:
-        return
+        return None
     inputs = [*activations, *params]
     body = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -237,6 +275,42 @@ def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> N
         out.replace_all_uses_with(new, delete_user_cb=lambda user: user not in members)
     for node in reversed(run):
         graph.erase_node(node)
+    return call, len(activations)
+
+
+def _match_strides(graph: fx.Graph, calls: list[tuple[fx.Node, int]]) -> None:
+    """Dynamo reuses a region's graph only for a call whose inputs have the strides it was traced
+    with: the first single-stream block of Flux takes contiguous streams, the next ones take slices
+    of the previous block's output. Where calls of one kind differ, an input whose strides are not
+    the most common ones among the kind's calls enters as a copy with those strides (one copy, at the
+    first block of a kind), so every block of the kind runs one compiled graph."""
+    by_kind: dict[Callable, list[tuple[fx.Node, int]]] = {}
+    for call, activations in calls:
+        by_kind.setdefault(call.target, []).append((call, activations))
+    for kind_calls in by_kind.values():
+        if len(kind_calls) < 2:
+            continue
+        for position in range(kind_calls[0][1]):
+            values = [_example(call.args[position]) for call, _ in kind_calls]
+            if not all(isinstance(v, torch.Tensor) for v in values) or len({v.shape for v in values}) > 1:
+                continue
+            strides = [v.stride() for v in values]
+            common = max(set(strides), key=strides.count)
+            for (call, _), value, stride in zip(kind_calls, values, strides):
+                if stride == common:
+                    continue
+                node = call.args[position]
+                with graph.inserting_before(call):
+                    empty = graph.call_method("new_empty_strided", (node, tuple(value.shape), common))
+                    copy = graph.call_method("copy_", (empty, node))
+                copy.meta = {k: v for k, v in node.meta.items() if k != "nn_module_stack"}
+                copy.meta["example_value"] = torch.empty_strided(tuple(value.shape), common, dtype=value.dtype,
+                                                                 device="meta")
+                call.args = (*call.args[:position], copy, *call.args[position + 1:])
+
+
+def _example(node: Any):
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
 @dataclass(eq=False)
