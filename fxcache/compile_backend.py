@@ -113,10 +113,9 @@ class CacheBackend:
         try:
             regions = find_regions(captured)
         except RegionError as error:
-            breaks = torch._dynamo.utils.counters["graph_break"]
-            if not breaks:
+            reason = _split_by_break(gm, captured, code)
+            if reason is None:
                 raise
-            reason = next(iter(breaks)).strip().splitlines()[0]
             raise CaptureError(_BLOCKS_SPLIT.format(model=type(model).__name__, detail=f" ({reason}); the graph "
                                                     f"that holds attention has no whole block")) from error
         if call is None and all("." in _list_path(block.name) for block in regions.blocks):
@@ -315,6 +314,17 @@ def _compiling_frame() -> tuple[dict, types.CodeType | None]:
     if tx is None:
         return {}, None
     return tx.f_locals, tx.f_code
+
+
+def _split_by_break(gm: fx.GraphModule, captured, code: types.CodeType | None) -> str | None:
+    """Why this graph is a piece of its frame (dynamo's words), or None when it is the whole frame:
+    it ends at a graph break, or it is the frame dynamo resumes after one."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is not None and getattr(reason, "graph_break", False):
+        return str(reason.reason).strip().splitlines()[0]
+    if captured.input_spec is None or (code is not None and code.co_name.startswith("torch_dynamo_resume_in_")):
+        return "the graph starts after a graph break"
+    return None
 
 
 def _root_module(gm: fx.GraphModule, frame_locals: dict) -> torch.nn.Module | None:

@@ -93,6 +93,25 @@ def test_a_break_inside_the_block_loop_is_a_clear_error_not_an_uncached_model():
         _loop(split, calls)
 
 
+def test_a_region_error_is_not_blamed_on_a_graph_break_elsewhere_in_the_process():
+    """The backend's "a graph break splits the block loop" reads the graph it was handed, not
+    dynamo's process-wide break counter: a model whose blocks are in no ModuleList keeps its own
+    error after another function broke its graph."""
+    torch.compile(lambda x: x * x.sum().item(), backend="eager")(torch.ones(2))  # a break, counted
+    assert torch._dynamo.utils.counters["graph_break"]
+    model, calls, _ = drifting_calls(2)
+    model.blocks = torch.nn.Sequential(*model.blocks)  # the forward iterates it alike
+    compiled = torch.compile(model, backend=fxcache.backend([FirstBlockCache(threshold=0.05)], backend="eager"))
+    with pytest.raises(Exception) as info:
+        compiled(*calls[0])
+    chain, error = [], info.value
+    while error is not None:
+        chain.append(error)
+        error = getattr(error, "inner_exception", None) or error.__cause__  # dynamo wraps backend errors
+    assert any(isinstance(e, fxcache.RegionError) for e in chain), chain
+    assert not any("graph break splits" in str(e) for e in chain), chain
+
+
 @pytest.mark.parametrize("how", ["torch.compile", "module.compile"])
 def test_torch_compile_with_the_fxcache_backend_equals_transform(how):
     model, calls, _ = drifting_calls(STEPS)
