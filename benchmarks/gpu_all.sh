@@ -20,8 +20,9 @@
 #   The warm-up column of A is wall time with one Inductor cache for the part (rows after the first
 #   may reuse kernels of earlier rows); C is the cold compile-time table.
 #   C. cold compile time at 12 blocks, a fresh process and Inductor cache per row: diffusers' regional
-#      compile, fxcache MagCache with block kinds compiled once (nested_compile_region, the default)
-#      and as one flat graph (FXCACHE_BLOCK_REGIONS=0).
+#      compile, fxcache MagCache with block kinds compiled once (nested_compile_region; opt-in,
+#      FXCACHE_BLOCK_REGIONS=1, until this part has run on torch 2.11 with CUDA graphs) and as one
+#      flat graph (the default).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

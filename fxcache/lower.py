@@ -159,7 +159,8 @@ _VIEW_FUNCTIONS = frozenset({torch.narrow, torch.split, torch.chunk, torch.unbin
 
 
 def _is_view(node: fx.Node) -> bool:
-    """A view of its first argument with every other argument a constant (basic indexing, a split)."""
+    """A view of its first argument, a tensor, with every other argument a constant (basic indexing, a
+    split); not an element of a tuple (a pass's call returning a block's outputs)."""
     if node.op == "call_method":
         is_view = node.target in _VIEW_METHODS
     elif node.op == "call_function":
@@ -167,6 +168,7 @@ def _is_view(node: fx.Node) -> bool:
     else:
         return False
     return is_view and bool(node.args) and isinstance(node.args[0], fx.Node) \
+        and isinstance(_example(node.args[0]), torch.Tensor) \
         and not any(isinstance(n, fx.Node) for n in pytree.tree_leaves((node.args[1:], node.kwargs)))
 
 

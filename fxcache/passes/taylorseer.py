@@ -34,8 +34,8 @@ import torch
 
 from ..regions import Region, example_value
 from ..rewrite import PassBuilder
-from .forecast import (FLOAT8_MAX, DifferenceForecast, ForecastPass, interval_computes, rewrite_modules,
-                       select_modules, taylor_coefficients)
+from .forecast import (DifferenceForecast, ForecastPass, interval_computes, is_float8,
+                       rewrite_modules, select_modules, taylor_coefficients)
 
 __all__ = ["TaylorSeer"]
 
@@ -179,7 +179,7 @@ class _DiffusersTaylor:
         dtype = self.dtype or value.dtype
         factors = tuple(g.state(f"{name}.order{order}", shape=tuple(value.shape), dtype=dtype, device=value.device)
                         for order in range(self.max_order + 1))
-        if dtype in FLOAT8_MAX:  # one float32 scale per factor (see _scaled)
+        if is_float8(dtype):  # one float32 scale per factor (see _scaled)
             factors += tuple(g.state(f"{name}.scale{order}", shape=(), dtype=torch.float32, device=value.device)
                              for order in range(self.max_order + 1))
         return factors, self.scalars
@@ -195,7 +195,7 @@ class _DiffusersTaylor:
             new.append((new[order] - _read(factors, scales, order, output.dtype)) / distance)
         if scales is None:
             return new
-        largest = FLOAT8_MAX[factors[0].dtype]
+        largest = torch.finfo(factors[0].dtype).max
         new_scales = [(value.abs().amax().float() / largest).clamp(min=torch.finfo(torch.float32).tiny)
                       for value in new]
         return [*(value.float() / scale for value, scale in zip(new, new_scales)), *new_scales]
@@ -220,7 +220,7 @@ def _scaled(tensors: tuple) -> tuple[tuple, tuple | None]:
     """(factors, their scales) of float8 factors, stored as ``value / scale`` with the scale chosen so
     the largest magnitude lands on the format's largest finite value (a plain cast saturates there:
     float8_e4m3fn at 448); (factors, None) otherwise."""
-    if tensors[0].dtype not in FLOAT8_MAX:
+    if not is_float8(tensors[0].dtype):
         return tensors, None
     half = len(tensors) // 2
     return tensors[:half], tensors[half:]
