@@ -73,8 +73,7 @@ def _room_for_decision_tuples(num_flags: int):
 
 # Compile each kind of transformer block once (torch.compiler.nested_compile_region): opt-in with
 # FXCACHE_BLOCK_REGIONS=1 or ``fxcache.lower.block_regions = True``. Off by default until it has run
-# on torch 2.11 with CUDA graphs; on 2.13 the suite passes with it on but for one compile-time host
-# read (docs/benchmarks.md)
+# on torch 2.11 with CUDA graphs; on 2.13 (CPU) the full suite passes with it on (docs/benchmarks.md)
 block_regions = os.environ.get("FXCACHE_BLOCK_REGIONS", "0") == "1"
 
 
