@@ -149,8 +149,8 @@ def _block_runs(graph: fx.Graph, paths: set[str]) -> list[list[fx.Node]]:
             if position[run[-1]] - position[run[0]] + 1 == len(run) and len(run) > 1]
 
 
-# ops whose result is a view of their first argument (a tensor, or a tuple of them): free to run
-# outside a compiled region
+# ops whose result is a view of their first argument, a tensor (a tuple of views for split, chunk,
+# unbind): free to run outside a compiled region
 _VIEW_METHODS = frozenset({"view", "view_as", "narrow", "split", "chunk", "unbind", "transpose", "permute",
                            "unsqueeze", "squeeze", "expand", "expand_as", "t", "detach"})
 _VIEW_FUNCTIONS = frozenset({torch.narrow, torch.split, torch.chunk, torch.unbind, torch.transpose, torch.permute,
@@ -259,6 +259,7 @@ def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> t
             with graph.inserting_before(run[0]):
                 copy = graph.call_method("clone", (node,))
             copy.meta = {k: v for k, v in node.meta.items() if k != "nn_module_stack"}
+            copy.meta["example_value"] = _example(node).clone()  # the copy's own strides and storage
             node = copy
         elif storage is not None:
             taken.add(storage)
@@ -296,7 +297,7 @@ def _match_strides(graph: fx.Graph, calls: list[tuple[fx.Node, int]]) -> None:
             if not all(isinstance(v, torch.Tensor) for v in values) or len({v.shape for v in values}) > 1:
                 continue
             strides = [v.stride() for v in values]
-            common = max(set(strides), key=strides.count)
+            common = max(strides, key=strides.count)  # ties: the first call's
             for (call, _), value, stride in zip(kind_calls, values, strides):
                 if stride == common:
                     continue
@@ -305,8 +306,7 @@ def _match_strides(graph: fx.Graph, calls: list[tuple[fx.Node, int]]) -> None:
                     empty = graph.call_method("new_empty_strided", (node, tuple(value.shape), common))
                     copy = graph.call_method("copy_", (empty, node))
                 copy.meta = {k: v for k, v in node.meta.items() if k != "nn_module_stack"}
-                copy.meta["example_value"] = torch.empty_strided(tuple(value.shape), common, dtype=value.dtype,
-                                                                 device="meta")
+                copy.meta["example_value"] = value.new_empty_strided(tuple(value.shape), common)
                 call.args = (*call.args[:position], copy, *call.args[position + 1:])
 
 
