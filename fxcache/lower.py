@@ -28,6 +28,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .capture import MODULE_STACK, quiet_logging
+from .regions import example_value
 from .rewrite import RewrittenProgram
 from .state import CacheState
 
@@ -119,7 +120,7 @@ def _storage(node: fx.Node):
     storages the way the real ones do)."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
-    value = node.meta.get("example_value", node.meta.get("val"))
+    value = example_value(node)
     if not isinstance(value, torch.Tensor):
         return None
     try:
@@ -167,7 +168,7 @@ def _is_view(node: fx.Node) -> bool:
     else:
         return False
     return is_view and bool(node.args) and isinstance(node.args[0], fx.Node) \
-        and isinstance(_example(node.args[0]), torch.Tensor) \
+        and isinstance(example_value(node.args[0]), torch.Tensor) \
         and not any(isinstance(n, fx.Node) for n in pytree.tree_leaves((node.args[1:], node.kwargs)))
 
 
@@ -176,7 +177,7 @@ def _dead_result(node: fx.Node) -> bool:
     if node.users or node.op not in ("call_function", "call_method") or _is_view(node):
         return False
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return not name.endswith("_") and isinstance(_example(node), torch.Tensor)
+    return not name.endswith("_") and isinstance(example_value(node), torch.Tensor)
 
 
 def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> tuple[fx.Node, int] | None:
@@ -259,7 +260,7 @@ def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> t
             with graph.inserting_before(run[0]):
                 copy = graph.call_method("clone", (node,))
             copy.meta = {k: v for k, v in node.meta.items() if k != "nn_module_stack"}
-            copy.meta["example_value"] = _example(node).clone()  # the copy's own strides and storage
+            copy.meta["example_value"] = example_value(node).clone()  # the copy's own strides and storage
             node = copy
         elif storage is not None:
             taken.add(storage)
@@ -293,7 +294,7 @@ def _match_strides(graph: fx.Graph, calls: list[tuple[fx.Node, int]]) -> None:
         if len(kind_calls) < 2:
             continue
         for position in range(kind_calls[0][1]):
-            values = [_example(call.args[position]) for call, _ in kind_calls]
+            values = [example_value(call.args[position]) for call, _ in kind_calls]
             if not all(isinstance(v, torch.Tensor) for v in values) or len({v.shape for v in values}) > 1:
                 continue
             strides = [v.stride() for v in values]
@@ -308,10 +309,6 @@ def _match_strides(graph: fx.Graph, calls: list[tuple[fx.Node, int]]) -> None:
                 copy.meta = {k: v for k, v in node.meta.items() if k != "nn_module_stack"}
                 copy.meta["example_value"] = value.new_empty_strided(tuple(value.shape), common)
                 call.args = (*call.args[:position], copy, *call.args[position + 1:])
-
-
-def _example(node: Any):
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
 @dataclass(eq=False)

@@ -62,6 +62,7 @@ DEFAULT_FEATURE_IDENTIFIERS = (
     "^single_transformer_blocks\\.\\d+\\.proj_out$",
 )
 
+
 def is_float8(dtype: torch.dtype) -> bool:
     """Whether factors of ``dtype`` are stored scaled to its largest finite value (``torch.finfo``).
     A comparison, not a lookup in a dict keyed by dtype: dynamo cannot re-read such a key when it
@@ -90,7 +91,7 @@ class ForecastPass(CachePass):
         value = getattr(self, field)
         if value is not None and (not isinstance(value, torch.dtype) or not value.is_floating_point):
             self._fail(field, "must be None or a floating torch.dtype, e.g. torch.float32")
-        if isinstance(value, torch.dtype) and is_float8(value) and not float8:
+        if is_float8(value) and not float8:
             self._fail(field, f"{value} is offered for TaylorSeer's own modules (target='modules') only; use "
                               "torch.bfloat16 or torch.float16 here")
 
