@@ -42,7 +42,7 @@ def main(argv=None) -> None:
             model, denoiser, labels, seed=1, num_steps=args.steps), num_inference_steps=args.steps)
     methods = {f"TeaCache threshold={t}": TeaCache(threshold=t, coefficients=fitted.coefficients,
                                                     num_inference_steps=args.steps) for t in (0.1, 0.2, 0.4, 0.8)}
-    methods.update({f"TeaCache threshold=0.4 + TaylorSeer forecast": [
+    methods.update({"TeaCache threshold=0.4 + TaylorSeer forecast": [
         TeaCache(threshold=0.4, coefficients=fitted.coefficients, num_inference_steps=args.steps),
         TaylorSeer(target="reused", max_order=1, taylor_factors_dtype=torch.float32)]})
     methods.update({f"FirstBlockCache threshold={t}": FirstBlockCache(threshold=t) for t in (0.1, 0.2, 0.3, 0.5, 0.8, 1.2)})

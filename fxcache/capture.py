@@ -26,6 +26,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from . import guard_tags
+
 __all__ = ["CaptureError", "CaptureGuard", "CapturedGraph", "InputSignature", "capture", "capture_in_backend",
            "input_signature"]
 
@@ -85,12 +87,15 @@ class CaptureGuard:
             print(captured.guard.why_not(model, args, kwargs))   # e.g. "...training == False"
     """
 
-    def __init__(self, entry: types.FunctionType):
+    def __init__(self, entry: types.FunctionType, f_locals: dict):
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
         entries = _debug_get_cache_entry_list(entry.__code__)
         self._entry = entry  # owns the cache entry, hence the guard manager's scope
         self._manager = entries[0].guard_manager if entries else None
+        if self._manager is not None and guard_tags.supported():
+            # most of the check then compares dict version tags (see fxcache.guard_tags)
+            guard_tags.mark_tag_safe_subtrees(self._manager.root, f_locals, entry.__globals__)
 
     def holds(self, model, args: tuple, kwargs: dict) -> bool:
         if self._manager is None:
@@ -298,7 +303,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
     while True:
         entry = _entry_function()
         try:
-            with _capture_mode(), _outside_dispatch_modes(), quiet_logging(), _tagged_guards():
+            with _capture_mode(), _outside_dispatch_modes(), quiet_logging(), guard_tags.capture_config():
                 compiled = torch.compile(entry, backend=record, fullgraph=True, dynamic=False)
                 result = compiled(model, args, kwargs)
             break
@@ -328,18 +333,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
         # dynamo keeps the recording backend for the life of the process: let go of the graph and
         # of the call's tensors it saw
         recorded.clear()
-    captured.guard = CaptureGuard(entry)
+    captured.guard = CaptureGuard(entry, {"model": model, "args": args, "kwargs": kwargs})
     return captured
-
-
-def _tagged_guards():
-    """Guards built with dynamo's recursive dict tags: a module whose guarded subtree holds only
-    modules, dicts and tensors is checked as a whole by comparing the version tags of the dicts in
-    it (CPython bumps a dict's tag on every mutation), and its guards run only when a tag moved. The
-    same guards, a fraction of the work per call (the check runs on every call of the model)."""
-    if not hasattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards"):
-        return contextlib.nullcontext()
-    return torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True)
 
 
 def quiet_logging():

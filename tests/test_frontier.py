@@ -9,7 +9,6 @@ import json
 import math
 
 import pytest
-import torch
 from hypothesis import given, strategies as st
 
 pytest.importorskip("matplotlib")

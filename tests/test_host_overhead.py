@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import fxcache
-from fxcache import capture as capture_module
 from fxcache.passes import FirstBlockCache, MagCache
 
 from .dit import TinyDiT, make_inputs

@@ -19,7 +19,6 @@ import dataclasses
 import datetime
 import functools
 import json
-import math
 import os
 import platform
 import time
@@ -487,7 +486,7 @@ def write_markdown(frontier: Frontier, path: str | Path, figure: str | Path, com
         f"generation after a warm-up one (uncached {frontier.uncached_cpu_seconds:.2f} s); on a model this small "
         f"the Python bookkeeping of every library weighs far more than on a GPU, so read the FLOP fraction.", "",
         f"![frontier]({Path(figure).name})", "",
-        f"## Best setting per method", "",
+        "## Best setting per method", "",
         f"The cheapest setting that keeps {QUALITY_BAR_DB:.0f} dB (where none does, the best PSNR); the single "
         f"methods' are what `python -m fxcache demo` runs (`fxcache/demo/data/frontier_best.json`).", "",
         "| method | setting | FLOP fraction | PSNR dB | accuracy | on the front |", "|---|---|---|---|---|---|"]

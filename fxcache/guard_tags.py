@@ -1,0 +1,189 @@
+"""Which parts of a capture's guards can be checked by dict version tags alone.
+
+A captured program holds only while the model is unchanged, so :class:`~fxcache.capture.CaptureGuard`
+checks dynamo's guards on every call. Dynamo can skip most of that work: a *tag-safe root* (a module
+whose guarded subtree reads only dicts, immutable values and objects reached through dicts) records
+the dicts it read on its first check, and later checks compare their version tags (CPython moves a
+dict's tag on every mutation; from 3.12 a dict watcher does the same). Dynamo's own analysis stops at
+any object that is not a module, dict or function, and every diffusers attention module holds its
+processor, a plain object, and reads ``type(processor).__call__``. So no block of a diffusers model
+is ever tag-safe, and its guards are walked on every call.
+
+:func:`mark_tag_safe_subtrees` redoes the analysis with dynamo's rules plus these:
+
+- a plain object (a processor) whose guards read only its ``__dict__`` and its type is tag-safe, as
+  dynamo treats a module;
+- a class whose guards read attributes defined in its own ``__dict__`` is tag-safe once that dict is
+  recorded: a guard on it is added where dynamo has none, so replacing ``FluxAttnProcessor.__call__``
+  (or any class attribute read) after capture still moves a recorded tag;
+- a Python module whose guards read its globals (``torch.nn.functional``, diffusers' modules), the
+  same way through its ``__dict__``; it is a root of its own, as a module object can be weakly
+  referenced;
+- values that cannot change in place and have nothing read from them (dtypes, devices, frozensets,
+  builtin functions), and a ``property`` (its getter cannot be rebound).
+
+Roots are marked only at the outermost tag-safe module, never inside one (a root nested in another
+records its dicts for itself, so the outer root would miss them; torch 2.13 crashes on it). The capture must therefore be made
+with dynamo's own marking off (:func:`capture_config`).
+
+``tests/test_capture.py`` checks the result against dynamo's full guard check after changes at every
+level of the model. Example::
+
+    with capture_config():
+        ...  # torch.compile the capture
+    mark_tag_safe_subtrees(manager.root, {"model": model, "args": args, "kwargs": kwargs}, globals_)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+
+__all__ = ["capture_config", "mark_tag_safe_subtrees", "supported"]
+
+
+def supported() -> bool:
+    """Whether this torch exposes what the analysis needs (dynamo's recursive dict tags, 2.9+)."""
+    try:
+        from torch._C._dynamo import guards
+        from torch._dynamo import guards as python_guards
+    except ImportError:
+        return False
+    return (hasattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards")
+            and hasattr(python_guards, "dunder_attrs_assumed_constants")
+            and all(hasattr(guards.GuardManager, name) for name in (
+                "mark_tag_safe", "mark_tag_safe_root", "is_tag_safe", "type_dict_manager", "get_accessors",
+                "has_object_aliasing_guard", "is_guarded_value_immutable")))
+
+
+def capture_config():
+    """The dynamo config a capture is made under: dynamo marks no roots where fxcache will mark them
+    (:func:`mark_tag_safe_subtrees`), and marks its own where this torch lacks what fxcache needs."""
+    if not hasattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards"):
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=not supported())
+
+
+def mark_tag_safe_subtrees(root, f_locals: dict, f_globals: dict) -> int:
+    """Mark the tag-safe nodes of guard tree ``root`` and, at the outermost tag-safe modules, the
+    roots whose subtrees are then checked by dict tags; returns the number of roots.
+
+    ``f_locals`` and ``f_globals`` are the captured frame's (the guards' ``L`` and ``G``): a class's
+    own ``__dict__`` is read through them."""
+    from torch._C._dynamo import guards
+    from torch._dynamo.guards import GuardManagerType, dunder_attrs_assumed_constants
+
+    function_accessors = (guards.CodeGuardAccessor, guards.ClosureGuardAccessor, guards.FuncDefaultsGuardAccessor,
+                          guards.FuncKwDefaultsGuardAccessor)
+    object_accessors = (guards.GetGenericDictGuardAccessor, guards.TypeGuardAccessor)
+
+    def children(node) -> list:
+        if isinstance(node, guards.DictGuardManager):
+            return [child for _, pair in sorted(node.get_key_value_managers().items()) for child in pair
+                    if child is not None]
+        return list(node.get_child_managers())
+
+    def only(accessors, kinds) -> bool:
+        return all(isinstance(accessor, kinds) for accessor in accessors)
+
+    def value_of(node):
+        try:
+            return eval(node.get_source(), {"L": f_locals, "G": f_globals, "__builtins__": __builtins__})
+        except Exception:  # a source this module cannot evaluate: the node is left unmarked
+            return None
+
+    def own_dict_recorded(node, accessors) -> bool:
+        """A class reached by ``type(x)``: tag-safe when every attribute its guards read is defined in
+        its own ``__dict__``, and that dict is guarded (so recorded): one is added where missing."""
+        cls = value_of(node)
+        if cls is None:
+            return False
+        reads = []
+        for accessor in accessors:
+            if isinstance(accessor, guards.GetAttrGuardAccessor) and accessor.get_attr_name() in vars(cls):
+                reads.append(accessor)
+            elif not isinstance(accessor, (guards.TypeDictGuardAccessor, guards.TypeMROGuardAccessor)):
+                return False
+        if reads and not any(isinstance(accessor, guards.TypeDictGuardAccessor) for accessor in accessors):
+            own = node.type_dict_manager(source=f"dict({node.get_source()}.__dict__)", example_value=dict(vars(cls)),
+                                         guard_manager_enum=GuardManagerType.GUARD_MANAGER)
+            own.mark_tag_safe()
+        return True
+
+    def own_module_dict_recorded(node, accessors) -> bool:
+        """A Python module whose guards read its globals: tag-safe once its ``__dict__`` is recorded
+        (a guard on it is added), since rebinding any of its names moves that dict's tag."""
+        module = value_of(node)
+        if module is None or not all(isinstance(accessor, guards.GetAttrGuardAccessor)
+                                     and accessor.get_attr_name() in vars(module) for accessor in accessors):
+            return False
+        if accessors:
+            node.get_generic_dict_manager(source=f"{node.get_source()}.__dict__", example_value=vars(module),
+                                          guard_manager_enum=GuardManagerType.GUARD_MANAGER).mark_tag_safe()
+        return True
+
+    def tag_safe(node) -> bool:
+        """Whether ``node``'s value cannot change without moving the tag of a dict recorded above or
+        at it (its children are tag-safe already)."""
+        if isinstance(node, guards.DictGuardManager):
+            return True
+        kind = node.get_type_of_guarded_value()
+        accessors = list(node.get_accessors())
+        if any(accessor.repr() == "PythonLambdaGuardAccessor" for accessor in accessors):
+            return False  # makes a temporary object on every check
+        if node.is_guarded_value_immutable():
+            if issubclass(kind, torch.Tensor):  # accessors would mean symbolic shape guards
+                return node.has_no_accessors() and not node.has_object_aliasing_guard()
+            return True
+        if issubclass(kind, dict):
+            return only(accessors, guards.DictGetItemGuardAccessor)
+        if issubclass(kind, torch.nn.Module):  # the model's own __dict__ is read by getattr
+            return all(isinstance(accessor, object_accessors) or (
+                isinstance(accessor, guards.GetAttrGuardAccessor) and accessor.get_attr_name() == "__dict__")
+                for accessor in accessors)
+        if kind in (types.FunctionType, types.MethodType, staticmethod, classmethod):
+            return all(isinstance(accessor, function_accessors) or (
+                isinstance(accessor, guards.GetAttrGuardAccessor)
+                and accessor.get_attr_name() in dunder_attrs_assumed_constants) for accessor in accessors)
+        if issubclass(kind, types.CellType):
+            return all(isinstance(accessor, guards.GetAttrGuardAccessor)
+                       and accessor.get_attr_name() == "cell_contents" for accessor in accessors)
+        if issubclass(kind, tuple):  # only a function's __defaults__ or __closure__ is trusted
+            return node.get_source().endswith(dunder_attrs_assumed_constants) \
+                and only(accessors, guards.TupleGetItemGuardAccessor)
+        if issubclass(kind, type):
+            return own_dict_recorded(node, accessors)
+        if issubclass(kind, types.ModuleType):
+            return own_module_dict_recorded(node, accessors)
+        if kind in (torch.dtype, torch.device, frozenset, types.BuiltinFunctionType):
+            return not accessors  # immutable, and no part of it is read
+        if kind is property:  # its fget, fset and fdel are read-only
+            return all(isinstance(accessor, guards.GetAttrGuardAccessor)
+                       and accessor.get_attr_name() in ("fget", "fset", "fdel") for accessor in accessors)
+        if kind.__module__ != "builtins" and hasattr(kind, "__weakref__"):  # a plain object: a processor
+            return only(accessors, object_accessors)
+        return False
+
+    def mark(node) -> bool:
+        below = [mark(child) for child in children(node)]  # post-order: children first
+        if node is not root and all(below) and tag_safe(node):
+            node.mark_tag_safe()
+        return node.is_tag_safe()
+
+    mark(root)
+    roots = 0
+
+    def mark_roots(node, inside: bool) -> None:
+        nonlocal roots
+        rootable = node.is_tag_safe() and issubclass(node.get_type_of_guarded_value(),
+                                                     (torch.nn.Module, types.ModuleType))
+        if rootable and not inside:  # the outermost tag-safe module on its path
+            node.mark_tag_safe_root()
+            roots += 1
+        for child in children(node):
+            mark_roots(child, inside or rootable)
+
+    mark_roots(root, False)
+    return roots

@@ -1,0 +1,162 @@
+"""The capture's guards checked by dict tags (fxcache.guard_tags) say exactly what dynamo's full check
+says, after any change to the model, and do so without walking the blocks.
+
+Each example changes one thing a user can change after capture (an attribute of any module or of an
+attention processor, a class attribute either reads, a submodule or processor replaced, a submodule's
+dtype), then compares
+the fast check (tags recorded on the first check, compared on the next) with dynamo's full walk."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fxcache import guard_tags
+from fxcache.capture import _capture_mode, capture
+from fxcache.testing import models
+
+DictGuardManager = getattr(torch._C._dynamo.guards, "DictGuardManager", None)
+
+pytestmark = pytest.mark.skipif(not guard_tags.supported(), reason="this torch has no recursive dict tags")
+
+def _captured(name):
+    tiny = models.build(name)
+    kwargs = tiny.inputs(tiny.noise(seed=1), sigma=0.5)
+    return tiny.model, kwargs, capture(tiny.model, (), kwargs)
+
+
+def _children(node) -> list:
+    if isinstance(node, DictGuardManager):
+        return [child for pair in node.get_key_value_managers().values() for child in pair if child is not None]
+    return list(node.get_child_managers())
+
+
+def _roots(node) -> list:
+    if node.is_tag_safe_root():
+        return [node]
+    return [root for child in _children(node) for root in _roots(child)]
+
+
+@pytest.fixture
+def captures():
+    """A capture per model, made again once a change has moved a tag: a root whose tag moved is
+    walked guard by guard from then on (dynamo's rule), and would no longer test the tags. Returns
+    the capture and a copy of its model for one example; copies are kept alive for the test, since a
+    recorded object that dies turns its root's tags off too."""
+    made, copies = {}, []
+
+    def get(name):
+        if name not in made or any(root.is_recursive_dict_tag_matching_disabled()
+                                   for root in _roots(made[name][2].guard._manager.root)):
+            made[name] = _captured(name)
+        original, kwargs, captured = made[name]
+        copies.append(copy.deepcopy(original))  # a copy passes the guards; changes to it stay there
+        return copies[-1], kwargs, captured
+
+    return get
+
+
+def _plain(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _changed(value):
+    if value is None:
+        return 1
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    return value + "_changed"
+
+
+def _targets(model) -> list[tuple]:
+    """(object, attribute name, where it lives) for everything a change may be made to."""
+    targets, classes = [], set()
+    for module in model.modules():
+        holders = [module] + ([module.processor] if hasattr(module, "processor") else [])
+        for holder in holders:
+            targets += [(holder, name, "instance") for name, value in vars(holder).items()
+                        if _plain(value) and not name.startswith("__")]
+            for cls in type(holder).__mro__:
+                if cls not in classes and cls.__module__.startswith("diffusers"):
+                    classes.add(cls)
+                    targets += [(cls, name, "class") for name, value in vars(cls).items()
+                                if _plain(value) and not name.startswith("__")]
+    return targets
+
+
+def _fresh_checks(model, captured, f_locals):
+    """The capture's guards, checked once on this copy of the model (which records the dicts its
+    roots read) and once more by tags alone."""
+    guards = captured.guard._manager.root
+    assert guards.check(f_locals) and guards.check(f_locals), guards.check_verbose(f_locals).verbose_code_parts
+    roots = _roots(guards)
+    assert roots and not any(root.is_recursive_dict_tag_matching_disabled() for root in roots)
+    return guards
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_tag_checked_guards_agree_with_the_full_check_after_any_change(name, data, captures):
+    model, kwargs, captured = captures(name)
+    f_locals = {"model": model, "args": (), "kwargs": kwargs}
+    kind = data.draw(st.sampled_from(["attribute", "submodule", "processor", "dtype"]))
+    with _capture_mode():
+        guards = _fresh_checks(model, captured, f_locals)
+        if kind == "attribute":
+            holder, attribute, _ = data.draw(st.sampled_from(_targets(model)))
+            before = vars(holder)[attribute]
+            setattr(holder, attribute, _changed(before))
+            undo = lambda: setattr(holder, attribute, before)  # noqa: E731
+        elif kind == "dtype":
+            attribute, owner = data.draw(st.sampled_from([pair for pair in model.named_modules() if pair[0]]))
+            owner.to(torch.float64)
+            undo = lambda: owner.to(torch.float32)  # noqa: E731
+        else:
+            owners = [m for m in model.modules() if (hasattr(m, "processor") if kind == "processor" else m._modules)]
+            owner = data.draw(st.sampled_from(owners))
+            attribute = "processor" if kind == "processor" else data.draw(st.sampled_from(sorted(owner._modules)))
+            before = getattr(owner, attribute)
+            replace = (lambda: owner.set_processor(copy.copy(before))) if kind == "processor" else \
+                (lambda: setattr(owner, attribute, copy.deepcopy(before)))
+            replace()
+            undo = (lambda: owner.set_processor(before)) if kind == "processor" else \
+                (lambda: setattr(owner, attribute, before))
+        try:
+            fast, full = guards.check(f_locals), guards.check_verbose(f_locals).result
+        finally:
+            undo()
+    assert fast == full, f"{kind} {attribute}: the tag check says {fast}, dynamo's full check {full}"
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_every_block_is_checked_by_tags(name):
+    """No block is walked guard by guard on each call: each lies under a tag-checked root."""
+    model, kwargs, captured = _captured(name)
+    roots = [root.get_source() for root in _roots(captured.guard._manager.root)]
+    blocks = [f"L['model'].__dict__['_modules']['{name}']._modules['{index}']"
+              for name, module in model.named_children() if isinstance(module, torch.nn.ModuleList)
+              for index in range(len(module))]
+    assert blocks
+    for block in blocks:
+        assert any(block.startswith(root) for root in roots), (block, roots)
+
+
+def test_a_class_attribute_change_is_seen():
+    """Replacing a method on the processor's class after capture is seen by the tags alone: the class's
+    own dict is recorded through the guard fxcache adds on it (dynamo guards the method by getattr)."""
+    model, kwargs, captured = _captured("flux")
+    f_locals = {"model": model, "args": (), "kwargs": kwargs}
+    processor_class = type(next(m for m in model.modules() if hasattr(m, "processor")).processor)
+    original = processor_class.__call__
+    with _capture_mode():
+        guards = _fresh_checks(model, captured, f_locals)
+        processor_class.__call__ = lambda self, *args, **kwargs: original(self, *args, **kwargs)
+        try:
+            assert not guards.check(f_locals)
+        finally:
+            processor_class.__call__ = original
