@@ -37,13 +37,18 @@ level of the model. Example::
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import types
 
 import torch
 
 __all__ = ["capture_config", "mark_tag_safe_subtrees", "supported"]
 
+logger = logging.getLogger(__name__)
 
+
+@functools.cache
 def supported() -> bool:
     """Whether this torch exposes what the analysis needs (dynamo's recursive dict tags, 2.9+)."""
     try:
@@ -54,8 +59,8 @@ def supported() -> bool:
     return (hasattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards")
             and hasattr(python_guards, "dunder_attrs_assumed_constants")
             and all(hasattr(guards.GuardManager, name) for name in (
-                "mark_tag_safe", "mark_tag_safe_root", "is_tag_safe", "type_dict_manager", "get_accessors",
-                "has_object_aliasing_guard", "is_guarded_value_immutable")))
+                "mark_tag_safe", "mark_tag_safe_root", "is_tag_safe", "type_dict_manager", "get_generic_dict_manager",
+                "get_accessors", "has_object_aliasing_guard", "is_guarded_value_immutable")))
 
 
 def capture_config():
@@ -172,7 +177,12 @@ def mark_tag_safe_subtrees(root, f_locals: dict, f_globals: dict) -> int:
             node.mark_tag_safe()
         return node.is_tag_safe()
 
-    mark(root)
+    try:
+        mark(root)
+    except (AttributeError, RuntimeError, TypeError) as error:
+        # another torch's guard tree: with no root every guard is walked on each check (sound, slower)
+        logger.debug("fxcache: guards left to dynamo's full check: %s", error)
+        return 0
     roots = 0
 
     def mark_roots(node, inside: bool) -> None:
