@@ -23,11 +23,11 @@ is ever tag-safe, and its guards are walked on every call.
   builtin functions), and a ``property`` (its getter cannot be rebound).
 
 Roots are marked only at the outermost tag-safe module, never inside one (a root nested in another
-records its dicts for itself, so the outer root would miss them; torch 2.13 crashes on it). The capture must therefore be made
-with dynamo's own marking off (:func:`capture_config`).
+records its dicts for itself, so the outer root would miss them; torch 2.13 crashes on it). The
+capture must therefore be made with dynamo's own marking off (:func:`capture_config`).
 
-``tests/test_capture.py`` checks the result against dynamo's full guard check after changes at every
-level of the model. Example::
+``tests/test_guard_tags.py`` checks the result against dynamo's full guard check after changes at
+every level of the model. Example::
 
     with capture_config():
         ...  # torch.compile the capture
@@ -43,7 +43,7 @@ import types
 
 import torch
 
-__all__ = ["capture_config", "mark_tag_safe_subtrees", "supported"]
+__all__ = ["capture_config", "mark_tag_safe_subtrees", "supported", "tag_safe_roots"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,28 @@ def capture_config():
     return torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=not supported())
 
 
+def _children(node) -> list:
+    """A guard manager's child managers; a dict's are its key and value managers."""
+    from torch._C._dynamo import guards
+
+    if isinstance(node, guards.DictGuardManager):
+        return [child for _, pair in sorted(node.get_key_value_managers().items()) for child in pair
+                if child is not None]
+    return list(node.get_child_managers())
+
+
+def tag_safe_roots(root) -> list:
+    """The roots marked in guard tree ``root``: the managers whose subtrees are checked by tags.
+
+    Example::
+
+        [r.get_source() for r in tag_safe_roots(captured.guard._manager.root)]
+    """
+    if root.is_tag_safe_root():
+        return [root]
+    return [found for child in _children(root) for found in tag_safe_roots(child)]
+
+
 def mark_tag_safe_subtrees(root, f_locals: dict, f_globals: dict) -> int:
     """Mark the tag-safe nodes of guard tree ``root`` and, at the outermost tag-safe modules, the
     roots whose subtrees are then checked by dict tags; returns the number of roots.
@@ -83,12 +105,6 @@ def mark_tag_safe_subtrees(root, f_locals: dict, f_globals: dict) -> int:
     function_accessors = (guards.CodeGuardAccessor, guards.ClosureGuardAccessor, guards.FuncDefaultsGuardAccessor,
                           guards.FuncKwDefaultsGuardAccessor)
     object_accessors = (guards.GetGenericDictGuardAccessor, guards.TypeGuardAccessor)
-
-    def children(node) -> list:
-        if isinstance(node, guards.DictGuardManager):
-            return [child for _, pair in sorted(node.get_key_value_managers().items()) for child in pair
-                    if child is not None]
-        return list(node.get_child_managers())
 
     def only(accessors, kinds) -> bool:
         return all(isinstance(accessor, kinds) for accessor in accessors)
@@ -105,10 +121,10 @@ def mark_tag_safe_subtrees(root, f_locals: dict, f_globals: dict) -> int:
         cls = value_of(node)
         if cls is None:
             return False
-        reads = []
+        reads = False
         for accessor in accessors:
             if isinstance(accessor, guards.GetAttrGuardAccessor) and accessor.get_attr_name() in vars(cls):
-                reads.append(accessor)
+                reads = True
             elif not isinstance(accessor, (guards.TypeDictGuardAccessor, guards.TypeMROGuardAccessor)):
                 return False
         if reads and not any(isinstance(accessor, guards.TypeDictGuardAccessor) for accessor in accessors):
@@ -172,7 +188,7 @@ def mark_tag_safe_subtrees(root, f_locals: dict, f_globals: dict) -> int:
         return False
 
     def mark(node) -> bool:
-        below = [mark(child) for child in children(node)]  # post-order: children first
+        below = [mark(child) for child in _children(node)]  # post-order: children first
         if node is not root and all(below) and tag_safe(node):
             node.mark_tag_safe()
         return node.is_tag_safe()
@@ -192,7 +208,7 @@ def mark_tag_safe_subtrees(root, f_locals: dict, f_globals: dict) -> int:
         if rootable and not inside:  # the outermost tag-safe module on its path
             node.mark_tag_safe_root()
             roots += 1
-        for child in children(node):
+        for child in _children(node):
             mark_roots(child, inside or rootable)
 
     mark_roots(root, False)

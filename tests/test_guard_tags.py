@@ -3,8 +3,8 @@ says, after any change to the model, and do so without walking the blocks.
 
 Each example changes one thing a user can change after capture (an attribute of any module or of an
 attention processor, a class attribute either reads, a submodule or processor replaced, a submodule's
-dtype), then compares
-the fast check (tags recorded on the first check, compared on the next) with dynamo's full walk."""
+dtype), then compares the fast check (tags recorded on the first check, compared on the next) with
+dynamo's full walk."""
 
 import copy
 
@@ -17,26 +17,13 @@ from fxcache import guard_tags
 from fxcache.capture import _capture_mode, capture
 from fxcache.testing import models
 
-DictGuardManager = getattr(torch._C._dynamo.guards, "DictGuardManager", None)
-
 pytestmark = pytest.mark.skipif(not guard_tags.supported(), reason="this torch has no recursive dict tags")
+
 
 def _captured(name):
     tiny = models.build(name)
     kwargs = tiny.inputs(tiny.noise(seed=1), sigma=0.5)
     return tiny.model, kwargs, capture(tiny.model, (), kwargs)
-
-
-def _children(node) -> list:
-    if isinstance(node, DictGuardManager):
-        return [child for pair in node.get_key_value_managers().values() for child in pair if child is not None]
-    return list(node.get_child_managers())
-
-
-def _roots(node) -> list:
-    if node.is_tag_safe_root():
-        return [node]
-    return [root for child in _children(node) for root in _roots(child)]
 
 
 @pytest.fixture
@@ -49,7 +36,7 @@ def captures():
 
     def get(name):
         if name not in made or any(root.is_recursive_dict_tag_matching_disabled()
-                                   for root in _roots(made[name][2].guard._manager.root)):
+                                   for root in guard_tags.tag_safe_roots(made[name][2].guard._manager.root)):
             made[name] = _captured(name)
         original, kwargs, captured = made[name]
         copies.append(copy.deepcopy(original))  # a copy passes the guards; changes to it stay there
@@ -73,27 +60,28 @@ def _changed(value):
 
 
 def _targets(model) -> list[tuple]:
-    """(object, attribute name, where it lives) for everything a change may be made to."""
+    """(object, attribute name) for every plain value a change may be made to: attributes of the
+    modules and processors, and of the diffusers classes they are instances of."""
     targets, classes = [], set()
     for module in model.modules():
         holders = [module] + ([module.processor] if hasattr(module, "processor") else [])
         for holder in holders:
-            targets += [(holder, name, "instance") for name, value in vars(holder).items()
+            targets += [(holder, name) for name, value in vars(holder).items()
                         if _plain(value) and not name.startswith("__")]
             for cls in type(holder).__mro__:
                 if cls not in classes and cls.__module__.startswith("diffusers"):
                     classes.add(cls)
-                    targets += [(cls, name, "class") for name, value in vars(cls).items()
+                    targets += [(cls, name) for name, value in vars(cls).items()
                                 if _plain(value) and not name.startswith("__")]
     return targets
 
 
-def _fresh_checks(model, captured, f_locals):
+def _fresh_checks(captured, f_locals):
     """The capture's guards, checked once on this copy of the model (which records the dicts its
     roots read) and once more by tags alone."""
     guards = captured.guard._manager.root
     assert guards.check(f_locals) and guards.check(f_locals), guards.check_verbose(f_locals).verbose_code_parts
-    roots = _roots(guards)
+    roots = guard_tags.tag_safe_roots(guards)
     assert roots and not any(root.is_recursive_dict_tag_matching_disabled() for root in roots)
     return guards
 
@@ -106,9 +94,9 @@ def test_tag_checked_guards_agree_with_the_full_check_after_any_change(name, dat
     f_locals = {"model": model, "args": (), "kwargs": kwargs}
     kind = data.draw(st.sampled_from(["attribute", "submodule", "processor", "dtype"]))
     with _capture_mode():
-        guards = _fresh_checks(model, captured, f_locals)
+        guards = _fresh_checks(captured, f_locals)
         if kind == "attribute":
-            holder, attribute, _ = data.draw(st.sampled_from(_targets(model)))
+            holder, attribute = data.draw(st.sampled_from(_targets(model)))
             before = vars(holder)[attribute]
             setattr(holder, attribute, _changed(before))
             undo = lambda: setattr(holder, attribute, before)  # noqa: E731
@@ -137,9 +125,9 @@ def test_tag_checked_guards_agree_with_the_full_check_after_any_change(name, dat
 def test_every_block_is_checked_by_tags(name):
     """No block is walked guard by guard on each call: each lies under a tag-checked root."""
     model, kwargs, captured = _captured(name)
-    roots = [root.get_source() for root in _roots(captured.guard._manager.root)]
-    blocks = [f"L['model'].__dict__['_modules']['{name}']._modules['{index}']"
-              for name, module in model.named_children() if isinstance(module, torch.nn.ModuleList)
+    roots = [root.get_source() for root in guard_tags.tag_safe_roots(captured.guard._manager.root)]
+    blocks = [f"L['model'].__dict__['_modules']['{child}']._modules['{index}']"
+              for child, module in model.named_children() if isinstance(module, torch.nn.ModuleList)
               for index in range(len(module))]
     assert blocks
     for block in blocks:
@@ -148,13 +136,14 @@ def test_every_block_is_checked_by_tags(name):
 
 def test_a_class_attribute_change_is_seen():
     """Replacing a method on the processor's class after capture is seen by the tags alone: the class's
-    own dict is recorded through the guard fxcache adds on it (dynamo guards the method by getattr)."""
+    own dict lies under a root (dynamo reads it where a signature is inspected; fxcache adds a guard on
+    it wherever a class is read only by getattr)."""
     model, kwargs, captured = _captured("flux")
     f_locals = {"model": model, "args": (), "kwargs": kwargs}
     processor_class = type(next(m for m in model.modules() if hasattr(m, "processor")).processor)
     original = processor_class.__call__
     with _capture_mode():
-        guards = _fresh_checks(model, captured, f_locals)
+        guards = _fresh_checks(captured, f_locals)
         processor_class.__call__ = lambda self, *args, **kwargs: original(self, *args, **kwargs)
         try:
             assert not guards.check(f_locals)
