@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxcache
-from fxcache.passes import MagCache
+from fxcache.passes import FirstBlockCache, MagCache
 from fxcache.testing import models
 from tests.helpers import relative_difference
 
@@ -25,6 +25,36 @@ def test_static_pass_under_inductor_matches_eager_with_one_graph_per_decision_tu
     assert relative_difference(result, eager, start) <= 1e-3
     assert cached.stats()["compiles"] == 2  # compute the blocks, or add the stored residual
     assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+
+
+def test_a_program_reads_the_models_tensors_in_one_call_per_graph():
+    """Dynamo traces a ``get_attr`` path into the model (``model.transformer_blocks.3.attn.to_q.weight``)
+    hop by hop through each module's ``__getattr__``, diffusers' ``ModelMixin.__getattr__`` among them.
+    The program handed to ``torch.compile`` reads every tensor of a graph in one
+    ``read_model_tensors`` call through the modules' dicts instead: no path into the model is left."""
+    from fxcache.lower import read_model_tensors
+
+    tiny = models.build("flux")
+    config = MagCache(mag_ratios=[1.0] * 4, num_inference_steps=4, threshold=0.1, retention_ratio=0.0)
+    cached = fxcache.transform(tiny.model, [config], backend="eager")
+    models.euler_sample(cached, tiny, tiny.noise(seed=0), 4)
+    (program,) = cached._programs.values()
+    graphs = [m.graph for m in program.compiled_module.modules() if isinstance(m, torch.fx.GraphModule)]
+    assert len(graphs) > 1  # the program and the regions MagCache outlined
+    assert not [n for g in graphs for n in g.nodes if n.op == "get_attr" and n.target.startswith("model.")]
+    calls = [[n for n in g.nodes if n.target is read_model_tensors] for g in graphs]
+    assert all(len(c) <= 1 for c in calls)
+    read = {place for c in calls for n in c for place in n.args[1]}
+    before = {n.target for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule)
+              for n in m.graph.nodes if n.op == "get_attr" and n.target.startswith("model.")}
+    assert len(read) == len(before) == sum(1 for _ in tiny.model.parameters())
+    # a program split at a host read keeps its get_attr reads: a tuple read at the top would reach
+    # the graph after the break as one guarded frame local per tensor
+    split = fxcache.transform(tiny.model, [FirstBlockCache(threshold=0.1)], backend="eager")
+    models.euler_sample(split, tiny, tiny.noise(seed=0), 2)
+    (program,) = split._programs.values()
+    assert not program.fullgraph
+    assert not [n for n in program.compiled_module.graph.nodes if n.target is read_model_tensors]
 
 
 @pytest.mark.parametrize("name, kinds", [

@@ -9,7 +9,7 @@ import torch
 
 import fxcache
 from fxcache.capture import CaptureError
-from fxcache.passes import FirstBlockCache, TaylorSeer
+from fxcache.passes import FirstBlockCache, MagCache, TaylorSeer
 from fxcache.testing import models, pipelines
 
 from .dit import TinyDiT, make_inputs
@@ -83,6 +83,35 @@ def test_train_and_eval_after_capture_switch_dropout():
     torch.manual_seed(6)
     assert torch.equal(cached(x, t, context), again) and not torch.equal(again, model.eval()(x, t, context))
     assert cached.stats()["captures"] == 2  # the train-mode capture is found again, not redone
+
+
+@pytest.mark.parametrize("make_pass", [
+    lambda: MagCache(mag_ratios=[1.0] * 4, num_inference_steps=4),  # one graph: reads through the dicts
+    lambda: FirstBlockCache(threshold=0.0),  # a host read splits the graph: get_attr reads
+], ids=["one-graph", "host-read"])
+def test_parameters_replaced_after_capture_are_the_ones_that_run(make_pass):
+    """A compiled program reads the model's tensors on every call (a program compiled as one graph
+    through the modules' dicts, see ``fxcache.lower.read_tensors_through_dicts``), so a parameter
+    replaced by a new one of the same shape, or a state dict loaded with ``assign=True``, runs as it
+    would uncached, with no capture."""
+    torch.manual_seed(0)
+    model = TinyDiT().eval()
+    x, t, context = make_inputs()
+    cached = fxcache.transform(model, [make_pass()], backend="eager")
+
+    def first_call():
+        cached.reset()
+        return cached(x, t, context)
+
+    before = first_call()
+    linear = model.blocks[1].mlp[0]
+    linear.weight = torch.nn.Parameter(torch.randn_like(linear.weight))
+    replaced = first_call()
+    assert torch.equal(replaced, model(x, t, context)) and not torch.equal(replaced, before)
+    model.load_state_dict({k: torch.randn_like(v) for k, v in model.state_dict().items()}, assign=True)
+    loaded = first_call()
+    assert torch.equal(loaded, model(x, t, context)) and not torch.equal(loaded, replaced)
+    assert cached.stats()["captures"] == 1
 
 
 def test_a_module_that_changes_on_every_call_is_a_clear_error(monkeypatch):
