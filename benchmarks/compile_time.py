@@ -11,7 +11,8 @@ Blocks are split into double- and single-stream FLUX blocks: half and half on th
 blocks: 4 + 4), FLUX.1-dev's one to two on the GPU size (12: 4 + 8; 57: 19 + 38). Per row: *warm-up* is the wall time of the first generation (every capture and compile
 of the run; ``--steps`` steps), *CPU* the process time of it including the compiler's child processes
 (Inductor builds C++ and Triton kernels in workers), which is steadier than wall time on a shared
-machine. The regional and whole-graph rows run the same generation loop on the uncached model.
+machine, and *dynamo inlined frames* the function calls dynamo stepped into while tracing, which does
+not depend on the machine at all. The regional and whole-graph rows run the same generation loop on the uncached model.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def measure_one(args) -> dict:
     config = flux_config(size)
     config.update(num_layers=double, num_single_layers=args.blocks - double)
     model, fixed, start = build(size, config)
+    inlined = count_inlined_frames()
     began_wall, began_cpu = time.perf_counter(), cpu_seconds()
     if args.row == "regional":
         model = regional(model)
@@ -76,12 +78,30 @@ def measure_one(args) -> dict:
         torch.cuda.synchronize()
     result = dict(row=args.row, blocks=args.blocks, double=double, single=args.blocks - double,
                   warmup_s=time.perf_counter() - began_wall, cpu_s=cpu_seconds() - began_cpu,
-                  graphs=int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
+                  graphs=int(torch._dynamo.utils.counters["stats"]["unique_graphs"]), inlined_frames=inlined[0])
     if args.row == "fxcache":
         result["compiles"] = model.stats()["compiles"]
         result["block_regions"] = args.fxcache_block_regions
         result["stamped"] = next(iter(model._programs.values())).stamped
     return result
+
+
+def count_inlined_frames() -> list[int]:
+    """From now on, count the function calls dynamo inlines while it traces (every module forward,
+    helper and ``__getattr__`` it steps into): a measure of tracing work that, unlike the times, does
+    not move with the load on the machine. Returns the one-element counter."""
+    from torch._dynamo import symbolic_convert
+
+    counter = [0]
+    translator = symbolic_convert.InliningInstructionTranslator
+    original = translator.__init__
+
+    def counting(self, *args, **kwargs):
+        counter[0] += 1
+        original(self, *args, **kwargs)
+
+    translator.__init__ = counting
+    return counter
 
 
 def _no_context(self, name, **fields):
@@ -146,14 +166,15 @@ def format_table(results, args) -> str:
 
     lines = [f"**{datetime.date.today()}, {platform.machine()}, torch {torch.__version__}, device {args.device}, "
              f"size {args.size}, {args.steps} steps, mode {args.mode}; fresh Inductor cache per row.**", "",
-             "| run | blocks (double + single) | warm-up s (wall) | CPU s (process + compiler workers) | dynamo graphs |",
-             "|---|---|---|---|---|"]
+             "| run | blocks (double + single) | warm-up s (wall) | CPU s (process + compiler workers) | dynamo graphs "
+             "| dynamo inlined frames |",
+             "|---|---|---|---|---|---|"]
     for r in results:
         label = LABELS[r["row"]]
         if r["row"] == "fxcache":
             label += ", block regions " + ("stamped once per kind" if r["block_regions"] == "on" else "off (one flat graph)")
         lines.append(f"| {label} | {r['blocks']} ({r['double']} + {r['single']}) | {r['warmup_s']:.1f} | "
-                     f"{r['cpu_s']:.1f} | {r['graphs']} |")
+                     f"{r['cpu_s']:.1f} | {r['graphs']} | {r.get('inlined_frames', '')} |")
     return "\n".join(lines)
 
 
