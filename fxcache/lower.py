@@ -403,6 +403,7 @@ class Program:
     seen_flags: set = field(default_factory=set)  # decision tuples compiled so far
     group: int = 0  # programs of one group share ``state`` (the runtime assigns it)
     call_structure: Any = None  # the structure of the call it was captured from (the runtime's key)
+    call_leaves: tuple | None = None  # that call's leaves, described: matched when guards are skipped
     evictable: bool = True  # False: dynamo's cache entries hold it (built inside torch.compile)
     stamped: dict = field(default_factory=dict)  # blocks compiled once per kind (see stamp_blocks)
     compiled_module: Any = None  # what torch.compile was handed: the program, its blocks stamped

@@ -4,7 +4,8 @@ and never lets state from one generation reach the next.
 State is kept per captured program and per cache context name (``"cond"``, ``"uncond"``,
 ``"cond_uncond"``, any name; ``"default"`` outside a context). A program is captured per input
 signature and module state: dynamo's guards on each capture are checked on every call, so a module
-changed after capture (LoRA, attention processors, ``train()``) is captured again, never run stale;
+changed after capture (LoRA, attention processors, ``train()``) is captured again, never run stale
+(unless the user opts out as dynamo allows, ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``);
 at most ``max_programs`` are kept, least recently used out. Steps come,
 in order of preference, from a scheduler handed to :func:`fxcache.transform`, from the fields a
 pipeline passes to ``cache_context``, or from a per-context call counter since the last reset.
@@ -226,7 +227,7 @@ class CachedModel(torch.nn.Module):
             if self._split is not None:
                 return self._split(args, kwargs)
             leaves, structure = _flatten_call(args, kwargs)
-            program = self._program_for(args, kwargs, structure)
+            program = self._program_for(args, kwargs, leaves, structure)
             if program is None:  # the forward has graph breaks: dynamo runs it from now on
                 return self._split(args, kwargs)
             captured = program.rewritten.captured
@@ -247,10 +248,27 @@ class CachedModel(torch.nn.Module):
             self._check_cache_budget(program, context)
         return program(inputs, state.for_context(context), scalars, flags)
 
-    def _program_for(self, args: tuple, kwargs: dict, structure) -> Program:
+    def _program_for(self, args: tuple, kwargs: dict, leaves: list, structure) -> Program:
         """The program whose capture still holds for this call (most recently used first), or a new
-        capture: the guards say when the module or the inputs changed."""
-        if self._programs:
+        capture: the guards say when the module or the inputs changed.
+
+        Under ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` the guards only tell
+        programs apart, as dynamo's do then: the program is chosen by the call's structure and leaves
+        (shapes, dtypes, devices, values), and the guards run only where several programs were
+        captured for such a call (a LoRA on and off). A module changed in a way no held program
+        captured runs stale: leave the stance to change the module. A call no held program takes is
+        an error, as a recompile is for dynamo under this stance (see :meth:`_build`)."""
+        if self._programs and _stance().skip_guard_eval_unsafe:
+            described = _describe_leaves(leaves)
+            matching = [key for key in reversed(self._programs) if self._programs[key].call_structure == structure
+                        and self._programs[key].call_leaves == described]
+            if len(matching) == 1:
+                return self._programs[matching[0]]
+            for key in matching:
+                if self._programs[key].captured.guard.holds(self.original, args, kwargs):
+                    self._programs.move_to_end(key)
+                    return self._programs[key]
+        elif self._programs:
             # the common case: the last program again. Its guards cover the inputs' shapes, dtypes,
             # devices and non-tensor values, so no signature is needed here; the call's structure
             # must match too (guards accept keyword arguments in another order, the leaves would not)
@@ -271,6 +289,17 @@ class CachedModel(torch.nn.Module):
 
     def _build(self, signature: InputSignature, args, kwargs) -> Program:
         self._check_call(args, kwargs)
+        stance = _stance()
+        if self._captures and (stance.stance == "fail_on_recompile" or stance.skip_guard_eval_unsafe):
+            # as dynamo does under these stances: a frame compiled before is not compiled again
+            stale = next((p for p in reversed(self._programs.values()) if p.captured.signature == signature), None)
+            changed = stale.captured.guard.why_not(self.original, args, kwargs) if stale else ""
+            setting = "skip_guard_eval_unsafe=True" if stance.skip_guard_eval_unsafe else f"'{stance.stance}'"
+            raise CaptureError(
+                f"fxcache: {type(self.original).__name__} would be captured and compiled again, for inputs "
+                f"{signature.describe()}" + (f" ({changed})" if changed else " (no program of these inputs yet)")
+                + f", and torch.compiler.set_stance({setting}) allows no recompiles. Warm up every input "
+                "shape and module change before setting the stance.")
         captures = self._recaptures.get(signature, 0)
         if captures >= MAX_CAPTURES_PER_SIGNATURE:
             stale = next((p for p in reversed(self._programs.values()) if p.captured.signature == signature), None)
@@ -293,10 +322,12 @@ class CachedModel(torch.nn.Module):
             return None
         self._captures += 1
         self._recaptures[signature] = captures + 1
+        leaves, structure = _flatten_call(args, kwargs)
         return self._register(ProgramBuilder(captured, find_regions(captured)).rewrite(self._passes),
-                              _flatten_call(args, kwargs)[1])
+                              structure, leaves)
 
-    def _register(self, rewritten: RewrittenProgram, call_structure, evictable: bool = True) -> Program:
+    def _register(self, rewritten: RewrittenProgram, call_structure, call_leaves: list | None = None,
+                  evictable: bool = True) -> Program:
         """Compile ``rewritten`` and keep it, least recently used out past ``max_programs``
         (``evictable=False``: dynamo holds it in its cache entries and bounds it by its recompile
         limit)."""
@@ -313,6 +344,7 @@ class CachedModel(torch.nn.Module):
             self._groups += 1
             program.group = self._groups
         program.call_structure = call_structure
+        program.call_leaves = None if call_leaves is None else _describe_leaves(call_leaves)
         program.evictable = evictable
         self._programs[id(program)] = program
         while sum(p.evictable for p in self._programs.values()) > self._max_programs:
@@ -629,6 +661,21 @@ def _flatten_call(args: tuple, kwargs: dict) -> tuple[list, Any]:
             return torch.utils._pytree.tree_flatten((args, kwargs))
     leaves = list(values) if _NONE_IS_LEAF else [value for value in values if value is not None]
     return leaves, (len(args), tuple(kwargs), tuple([value is None for value in values]))
+
+
+def _describe_leaves(leaves: list) -> tuple:
+    """What a program is chosen by when the guards are skipped: each tensor leaf's shape, dtype and
+    device, every other leaf itself."""
+    return tuple((leaf.shape, leaf.dtype, leaf.device) if isinstance(leaf, torch.Tensor) else leaf
+                 for leaf in leaves)
+
+
+def _stance():
+    """``torch.compiler.set_stance``'s current stance (kept by dynamo in ``eval_frame._stance``)."""
+    return getattr(torch._dynamo.eval_frame, "_stance", _DEFAULT_STANCE)
+
+
+_DEFAULT_STANCE = type("DefaultStance", (), {"stance": "default", "skip_guard_eval_unsafe": False})()
 
 
 def _add_figures(into: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
