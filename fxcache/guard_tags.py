@@ -20,7 +20,9 @@ is ever tag-safe, and its guards are walked on every call.
   same way through its ``__dict__``; it is a root of its own, as a module object can be weakly
   referenced;
 - values that cannot change in place and have nothing read from them (dtypes, devices, frozensets,
-  builtin functions), and a ``property`` (its getter cannot be rebound).
+  builtin functions), a ``property`` (its getter cannot be rebound), and a function's defaults and
+  closure, which dynamo assumes constant, also where they hold a dtype (diffusers'
+  ``get_1d_rotary_pos_embed``, which kept Flux's module from being a root).
 
 Roots are marked only at the outermost tag-safe module, never inside one (a root nested in another
 records its dicts for itself, so the outer root would miss them; torch 2.13 crashes on it). The
@@ -79,6 +81,15 @@ def _children(node) -> list:
         return [child for _, pair in sorted(node.get_key_value_managers().items()) for child in pair
                 if child is not None]
     return list(node.get_child_managers())
+
+
+def _edges(node) -> list:
+    """A guard manager's children, each with the accessor that reaches it (None under a dict)."""
+    from torch._C._dynamo import guards
+
+    if isinstance(node, guards.DictGuardManager):
+        return [(None, child) for child in _children(node)]
+    return list(zip(node.get_accessors(), node.get_child_managers()))  # one child per accessor, in order
 
 
 def tag_safe_roots(root) -> list:
@@ -145,9 +156,9 @@ def mark_tag_safe_subtrees(root, f_locals: dict, f_globals: dict) -> int:
                                           guard_manager_enum=GuardManagerType.GUARD_MANAGER).mark_tag_safe()
         return True
 
-    def tag_safe(node) -> bool:
+    def tag_safe(node, via) -> bool:
         """Whether ``node``'s value cannot change without moving the tag of a dict recorded above or
-        at it (its children are tag-safe already)."""
+        at it (its children are tag-safe already); ``via`` is the accessor its parent reaches it by."""
         if isinstance(node, guards.DictGuardManager):
             return True
         kind = node.get_type_of_guarded_value()
@@ -172,8 +183,9 @@ def mark_tag_safe_subtrees(root, f_locals: dict, f_globals: dict) -> int:
             return all(isinstance(accessor, guards.GetAttrGuardAccessor)
                        and accessor.get_attr_name() == "cell_contents" for accessor in accessors)
         if issubclass(kind, tuple):  # only a function's __defaults__ or __closure__ is trusted
-            return node.get_source().endswith(dunder_attrs_assumed_constants) \
-                and only(accessors, guards.TupleGetItemGuardAccessor)
+            defaults = node.get_source().endswith(dunder_attrs_assumed_constants) or isinstance(
+                via, (guards.FuncDefaultsGuardAccessor, guards.ClosureGuardAccessor))
+            return defaults and only(accessors, (guards.TupleGetItemGuardAccessor, guards.GetItemGuardAccessor))
         if issubclass(kind, type):
             return own_dict_recorded(node, accessors)
         if issubclass(kind, types.ModuleType):
@@ -187,9 +199,9 @@ def mark_tag_safe_subtrees(root, f_locals: dict, f_globals: dict) -> int:
             return only(accessors, object_accessors)
         return False
 
-    def mark(node) -> bool:
-        below = [mark(child) for child in _children(node)]  # post-order: children first
-        if node is not root and all(below) and tag_safe(node):
+    def mark(node, via=None) -> bool:
+        below = [mark(child, accessor) for accessor, child in _edges(node)]  # post-order: children first
+        if node is not root and all(below) and tag_safe(node, via):
             node.mark_tag_safe()
         return node.is_tag_safe()
 

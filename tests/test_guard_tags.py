@@ -149,3 +149,23 @@ def test_a_class_attribute_change_is_seen():
             assert not guards.check(f_locals)
         finally:
             processor_class.__call__ = original
+
+
+def test_a_python_module_whose_functions_default_to_a_dtype_is_checked_by_tags():
+    """``get_1d_rotary_pos_embed`` defaults ``freqs_dtype`` to ``torch.float32``: dynamo does not count
+    that tuple immutable, but a function's defaults are read-only to its guards, so diffusers' Flux
+    module is a root of its own, and rebinding one of its names after capture is still seen."""
+    import diffusers.models.transformers.transformer_flux as flux_module
+
+    model, kwargs, captured = _captured("flux")
+    roots = [root.get_source() for root in guard_tags.tag_safe_roots(captured.guard._manager.root)]
+    assert any(root.endswith("transformers_dot_transformer_flux']") for root in roots), roots
+    f_locals = {"model": model, "args": (), "kwargs": kwargs}
+    original = flux_module.get_1d_rotary_pos_embed
+    with _capture_mode():
+        guards = _fresh_checks(captured, f_locals)
+        flux_module.get_1d_rotary_pos_embed = lambda *args, **kwargs: original(*args, **kwargs)
+        try:
+            assert not guards.check(f_locals)
+        finally:
+            flux_module.get_1d_rotary_pos_embed = original
