@@ -23,6 +23,8 @@
 #      compile, fxcache MagCache with block kinds compiled once (nested_compile_region; opt-in,
 #      FXCACHE_BLOCK_REGIONS=1, until this part has run on torch 2.11 with CUDA graphs) and as one
 #      flat graph (the default).
+#   D. (where time is left) FirstBlockCache skipping nothing, host vs cond lowering vs the uncached
+#      whole graph: where its overhead goes (benchmarks/first_block_split.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -76,6 +78,14 @@ timeout 150 python3 benchmarks/compile_time.py --blocks 12 --device cuda --size 
     --rows regional,fxcache --fxcache-block-regions both --json "$OUT/compile_time.jsonl" 2>&1 \
     | grep -v "^W[0-9]" | tee "$OUT/compile_time.log"
 echo "C done after $(( $(date +%s) - started )) s"
+
+# D, only where time is left: FirstBlockCache skipping nothing, host against cond lowering against the
+# uncached whole graph (reduced depth, as B; B's kernels are in the shared cache), ~1.5 minutes
+if (( $(date +%s) - started < 420 )); then
+    timeout 110 python3 benchmarks/first_block_split.py --device cuda --size gpu --double 4 --single 8 \
+        --mode reduce-overhead --rounds 3 2>&1 | grep -v "^W[0-9]" | tee "$OUT/first_block_split.log"
+    echo "D done after $(( $(date +%s) - started )) s"
+fi
 
 # the tables, from the rows each part wrote (complete or cut short)
 rows=$(ls "$OUT"/full_depth.rows.jsonl "$OUT"/reduced_depth.rows.jsonl 2>/dev/null)
