@@ -228,8 +228,9 @@ class CachedModel(torch.nn.Module):
                 return self._split(args, kwargs)
             leaves, structure = _flatten_call(args, kwargs)
             program = self._program_for(args, kwargs, leaves, structure)
-            if program is None:  # the forward has graph breaks: dynamo runs it from now on
-                return self._split(args, kwargs)
+            if program is None:  # the forward has graph breaks (dynamo runs it from now on), or the
+                # stance is eager_on_recompile: the model runs as written, uncached, for this call
+                return self._split(args, kwargs) if self._split is not None else self.original(*args, **kwargs)
             captured = program.rewritten.captured
             flat = self._run_program(program, captured.inputs_from(args, kwargs, leaves))
             return captured.rebuild_output(flat, leaves)
@@ -285,6 +286,8 @@ class CachedModel(torch.nn.Module):
                 self._programs.move_to_end(key)
                 self._recaptures[signature] = 0
                 return program
+        if self._captures and _stance().stance == "eager_on_recompile":
+            return None  # as dynamo runs a frame eagerly instead of compiling it again
         return self._build(signature, args, kwargs)
 
     def _build(self, signature: InputSignature, args, kwargs) -> Program:

@@ -1,6 +1,7 @@
 """``torch.compiler.set_stance`` reaches a cached model: ``skip_guard_eval_unsafe`` skips the check
 that the model is unchanged (the guards only tell held programs apart, as dynamo's then do), and
-``fail_on_recompile`` makes a second capture an error. Checked against the uncached model: the
+``fail_on_recompile`` makes a second capture an error, and ``eager_on_recompile`` runs the model
+uncached where it would capture again. Checked against the uncached model: the
 first call of a generation computes every block, so a stale or wrong program would show."""
 
 import pytest
@@ -124,3 +125,16 @@ def test_fail_on_recompile_makes_a_second_capture_an_error():
             _first_call(cached, inputs)
         assert "heads" in str(changed.value)  # names what changed
     assert torch.equal(_first_call(cached, inputs), model(*inputs))  # outside the stance: captured again
+
+
+def test_eager_on_recompile_runs_the_model_uncached_instead_of_capturing_again():
+    model, cached = _cached()
+    inputs, larger = make_inputs(), make_inputs(tokens=24)
+    expected = _generation(cached, inputs)
+    with torch.compiler.set_stance("eager_on_recompile"):
+        assert torch.equal(_first_call(cached, larger), model(*larger))  # no program for these: eager
+        assert cached.stats()["captures"] == 1
+        outputs = _generation(cached, inputs)  # the held program still runs, cached
+    assert all(torch.equal(a, b) for a, b in zip(outputs, expected))
+    assert torch.equal(_first_call(cached, larger), model(*larger))
+    assert cached.stats()["captures"] == 2  # outside the stance: captured
