@@ -7,6 +7,16 @@ import copy
 import torch
 
 
+def generation(cached, inputs: tuple, steps: int = 4) -> list[torch.Tensor]:
+    """One generation of ``steps`` calls of ``cached(*inputs)`` in the "cond" context, after a reset."""
+    cached.reset()
+    outputs = []
+    for _ in range(steps):
+        with cached.cache_context("cond"):
+            outputs.append(cached(*inputs))
+    return outputs
+
+
 def relative_difference(result: torch.Tensor, reference: torch.Tensor, start: torch.Tensor) -> float:
     """‖a − b‖₂ / ‖b‖₂ on the update of the latent over a whole generation (x_N − x_0)."""
     update, reference_update = result - start, reference - start

@@ -13,6 +13,7 @@ import fxcache
 from fxcache.passes import FirstBlockCache, MagCache
 
 from .dit import TinyDiT, make_inputs
+from .helpers import generation
 
 # Python-level function calls of one CachedModel call around its compiled program, measured 40 on
 # torch 2.13 (the whole call: nn.Module.__call__, cache_context, dynamo's Python part of the guard
@@ -28,15 +29,6 @@ def _static_model():
     x, t, context = make_inputs()
     cached = fxcache.transform(model, [MagCache(mag_ratios=[1.0] * 4, num_inference_steps=4)], backend="eager")
     return cached, (x, t, context)
-
-
-def _generation(cached, inputs, steps=4):
-    cached.reset()
-    outputs = []
-    for _ in range(steps):
-        with cached.cache_context("cond"):
-            outputs.append(cached(*inputs))
-    return outputs
 
 
 def _stub_program(cached):
@@ -72,10 +64,10 @@ def _python_calls(fn) -> int:
 
 def test_a_call_runs_few_python_functions_and_one_guard_check():
     cached, inputs = _static_model()
-    _generation(cached, inputs)
-    _generation(cached, inputs)  # every decision tuple compiled
+    generation(cached, inputs)
+    generation(cached, inputs)  # every decision tuple compiled
     _stub_program(cached)
-    _generation(cached, inputs)  # the replay has seen every tuple
+    generation(cached, inputs)  # the replay has seen every tuple
 
     def one_call():
         with cached.cache_context("cond"):
@@ -96,22 +88,22 @@ def test_a_call_runs_few_python_functions_and_one_guard_check():
 
     guard._manager = Counting()
     cached.reset()
-    _generation(cached, inputs)
+    generation(cached, inputs)
     assert len(checks) == 4  # one guard check per call, however many programs are held
     assert cached.stats()["captures"] == 1
 
 
 def test_the_common_call_builds_no_signature_and_no_tree_spec(monkeypatch):
     cached, inputs = _static_model()
-    expected = _generation(cached, inputs)
-    _generation(cached, inputs)
+    expected = generation(cached, inputs)
+    generation(cached, inputs)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("walked on the per-call path")
 
     monkeypatch.setattr(fxcache.runtime, "input_signature", forbidden)
     monkeypatch.setattr(torch.utils._pytree, "tree_flatten", forbidden)
-    again = _generation(cached, inputs)
+    again = generation(cached, inputs)
     for a, b in zip(again, expected):
         assert torch.equal(a, b)
 

@@ -12,6 +12,7 @@ from fxcache.capture import CaptureError, CaptureGuard
 from fxcache.passes import MagCache
 
 from .dit import TinyDiT, make_inputs
+from .helpers import generation
 
 SKIP_GUARDS = dict(skip_guard_eval_unsafe=True)
 
@@ -23,17 +24,8 @@ def _cached():
                                     backend="eager")
 
 
-def _generation(cached, inputs, steps=4):
-    cached.reset()
-    outputs = []
-    for _ in range(steps):
-        with cached.cache_context("cond"):
-            outputs.append(cached(*inputs))
-    return outputs
-
-
 def _first_call(cached, inputs):
-    return _generation(cached, inputs, steps=1)[0]
+    return generation(cached, inputs, steps=1)[0]
 
 
 @pytest.fixture
@@ -53,11 +45,11 @@ def guard_checks(monkeypatch):
 def test_skip_guard_eval_unsafe_runs_the_held_program_without_checking_the_model(guard_checks):
     model, cached = _cached()
     inputs = make_inputs()
-    expected = _generation(cached, inputs)
+    expected = generation(cached, inputs)
     checked = len(guard_checks)
     assert checked == 3  # the default stance checks the model on every call after the capture
     with torch.compiler.set_stance(**SKIP_GUARDS):
-        outputs = _generation(cached, inputs)
+        outputs = generation(cached, inputs)
     assert len(guard_checks) == checked
     assert all(torch.equal(a, b) for a, b in zip(outputs, expected))
     assert cached.stats()["captures"] == 1
@@ -66,8 +58,8 @@ def test_skip_guard_eval_unsafe_runs_the_held_program_without_checking_the_model
 def test_skip_guard_eval_unsafe_still_chooses_the_program_by_its_inputs(guard_checks):
     model, cached = _cached()
     small, large = make_inputs(tokens=16), make_inputs(tokens=24)
-    _generation(cached, small)
-    _generation(cached, large)
+    generation(cached, small)
+    generation(cached, large)
     checked = len(guard_checks)
     with torch.compiler.set_stance(**SKIP_GUARDS):
         out_small = _first_call(cached, small)  # the first program again, not the latest
@@ -115,9 +107,9 @@ def test_a_change_no_program_captured_is_seen_again_once_the_stance_is_left():
 def test_fail_on_recompile_makes_a_second_capture_an_error():
     model, cached = _cached()
     inputs = make_inputs()
-    _generation(cached, inputs)  # warmed up: every decision tuple compiled
+    generation(cached, inputs)  # warmed up: every decision tuple compiled
     with torch.compiler.set_stance("fail_on_recompile"):
-        _generation(cached, inputs)
+        generation(cached, inputs)
         with pytest.raises(CaptureError, match=r"\(1, 24, 4\).*fail_on_recompile.*Warm up"):
             _first_call(cached, make_inputs(tokens=24))
         model.blocks[0].self_attn.heads = 4
@@ -130,11 +122,11 @@ def test_fail_on_recompile_makes_a_second_capture_an_error():
 def test_eager_on_recompile_runs_the_model_uncached_instead_of_capturing_again():
     model, cached = _cached()
     inputs, larger = make_inputs(), make_inputs(tokens=24)
-    expected = _generation(cached, inputs)
+    expected = generation(cached, inputs)
     with torch.compiler.set_stance("eager_on_recompile"):
         assert torch.equal(_first_call(cached, larger), model(*larger))  # no program for these: eager
         assert cached.stats()["captures"] == 1
-        outputs = _generation(cached, inputs)  # the held program still runs, cached
+        outputs = generation(cached, inputs)  # the held program still runs, cached
     assert all(torch.equal(a, b) for a, b in zip(outputs, expected))
     assert torch.equal(_first_call(cached, larger), model(*larger))
     assert cached.stats()["captures"] == 2  # outside the stance: captured
