@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
+import types
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -678,7 +679,7 @@ def _stance():
     return getattr(torch._dynamo.eval_frame, "_stance", _DEFAULT_STANCE)
 
 
-_DEFAULT_STANCE = type("DefaultStance", (), {"stance": "default", "skip_guard_eval_unsafe": False})()
+_DEFAULT_STANCE = types.SimpleNamespace(stance="default", skip_guard_eval_unsafe=False)  # a torch without stances
 
 
 def _add_figures(into: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
