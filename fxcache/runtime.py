@@ -291,13 +291,18 @@ class CachedModel(torch.nn.Module):
             return None  # as dynamo runs a frame eagerly instead of compiling it again
         return self._build(signature, args, kwargs)
 
+    def _what_changed(self, signature: InputSignature, args, kwargs) -> str:
+        """The first guard of the latest program of ``signature`` that fails for this call, in
+        dynamo's words (empty when no program of it is held)."""
+        stale = next((p for p in reversed(self._programs.values()) if p.captured.signature == signature), None)
+        return stale.captured.guard.why_not(self.original, args, kwargs) if stale else ""
+
     def _build(self, signature: InputSignature, args, kwargs) -> Program:
         self._check_call(args, kwargs)
         stance = _stance()
         if self._captures and (stance.stance == "fail_on_recompile" or stance.skip_guard_eval_unsafe):
             # as dynamo does under these stances: a frame compiled before is not compiled again
-            stale = next((p for p in reversed(self._programs.values()) if p.captured.signature == signature), None)
-            changed = stale.captured.guard.why_not(self.original, args, kwargs) if stale else ""
+            changed = self._what_changed(signature, args, kwargs)
             setting = "skip_guard_eval_unsafe=True" if stance.skip_guard_eval_unsafe else f"'{stance.stance}'"
             raise CaptureError(
                 f"fxcache: {type(self.original).__name__} would be captured and compiled again, for inputs "
@@ -306,8 +311,7 @@ class CachedModel(torch.nn.Module):
                 "shape and module change before setting the stance.")
         captures = self._recaptures.get(signature, 0)
         if captures >= MAX_CAPTURES_PER_SIGNATURE:
-            stale = next((p for p in reversed(self._programs.values()) if p.captured.signature == signature), None)
-            changed = stale.captured.guard.why_not(self.original, args, kwargs) if stale else ""
+            changed = self._what_changed(signature, args, kwargs)
             raise CaptureError(
                 f"fxcache: {type(self.original).__name__} was captured {captures} times in a row for inputs "
                 f"{signature.describe()}: something changes the module (or the call's non-tensor "
