@@ -14,12 +14,16 @@ backend: after two warm-up generations, each model call of a generation is timed
 
 Overhead = CachedModel - graph direct, per call, median over all calls (generations of the two kinds
 interleaved, so drift hits both). Times are process time (``time.process_time_ns``): the machine may
-be shared. Then cProfile over the CachedModel calls splits the host time by function.
+be shared. The two guard checks a call runs are also timed alone: fxcache's check of the capture (is
+the model unchanged?) and dynamo's check of the compiled program (on the model's tensors it reads),
+the second as fxcache compiles it (dict-tag roots) and as torch would by default (a full walk). Then
+cProfile over the CachedModel calls splits the host time by function.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import datetime
 import platform
@@ -27,12 +31,14 @@ import pstats
 import statistics
 import sys
 import time
+import unittest.mock
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import fxcache.lower  # noqa: E402
 from fxcache import transform  # noqa: E402
 from fxcache.demo.bench import CurrentTimestep, build, flux_config  # noqa: E402
 from fxcache.passes import MagCache, PyramidAttentionBroadcast, TaylorSeer  # noqa: E402
@@ -79,6 +85,55 @@ def time_host_work(cached_generation, program, recorded: list, rounds: int) -> d
     finally:
         program._compiled = compiled
     return per_call
+
+
+def time_guard_checks(cached, program, recorded: list, inputs_per_step: list) -> dict[str, float]:
+    """Median µs of each guard check a call runs, repeated alone (its data then stays in the CPU
+    caches; inside a generation each costs more): fxcache's capture check, the program's dynamo check
+    as compiled (dict-tag roots), and the same program compiled with dynamo's default (a full walk)."""
+    import inspect
+
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    def median_us(check, repeats=2000):
+        for _ in range(50):
+            assert check()
+        times = []
+        for _ in range(repeats):
+            began = time.perf_counter_ns()
+            check()
+            times.append(time.perf_counter_ns() - began)
+        return statistics.median(times) / 1e3
+
+    def program_check(module, flat):
+        f_locals = dict(inspect.signature(type(module).forward).bind(module, *flat).arguments)
+        (entry,) = [e for e in _debug_get_cache_entry_list(type(module).forward.__code__)
+                    if e.guard_manager.check(f_locals)]
+        return lambda: entry.guard_manager.check(f_locals)
+
+    capture = program.rewritten.captured.guard._manager
+    model_locals = {"model": cached.original, "args": (), "kwargs": inputs_per_step[0]}
+    timed = {"fxcache's check of the capture": median_us(lambda: capture.check(model_locals)),
+             "dynamo's check of the program, as fxcache compiles it (dict-tag roots)":
+                 median_us(program_check(program.compiled_module, recorded[0]))}
+    # the same program compiled with torch's default config: its guards are walked in full
+    default = transform(cached.original, list(cached.passes), backend="eager")
+
+    @contextlib.contextmanager
+    def torch_default(num_flags):
+        with torch._dynamo.config.patch(recompile_limit=64, use_recursive_dict_tags_for_guards=False):
+            yield
+
+    with unittest.mock.patch.object(fxcache.lower, "_compiling_decision_tuple", torch_default):
+        for _ in range(2):
+            default.reset()
+            for step, kwargs in enumerate(inputs_per_step):
+                with default.cache_context("cond"):
+                    default(**kwargs)
+    (default_program,) = default._programs.values()
+    timed["dynamo's check of the program, torch's default (a full walk)"] = median_us(
+        program_check(default_program.compiled_module, recorded[0]))
+    return timed
 
 
 def main(argv=None):
@@ -128,6 +183,9 @@ def main(argv=None):
             timed.append(time.process_time_ns() - began)
 
     host_only = time_host_work(cached_generation, program, recorded, args.rounds)
+    # before the uncached model is compiled: torch.compile(model) sets model._is_torch_compile, a
+    # change to a dict the guards recorded, and such a root is walked in full from then on
+    guard_checks = time_guard_checks(cached, program, recorded, inputs)
     uncached = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
 
     def uncached_generation(timed):
@@ -214,6 +272,13 @@ def main(argv=None):
         names = (names,) if isinstance(names, str) else names
         cum = sum(v[3] for k, v in entries.items() if k[0].endswith(file) and k[2] in names)
         print(f"| {label} | {cum / host:.0%} |")
+
+    print("\nThe guard checks of a call, each repeated alone (median µs; inside a generation each costs more, "
+          "its data having left the CPU caches):")
+    print("| guard check | µs |")
+    print("|---|---|")
+    for name, value in guard_checks.items():
+        print(f"| {name} | {value:.1f} |")
     return median
 
 

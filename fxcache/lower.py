@@ -64,11 +64,18 @@ def make_backend(backend: str | Callable, mode: str | None, options: dict | None
 
 
 @contextlib.contextmanager
-def _room_for_decision_tuples(num_flags: int):
-    """A new decision tuple compiles a graph: the recompile limit counts graphs per code object, so
-    allow one per tuple; the model's warnings and log calls stay out of the way as at capture.
+def _compiling_decision_tuple(num_flags: int):
+    """The dynamo config a new decision tuple's graph compiles under. The recompile limit counts
+    graphs per code object, so allow one per tuple. The program's own guards (on the model's tensors
+    it reads, on every call) get dynamo's dict-tag roots, off by default in torch 2.13: a module whose
+    dicts are unchanged is checked by their tags and its tensors' metadata instead of a walk of every
+    dict and attribute (44 -> 15 µs per call on the tiny FLUX, 159 -> 62 µs at 16 blocks;
+    docs/benchmarks.md). The model's warnings and log calls stay out of the way as at capture.
     Entered only for a tuple not seen before: a config patch on every call kept Python heap per call."""
-    with torch._dynamo.config.patch(recompile_limit=max(64, 2 ** min(num_flags, 10))), quiet_logging():
+    config = {"recompile_limit": max(64, 2 ** min(num_flags, 10))}
+    if hasattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards"):
+        config["use_recursive_dict_tags_for_guards"] = True
+    with torch._dynamo.config.patch(**config), quiet_logging():
         yield
 
 
@@ -469,7 +476,7 @@ class Program:
             if flags in self.seen_flags:
                 outputs = self._compiled(*inputs, *state, *scalars, *flags)
             else:
-                with _room_for_decision_tuples(len(flags)):
+                with _compiling_decision_tuple(len(flags)):
                     outputs = self._compiled(*inputs, *state, *scalars, *flags)
                 self.seen_flags.add(flags)
         finally:

@@ -116,8 +116,8 @@ def test_steady_calls_patch_no_dynamo_config(flux, monkeypatch):
     models.euler_sample(cached, flux, x, 4)
     cached.reset()
     patches = []
-    original = fxcache.lower._room_for_decision_tuples
-    monkeypatch.setattr(fxcache.lower, "_room_for_decision_tuples", lambda n: patches.append(n) or original(n))
+    original = fxcache.lower._compiling_decision_tuple
+    monkeypatch.setattr(fxcache.lower, "_compiling_decision_tuple", lambda n: patches.append(n) or original(n))
     models.euler_sample(cached, flux, x, 4)
     assert patches == []
     cached.original.train()  # a new capture: its first decision tuples are patched for, once each

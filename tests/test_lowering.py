@@ -57,6 +57,41 @@ def test_a_program_reads_the_models_tensors_in_one_call_per_graph():
     assert not [n for n in program.compiled_module.graph.nodes if n.target is read_model_tensors]
 
 
+def test_the_programs_own_guards_check_the_model_by_dict_tags():
+    """Each call also runs dynamo's guards of the compiled program, over every tensor it reads from the
+    model. torch 2.13 walks them all by default; fxcache compiles its programs with dynamo's dict-tag
+    roots, so the rewritten module holding the model is one root, checked by its dicts' tags and its
+    tensors' metadata. A parameter changed in place to another dtype still fails that check."""
+    import inspect
+
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from fxcache.guard_tags import tag_safe_roots
+
+    tiny = models.build("flux")
+    config = MagCache(mag_ratios=[1.0] * 4, num_inference_steps=4, threshold=0.1, retention_ratio=0.0)
+    cached = fxcache.transform(tiny.model, [config], backend="eager")
+    models.euler_sample(cached, tiny, tiny.noise(seed=0), 4)
+    (program,) = cached._programs.values()
+    compiled, calls = program._compiled, []
+    program._compiled = lambda *flat: calls.append(flat) or compiled(*flat)
+    cached.reset()
+    models.euler_sample(cached, tiny, tiny.noise(seed=0), 1)
+    program._compiled = compiled
+    module = program.compiled_module
+    entries = _debug_get_cache_entry_list(type(module).forward.__code__)
+    assert len(entries) == 2  # one per decision tuple
+    assert all([r.get_source() for r in tag_safe_roots(e.guard_manager.root)] == ["L['self']"] for e in entries)
+    f_locals = dict(inspect.signature(type(module).forward).bind(module, *calls[0]).arguments)
+    assert [e.guard_manager.check(f_locals) for e in entries].count(True) == 1
+    weight = tiny.model.proj_out.weight
+    weight.data = weight.data.double()
+    try:
+        assert not any(e.guard_manager.check(f_locals) for e in entries)
+    finally:
+        weight.data = weight.data.float()
+
+
 @pytest.mark.parametrize("name, kinds", [
     ("flux", 2),  # 2 double-stream + 2 single-stream blocks (the last one's unused text slice is dead code)
     ("cogvideox", 1),  # block 0 takes its text and video streams as slices of one tensor
