@@ -1,7 +1,7 @@
 """``torch.compiler.set_stance`` reaches a cached model: ``skip_guard_eval_unsafe`` skips the check
 that the model is unchanged (the guards only tell held programs apart, as dynamo's then do), and
-``fail_on_recompile`` makes a second capture an error, and ``eager_on_recompile`` runs the model
-uncached where it would capture again. Checked against the uncached model: the
+``fail_on_recompile`` makes a second capture an error, ``eager_on_recompile`` runs the model
+uncached where it would capture again, and ``force_eager`` runs the rewritten program as Python. Checked against the uncached model: the
 first call of a generation computes every block, so a stale or wrong program would show."""
 
 import pytest
@@ -130,3 +130,21 @@ def test_eager_on_recompile_runs_the_model_uncached_instead_of_capturing_again()
     assert all(torch.equal(a, b) for a, b in zip(outputs, expected))
     assert torch.equal(_first_call(cached, larger), model(*larger))
     assert cached.stats()["captures"] == 2  # outside the stance: captured
+
+
+def test_force_eager_runs_the_rewritten_program_as_python():
+    """``set_stance("force_eager")`` (fxcache's own FLOP count runs under it): the model is still
+    captured and rewritten, so the cache still skips, and the rewritten program runs as Python,
+    compiled by nothing; compiled afterwards, it gives the same outputs."""
+    model, cached = _cached()
+    inputs = make_inputs()
+    with torch.compiler.set_stance("force_eager"):
+        eager = generation(cached, inputs)
+    (program,) = cached._programs.values()
+    flags = cached.stats()["contexts"]["cond"]
+    assert flags["mag_cache.compute_blocks"] == {"true": 1, "false": 3}
+    assert cached.stats()["captures"] == 1 and program.compiles == 0
+    compiled = generation(cached, inputs)
+    assert program.compiles == 2  # one graph per decision tuple: compute the blocks, or skip them
+    assert cached.stats()["contexts"]["cond"] == flags
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
