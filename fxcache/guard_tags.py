@@ -45,7 +45,7 @@ import types
 
 import torch
 
-__all__ = ["capture_config", "mark_tag_safe_subtrees", "supported", "tag_safe_roots"]
+__all__ = ["capture_config", "mark_tag_safe_subtrees", "roots_recheck_tensors", "supported", "tag_safe_roots"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +65,64 @@ def supported() -> bool:
                 "get_accessors", "has_object_aliasing_guard", "is_guarded_value_immutable")))
 
 
+@functools.cache
+def roots_recheck_tensors() -> bool:
+    """Whether a root's fast path in this torch still checks the metadata (shape, stride, dtype,
+    device) of the tensors under it. torch 2.13 does; 2.11 compares dict tags only, so
+    ``param.data = param.data.double()`` (what ``module.to(dtype)`` does), which changes no dict, would
+    pass its check. Where it does not, no tensor counts as tag-safe, for the capture's guards
+    (:func:`mark_tag_safe_subtrees`) or for a program's (``fxcache.lower``).
+
+    Found out once per process by trying it: a one-parameter module compiled with dynamo's roots on,
+    its guards checked before and after its parameter's dtype changes in place."""
+    if not supported():
+        return False
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with torch.inference_mode(False):
+        holder = torch.nn.Module()
+        holder.weight = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+        x = torch.zeros(2)
+
+    def read(module, x):
+        return module.weight + x
+
+    # a code object of its own: dynamo's cache entries for it are the probe's alone
+    probe = types.FunctionType(read.__code__.replace(co_name="fxcache_tensor_recheck_probe"), read.__globals__)
+    try:
+        # outside the caller's dispatch modes and stance (a FlopCounterMode, force_eager), as a capture
+        with torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True), torch.no_grad(), \
+                _disable_current_modes(), torch.compiler.set_stance("default"):
+            torch.compile(probe, backend=lambda gm, example_inputs: gm, fullgraph=True, dynamic=False)(holder, x)
+            (entry,) = _debug_get_cache_entry_list(probe.__code__)
+            f_locals = {"module": holder, "x": x}
+            if not (entry.guard_manager.check(f_locals) and entry.guard_manager.check(f_locals)):
+                return False  # the probe itself did not hold: trust no tensor
+            if not tag_safe_roots(entry.guard_manager.root):
+                return False
+            holder.weight.data = holder.weight.data.double()
+            return not entry.guard_manager.check(f_locals)
+    except Exception as error:  # a torch this probe does not fit: trust no tensor (sound, slower)
+        logger.debug("fxcache: tensors left out of tag-checked roots: %s", error)
+        return False
+    finally:
+        torch._dynamo.eval_frame.remove_from_cache(probe.__code__)
+
+
 def capture_config():
     """The dynamo config a capture is made under: dynamo marks no roots where fxcache will mark them
-    (:func:`mark_tag_safe_subtrees`), and marks its own where this torch lacks what fxcache needs."""
-    if not hasattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards"):
-        return contextlib.nullcontext()
-    return torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=not supported())
+    (:func:`mark_tag_safe_subtrees`), and marks its own where this torch lacks what fxcache needs.
+    On a torch whose guard check skips a tensor's guard under an unchanged dict (2.11: a parameter
+    read through its module's ``_parameters``), that skip is turned off: ``param.data =
+    param.data.double()`` (``module.to(dtype)``) changes no dict, and such a capture ran stale
+    (``tests/test_guard_tags.py``)."""
+    config = {}
+    if hasattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards"):
+        config["use_recursive_dict_tags_for_guards"] = not supported()
+    if hasattr(torch._dynamo.config, "skip_tensor_guards_with_matching_dict_tags") and not roots_recheck_tensors():
+        config["skip_tensor_guards_with_matching_dict_tags"] = False
+    return torch._dynamo.config.patch(**config) if config else contextlib.nullcontext()
 
 
 def _children(node) -> list:
@@ -165,9 +217,11 @@ def mark_tag_safe_subtrees(root, f_locals: dict, f_globals: dict) -> int:
         accessors = list(node.get_accessors())
         if any(accessor.repr() == "PythonLambdaGuardAccessor" for accessor in accessors):
             return False  # makes a temporary object on every check
+        if issubclass(kind, torch.Tensor):  # never a plain object: its metadata can change in place
+            # accessors would mean symbolic shape guards; a root must recheck what tags cannot see
+            return (node.is_guarded_value_immutable() and node.has_no_accessors()
+                    and not node.has_object_aliasing_guard() and roots_recheck_tensors())
         if node.is_guarded_value_immutable():
-            if issubclass(kind, torch.Tensor):  # accessors would mean symbolic shape guards
-                return node.has_no_accessors() and not node.has_object_aliasing_guard()
             return True
         if issubclass(kind, dict):
             return only(accessors, guards.DictGetItemGuardAccessor)

@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from . import guard_tags
 from .capture import MODULE_STACK, quiet_logging
 from .regions import example_value
 from .rewrite import RewrittenProgram
@@ -67,13 +68,13 @@ def make_backend(backend: str | Callable, mode: str | None, options: dict | None
 def _compiling_decision_tuple(num_flags: int):
     """The dynamo config a new decision tuple's graph compiles under. The recompile limit counts
     graphs per code object, so allow one per tuple. The program's own guards (on the model's tensors
-    it reads, on every call) get dynamo's dict-tag roots, off by default in torch 2.13: a module whose
+    it reads, on every call) get dynamo's dict-tag roots, off by default in torch: a module whose
     dicts are unchanged is checked by their tags and its tensors' metadata instead of a walk of every
     dict and attribute (44 -> 15 µs per call on the tiny FLUX, 159 -> 62 µs at 16 blocks;
     docs/benchmarks.md). The model's warnings and log calls stay out of the way as at capture.
     Entered only for a tuple not seen before: a config patch on every call kept Python heap per call."""
     config = {"recompile_limit": max(64, 2 ** min(num_flags, 10))}
-    if hasattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards"):
+    if guard_tags.roots_recheck_tensors():  # not on torch 2.11: its roots miss a dtype changed in place
         config["use_recursive_dict_tags_for_guards"] = True
     with torch._dynamo.config.patch(**config), quiet_logging():
         yield
