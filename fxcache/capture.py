@@ -337,6 +337,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
     return captured
 
 
+@contextlib.contextmanager
 def quiet_logging():
     """A dynamo config patch under which a ``warnings.warn`` inside the model is moved after the graph
     and a ``logging.Logger`` call is left out of it (dynamo can only drop those), instead of breaking
@@ -349,7 +350,30 @@ def quiet_logging():
         logging.Logger.debug, logging.Logger.info, logging.Logger.warning,
         # transformers adds Logger.warning_once, which diffusers' context-parallel split hook calls
         *(getattr(logging.Logger, name) for name in ("warning_once", "info_once") if hasattr(logging.Logger, name))}
-    return torch._dynamo.config.patch(**quiet)
+    with torch._dynamo.config.patch(**quiet):
+        _unsortable_config.active += 1
+        try:
+            yield
+        finally:
+            _unsortable_config.active -= 1
+
+
+class _UnsortableConfigFilter(logging.Filter):
+    """torch 2.11 logs each compile's dynamo config with its set values sorted, and the functions
+    :func:`quiet_logging` adds cannot be sorted: every compile under it logged "Unexpected exception
+    logging compilation metrics" with a traceback (which also kept the compiled program alive wherever
+    log records are kept). That record is dropped while the patch is on; torch 2.13 leaves those keys
+    out of its log."""
+
+    active = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (self.active and isinstance(error, TypeError) and "compilation metrics" in record.getMessage())
+
+
+_unsortable_config = _UnsortableConfigFilter()
+logging.getLogger("torch._dynamo.metrics_context").addFilter(_unsortable_config)
 
 
 def _global_hook_dicts() -> list[dict]:

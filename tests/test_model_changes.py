@@ -213,15 +213,18 @@ def test_calls_under_a_flop_counter_capture_once_and_count_what_runs():
     assert counts[0] > 0 and all(c > 0 for c in counts)
 
 
-def test_a_dynamo_reset_between_generations_costs_one_capture_not_an_error(monkeypatch):
+def test_a_dynamo_reset_between_generations_costs_at_most_one_capture_not_an_error(monkeypatch):
     monkeypatch.setattr(fxcache.runtime, "MAX_CAPTURES_PER_SIGNATURE", 2)
     torch.manual_seed(0)
     model = TinyDiT()
     cached = fxcache.transform(model, [FirstBlockCache(threshold=0.0)], backend="eager")
     x, t, context = make_inputs()
-    for _ in range(4):  # a user's torch._dynamo.reset() drops every guard: one capture each, and on
-        cached(x, t, context)
+    for _ in range(4):  # a user's torch._dynamo.reset() drops every guard on torch 2.13: one capture
+        assert torch.equal(cached(x, t, context), model(x, t, context))
         cached(x, t, context)
         cached.reset()
         torch._dynamo.reset()
-    assert cached.stats()["captures"] == 4
+    # torch 2.11 keeps a held guard tree working after a reset: no capture again there, the programs
+    # are compiled again on their next call
+    reset_drops_guards = torch.__version__ >= (2, 12)
+    assert cached.stats()["captures"] == (4 if reset_drops_guards else 1)

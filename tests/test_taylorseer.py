@@ -188,7 +188,9 @@ def test_a_float8_factor_is_read_back_within_the_formats_precision_whatever_its_
     read = _read(stored, new[2:], 0, torch.float32)
     mantissa = {torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}[dtype]
     assert ((read - value).abs() <= value.abs() * 2.0 ** -(mantissa + 1) + 1e-6 * value.abs().max()).all()
-    assert value.to(dtype).float().abs().max() < 5000 or dtype == torch.float8_e5m2  # a plain cast saturates
+    # a plain cast would lose the range: e4m3fn saturates (torch 2.13) or overflows to NaN (2.11)
+    plain = value.to(dtype).float()
+    assert not (plain.abs().max() >= 5000) or dtype == torch.float8_e5m2
 
 
 @pytest.mark.parametrize("fields", [dict(target="reused"), dict()], ids=["taylorseer-reused", "foca"])
