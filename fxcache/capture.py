@@ -300,15 +300,24 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
     prepare_capture(model)  # diffusers' context-parallel hooks, made traceable
     made_opaque: set[type] = set()
     opaque_failed = ""  # why a module inside the blocks could not run outside the graph
+    # after a break on a function this torch marks skipped, trace into such functions: torch 2.11
+    # skips funcol's `_maybe_view_chunk_cat` (the all-gather of diffusers' context parallelism), 2.13
+    # traces it
+    into_skipped = False
     while True:
         entry = _entry_function()
         try:
-            with _capture_mode(), _outside_dispatch_modes(), quiet_logging(), guard_tags.capture_config():
+            with _capture_mode(), _outside_dispatch_modes(), quiet_logging(), guard_tags.capture_config(), \
+                    torch._dynamo.config.patch(dont_skip_tracing=True) if into_skipped else contextlib.nullcontext():
                 compiled = torch.compile(entry, backend=record, fullgraph=True, dynamic=False)
                 result = compiled(model, args, kwargs)
             break
         except Exception as error:  # dynamo reports breaks as several exception types
             recorded.clear()
+            if not into_skipped and "marked as skipped" in str(error) and hasattr(torch._dynamo.config,
+                                                                                 "dont_skip_tracing"):
+                into_skipped = True
+                continue
             # untraceable code inside a block (data-dependent routing): that module runs outside the graph
             leaf = leaf_of_break(model, error) if len(made_opaque) < MAX_OPAQUE_CLASSES else None
             if leaf is not None and leaf[0] not in made_opaque:
