@@ -224,7 +224,7 @@ def test_a_dynamo_reset_between_generations_costs_at_most_one_capture_not_an_err
         cached(x, t, context)
         cached.reset()
         torch._dynamo.reset()
-    # torch 2.11 keeps a held guard tree working after a reset: no capture again there, the programs
-    # are compiled again on their next call
-    reset_drops_guards = torch.__version__ >= (2, 12)
-    assert cached.stats()["captures"] == (4 if reset_drops_guards else 1)
+    # torch 2.11 may keep a held guard tree working after a reset (alone, this test captured once there;
+    # in the full suite, once per reset): then the programs are only compiled again
+    captures = cached.stats()["captures"]
+    assert captures == 4 if torch.__version__ >= (2, 12) else captures in (1, 4)
