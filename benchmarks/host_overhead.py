@@ -127,7 +127,7 @@ def time_guard_checks(cached, program, recorded: list, inputs_per_step: list) ->
     with unittest.mock.patch.object(fxcache.lower, "_compiling_decision_tuple", torch_default):
         for _ in range(2):
             default.reset()
-            for step, kwargs in enumerate(inputs_per_step):
+            for kwargs in inputs_per_step:
                 with default.cache_context("cond"):
                     default(**kwargs)
     (default_program,) = default._programs.values()

@@ -1,8 +1,9 @@
 """``torch.compiler.set_stance`` reaches a cached model: ``skip_guard_eval_unsafe`` skips the check
 that the model is unchanged (the guards only tell held programs apart, as dynamo's then do), and
 ``fail_on_recompile`` makes a second capture an error, ``eager_on_recompile`` runs the model
-uncached where it would capture again, and ``force_eager`` runs the rewritten program as Python. Checked against the uncached model: the
-first call of a generation computes every block, so a stale or wrong program would show."""
+uncached where it would capture again, and ``force_eager`` runs the rewritten program as Python.
+Checked against the uncached model: the first call of a generation computes every block, so a stale
+or wrong program would show."""
 
 import pytest
 import torch
