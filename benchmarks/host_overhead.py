@@ -15,8 +15,8 @@ backend: after two warm-up generations, each model call of a generation is timed
 Overhead = CachedModel - graph direct, per call, median over all calls (generations of the two kinds
 interleaved, so drift hits both). Times are process time (``time.process_time_ns``): the machine may
 be shared. The two guard checks a call runs are also timed alone: fxcache's check of the capture (is
-the model unchanged?) and dynamo's check of the compiled program (on the model's tensors it reads),
-the second as fxcache compiles it (dict-tag roots) and as torch would by default (a full walk). Then
+the model unchanged?) and dynamo's check of the compiled program (its inputs, state and flags),
+the second as fxcache compiles it (its guards on the model dropped) and keeping them. Then
 cProfile over the CachedModel calls splits the host time by function.
 """
 
@@ -90,7 +90,8 @@ def time_host_work(cached_generation, program, recorded: list, rounds: int) -> d
 def time_guard_checks(cached, program, recorded: list, inputs_per_step: list) -> dict[str, float]:
     """Median µs of each guard check a call runs, repeated alone (its data then stays in the CPU
     caches; inside a generation each costs more): fxcache's capture check, the program's dynamo check
-    as compiled (dict-tag roots), and the same program compiled with dynamo's default (a full walk)."""
+    as compiled (its guards on the model dropped: the capture's check covers them), and the same
+    program compiled keeping them, walked by dict-tag roots and walked in full (torch's default)."""
     import inspect
 
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
@@ -114,25 +115,28 @@ def time_guard_checks(cached, program, recorded: list, inputs_per_step: list) ->
     capture = program.rewritten.captured.guard._manager
     model_locals = {"model": cached.original, "args": (), "kwargs": inputs_per_step[0]}
     timed = {"fxcache's check of the capture": median_us(lambda: capture.check(model_locals)),
-             "dynamo's check of the program, as fxcache compiles it (dict-tag roots)":
+             "dynamo's check of the program, as fxcache compiles it (no guards on the model)":
                  median_us(program_check(program.compiled_module, recorded[0]))}
-    # the same program compiled with torch's default config: its guards are walked in full
-    default = transform(cached.original, list(cached.passes), backend="eager")
+    keep_all = lambda module: lambda entries: [True] * len(entries)  # noqa: E731
+    for label, dict_tag_roots in (("the model's guards kept, dict-tag roots", True),
+                                  ("the model's guards kept, torch's default (a full walk)", False)):
+        again = transform(cached.original, list(cached.passes), backend="eager")
 
-    @contextlib.contextmanager
-    def torch_default(num_flags):
-        with torch._dynamo.config.patch(recompile_limit=64, use_recursive_dict_tags_for_guards=False):
-            yield
+        @contextlib.contextmanager
+        def compiling(num_flags, dict_tag_roots=dict_tag_roots):
+            with torch._dynamo.config.patch(recompile_limit=64, use_recursive_dict_tags_for_guards=dict_tag_roots):
+                yield
 
-    with unittest.mock.patch.object(fxcache.lower, "_compiling_decision_tuple", torch_default):
-        for _ in range(2):
-            default.reset()
-            for kwargs in inputs_per_step:
-                with default.cache_context("cond"):
-                    default(**kwargs)
-    (default_program,) = default._programs.values()
-    timed["dynamo's check of the program, torch's default (a full walk)"] = median_us(
-        program_check(default_program.compiled_module, recorded[0]))
+        with unittest.mock.patch.object(fxcache.lower, "_compiling_decision_tuple", compiling), \
+                unittest.mock.patch.object(fxcache.lower, "guards_off_the_model", keep_all):
+            for _ in range(2):
+                again.reset()
+                for kwargs in inputs_per_step:
+                    with again.cache_context("cond"):
+                        again(**kwargs)
+        (again_program,) = again._programs.values()
+        timed[f"dynamo's check of the program, {label}"] = median_us(
+            program_check(again_program.compiled_module, recorded[0]))
     return timed
 
 
@@ -143,11 +147,14 @@ def main(argv=None):
     parser.add_argument("--generations", type=int, default=30, help="timed generations of each kind")
     parser.add_argument("--profile", type=int, default=25, help="rows of the cProfile breakdown")
     parser.add_argument("--rounds", type=int, default=20, help="rounds of the host-work-only timing")
+    parser.add_argument("--blocks", type=int, default=4,
+                        help="transformer blocks, half double-stream and half single-stream (FLUX.1-dev: 57)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)
     size = argparse.Namespace(size="dry", device="cpu", dtype=torch.float32)
-    model, fixed, start = build(size, flux_config(size))
+    config = dict(flux_config(size), num_layers=args.blocks // 2, num_single_layers=args.blocks - args.blocks // 2)
+    model, fixed, start = build(size, config)
     cached = transform(model, [make_pass(args.method, args.steps)], backend="eager")
     sigmas = [1.0 - i / args.steps for i in range(args.steps)]
     # inputs fixed per step (the Euler update is not what is measured): the same tensors every time
@@ -205,7 +212,7 @@ def main(argv=None):
     flags = sorted({tuple(bool(f) for f in flat[-len(specs.flags):]) if specs.flags else ()
                     for flat in recorded})
     print(f"# fxcache host overhead, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, tiny FLUX (bench --dry size), {args.method}, eager backend, "
+          f"torch {torch.__version__}, tiny FLUX (bench --dry size, {args.blocks} blocks), {args.method}, eager backend, "
           f"{args.steps} calls x {args.generations} generations each, process time; {len(flags)} decision tuples, "
           f"{len(specs.flags)} flags, {len(specs.state)} state tensors, "
           f"{len(specs.scalars)} scalars")

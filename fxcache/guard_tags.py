@@ -70,8 +70,8 @@ def roots_recheck_tensors() -> bool:
     """Whether a root's fast path in this torch still checks the metadata (shape, stride, dtype,
     device) of the tensors under it. torch 2.13 does; 2.11 compares dict tags only, so
     ``param.data = param.data.double()`` (what ``module.to(dtype)`` does), which changes no dict, would
-    pass its check. Where it does not, no tensor counts as tag-safe, for the capture's guards
-    (:func:`mark_tag_safe_subtrees`) or for a program's (``fxcache.lower``).
+    pass its check. Where it does not, no tensor counts as tag-safe in the capture's guards
+    (:func:`mark_tag_safe_subtrees`).
 
     Found out once per process by trying it: a one-parameter module compiled with dynamo's roots on,
     its guards checked before and after its parameter's dtype changes in place."""

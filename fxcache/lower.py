@@ -18,6 +18,7 @@ import contextlib
 import logging
 import operator
 import os
+import re
 import types
 import weakref
 from dataclasses import dataclass, field
@@ -27,7 +28,6 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from . import guard_tags
 from .capture import MODULE_STACK, quiet_logging
 from .regions import example_value
 from .rewrite import RewrittenProgram
@@ -67,17 +67,42 @@ def make_backend(backend: str | Callable, mode: str | None, options: dict | None
 @contextlib.contextmanager
 def _compiling_decision_tuple(num_flags: int):
     """The dynamo config a new decision tuple's graph compiles under. The recompile limit counts
-    graphs per code object, so allow one per tuple. The program's own guards (on the model's tensors
-    it reads, on every call) get dynamo's dict-tag roots, off by default in torch: a module whose
-    dicts are unchanged is checked by their tags and its tensors' metadata instead of a walk of every
-    dict and attribute (44 -> 15 µs per call on the tiny FLUX, 159 -> 62 µs at 16 blocks;
-    docs/benchmarks.md). The model's warnings and log calls stay out of the way as at capture.
-    Entered only for a tuple not seen before: a config patch on every call kept Python heap per call."""
-    config = {"recompile_limit": max(64, 2 ** min(num_flags, 10))}
-    if guard_tags.roots_recheck_tensors():  # not on torch 2.11: its roots miss a dtype changed in place
-        config["use_recursive_dict_tags_for_guards"] = True
-    with torch._dynamo.config.patch(**config), quiet_logging():
+    graphs per code object, so allow one per tuple. The model's warnings and log calls stay out of the
+    way as at capture. Entered only for a tuple not seen before: a config patch on every call kept
+    Python heap per call."""
+    with torch._dynamo.config.patch(recompile_limit=max(64, 2 ** min(num_flags, 10))), quiet_logging():
         yield
+
+
+def guards_off_the_model(module: fx.GraphModule) -> Callable[[list], list[bool]]:
+    """A ``guard_filter_fn`` for ``torch.compile`` of a program: it drops dynamo's guards on the
+    user's model (every path in ``module`` to ``module.model``) and keeps the rest (the call's
+    inputs, the cache state, the decision flags, global state, fxcache's own modules).
+
+    Why: every call already checks the model once, by the capture's guards (:class:`CaptureGuard`),
+    which cover all the program reads from it: the modules it walks and each tensor's shape, dtype,
+    device and strides. Dynamo's guards of the program checked the same tensors a second time, at
+    about 4 µs per FLUX block per call (62 of 64 µs at 16 blocks; docs/benchmarks.md). A call whose
+    capture check fails never reaches the program: it is captured again, into a new program.
+
+    Example::
+
+        torch.compile(program_module, options={"guard_filter_fn": guards_off_the_model(program_module)})
+    """
+    model = getattr(module, "model", None)
+    paths = [path for path, m in module.named_modules(remove_duplicate=False) if m is model and path]
+    # dynamo names a submodule by its dict entry (``self._modules['model']``) or as an attribute, and
+    # a guard's source may wrap it (``type(self._modules['model']).__mro__[2].__getattr__``)
+    spellings = {spelling for path in paths for spelling in (
+        "self" + "".join(f"._modules[{part!r}]" for part in path.split(".")), "self." + path)}
+    under_the_model = re.compile(r"(?:^|\()(?:L\['self'\]|self)(?:"
+                                 + "|".join(re.escape(s[len("self"):]) for s in sorted(spellings))
+                                 + r")(?=[.\[)]|$)") if spellings else None
+
+    def keep(entries) -> list[bool]:
+        return [under_the_model is None or not under_the_model.search(entry.name) for entry in entries]
+
+    return keep
 
 
 # Compile each kind of transformer block once (torch.compiler.nested_compile_region): opt-in with
@@ -458,7 +483,7 @@ class Program:
             graph_module = read_tensors_through_dicts(graph_module)
         program.compiled_module = graph_module
         program._compiled = torch.compile(graph_module, backend=counting_backend, fullgraph=fullgraph,
-                                          dynamic=False)
+                                          dynamic=False, options={"guard_filter_fn": guards_off_the_model(graph_module)})
         return program
 
     def release(self, free_state: bool = True) -> None:
