@@ -79,11 +79,13 @@ def guards_off_the_model(module: fx.GraphModule) -> Callable[[list], list[bool]]
     user's model (every path in ``module`` to ``module.model``) and keeps the rest (the call's
     inputs, the cache state, the decision flags, global state, fxcache's own modules).
 
-    Why: every call already checks the model once, by the capture's guards (:class:`CaptureGuard`),
-    which cover all the program reads from it: the modules it walks and each tensor's shape, dtype,
-    device and strides. Dynamo's guards of the program checked the same tensors a second time, at
-    about 4 µs per FLUX block per call (62 of 64 µs at 16 blocks; docs/benchmarks.md). A call whose
-    capture check fails never reaches the program: it is captured again, into a new program.
+    Why: every call already checks the model once, by the capture's guards
+    (:class:`~fxcache.capture.CaptureGuard`), which cover all the program reads from it: the modules
+    it walks and each tensor's shape, dtype, device and strides. Dynamo's guards of the program
+    checked the same tensors a second time: 218 µs per call at FLUX.1-dev's 57 blocks, 12 µs without
+    them (docs/benchmarks.md). A call whose capture check fails never reaches the program: it is
+    captured again, into a new program. Inside the user's ``torch.compile`` (``fxcache.backend``)
+    dynamo's guards of the user's frame check the model before the program runs.
 
     Example::
 
