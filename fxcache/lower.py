@@ -93,13 +93,13 @@ def guards_off_the_model(module: fx.GraphModule) -> Callable[[list], list[bool]]
     """
     model = getattr(module, "model", None)
     paths = [path for path, m in module.named_modules(remove_duplicate=False) if m is model and path]
-    # dynamo names a submodule by its dict entry (``self._modules['model']``) or as an attribute, and
-    # a guard's source may wrap it (``type(self._modules['model']).__mro__[2].__getattr__``)
-    spellings = {spelling for path in paths for spelling in (
-        "self" + "".join(f"._modules[{part!r}]" for part in path.split(".")), "self." + path)}
+    # after ``self``, dynamo names a submodule by its dict entry (``._modules['model']``) or as an
+    # attribute, and a guard's source may wrap it (``type(self._modules['model']).__mro__[2]``)
+    paths_after_self = sorted({spelling for path in paths for spelling in (
+        "".join(f"._modules[{part!r}]" for part in path.split(".")), "." + path)})
     under_the_model = re.compile(r"(?:^|\()(?:L\['self'\]|self)(?:"
-                                 + "|".join(re.escape(s[len("self"):]) for s in sorted(spellings))
-                                 + r")(?=[.\[)]|$)") if spellings else None
+                                 + "|".join(map(re.escape, paths_after_self))
+                                 + r")(?=[.\[)]|$)") if paths_after_self else None
 
     def keep(entries) -> list[bool]:
         return [under_the_model is None or not under_the_model.search(entry.name) for entry in entries]
