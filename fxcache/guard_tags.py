@@ -244,7 +244,8 @@ def mark_tag_safe_subtrees(root, f_locals: dict, f_globals: dict) -> int:
             return own_dict_recorded(node, accessors)
         if issubclass(kind, types.ModuleType):
             return own_module_dict_recorded(node, accessors)
-        if kind in (torch.dtype, torch.device, frozenset, types.BuiltinFunctionType):
+        if kind in (torch.dtype, torch.device, frozenset, types.BuiltinFunctionType, types.UnionType,
+                    types.GenericAlias):  # from torch 2.15 dynamo reads annotations (``Tensor | None``)
             return not accessors  # immutable, and no part of it is read
         if kind is property:  # its fget, fset and fdel are read-only
             return all(isinstance(accessor, guards.GetAttrGuardAccessor)
