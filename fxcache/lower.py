@@ -112,6 +112,11 @@ def guards_off_the_model(module: fx.GraphModule) -> Callable[[list], list[bool]]
 # on torch 2.11 with CUDA graphs; on 2.13 (CPU) the full suite passes with it on (docs/benchmarks.md)
 block_regions = os.environ.get("FXCACHE_BLOCK_REGIONS", "0") == "1"
 
+# Before torch 2.13 ``invoke_subgraph`` cannot run under autograd: 2.11 refuses a region whose
+# schema writes an input, and its backward fails on the eager backend ("fake_mode should be enabled
+# for HOPs"). There a program called with grad enabled runs with its blocks flat.
+_regions_train = torch.torch_version.TorchVersion(torch.__version__) >= (2, 13)
+
 
 def stamp_blocks(gm: fx.GraphModule, block_paths: list[str]) -> tuple[fx.GraphModule, dict[str, int]]:
     """A copy of ``gm`` in which every transformer block (a contiguous run of nodes whose module stack
@@ -443,6 +448,8 @@ class Program:
     stamped: dict = field(default_factory=dict)  # blocks compiled once per kind (see stamp_blocks)
     compiled_module: Any = None  # what torch.compile was handed: the program, its blocks stamped
     _compiled: Any = None
+    flat_module: Any = None  # the program with its blocks flat, for calls with grad enabled where
+    _compiled_flat: Any = None  # this torch cannot train through stamped blocks (``_regions_train``)
 
     @property
     def captured(self):
@@ -473,26 +480,33 @@ class Program:
                 alive.compiles += 1
             return user_backend(graph_module, example_inputs)
 
+        def compile_(graph_module: fx.GraphModule) -> tuple[fx.GraphModule, Callable]:
+            if fullgraph:
+                # not across a host read's graph break: the tuple would reach the resumed graph as
+                # frame locals, one guarded input per tensor, checked on every call
+                graph_module = read_tensors_through_dicts(graph_module)
+            return graph_module, torch.compile(graph_module, backend=counting_backend, fullgraph=fullgraph,
+                                               dynamic=False,
+                                               options={"guard_filter_fn": guards_off_the_model(graph_module)})
+
         graph_module = rewritten.graph_module
         # Inductor (torch 2.13) cannot lower a stamped block inside a torch.cond branch ("both a
         # fallback and a decomp for same op"): such programs keep their blocks flat
         with_cond = any(r.branches_with_cond for r in rewritten.passes)
         if block_regions and hasattr(torch.compiler, "nested_compile_region") and not with_cond:
+            if not _regions_train:
+                program.flat_module, program._compiled_flat = compile_(graph_module)
             graph_module, program.stamped = stamp_blocks(graph_module, [b.name for b in rewritten.regions.blocks])
-        if fullgraph:
-            # not across a host read's graph break: the tuple would reach the resumed graph as frame
-            # locals, one guarded input per tensor, checked on every call
-            graph_module = read_tensors_through_dicts(graph_module)
-        program.compiled_module = graph_module
-        program._compiled = torch.compile(graph_module, backend=counting_backend, fullgraph=fullgraph,
-                                          dynamic=False, options={"guard_filter_fn": guards_off_the_model(graph_module)})
+        program.compiled_module, program._compiled = compile_(graph_module)
         return program
 
     def release(self, free_state: bool = True) -> None:
         """Drop dynamo's compiled code for this program (its cache entries keep guards and graphs
         alive otherwise), and its state unless another program shares it; called when the runtime
         evicts it."""
-        torch._dynamo.eval_frame.remove_from_cache(type(self.compiled_module).forward.__code__)
+        for module in (self.compiled_module, self.flat_module):
+            if module is not None:
+                torch._dynamo.eval_frame.remove_from_cache(type(module).forward.__code__)
         if free_state:
             self.state.free()
 
@@ -500,13 +514,16 @@ class Program:
     def __call__(self, inputs, state, scalars, flags) -> tuple:
         self.used = True
         _planned_break.active = not self.fullgraph
+        compiled, seen = self._compiled, flags
+        if self._compiled_flat is not None and torch.is_grad_enabled():
+            compiled, seen = self._compiled_flat, ("blocks flat", flags)
         try:
-            if flags in self.seen_flags:
-                outputs = self._compiled(*inputs, *state, *scalars, *flags)
+            if seen in self.seen_flags:
+                outputs = compiled(*inputs, *state, *scalars, *flags)
             else:
                 with _compiling_decision_tuple(len(flags)):
-                    outputs = self._compiled(*inputs, *state, *scalars, *flags)
-                self.seen_flags.add(flags)
+                    outputs = compiled(*inputs, *state, *scalars, *flags)
+                self.seen_flags.add(seen)
         finally:
             _planned_break.active = False
         if self.cudagraphs:

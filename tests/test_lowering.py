@@ -151,3 +151,38 @@ def test_opt_in_block_regions_compile_each_block_kind_once_and_change_nothing(mo
              if n.target is torch.ops.higher_order.invoke_subgraph]
     assert len(calls) == blocks
     assert len({call.args[0].target for call in calls}) == traced
+
+
+def test_where_torch_cannot_train_through_block_regions_a_call_with_grad_runs_the_blocks_flat(monkeypatch):
+    """Before torch 2.13 ``invoke_subgraph`` cannot run under autograd (2.11 refuses a region that
+    writes an input, and its backward fails on the eager backend). There a program with stamped
+    blocks runs a flat copy of itself when grad is enabled, and the stamped one when it is not: the
+    two agree, and gradients reach the model."""
+    if not hasattr(torch.compiler, "nested_compile_region"):
+        pytest.skip("this torch has no torch.compiler.nested_compile_region")
+    import fxcache.lower
+
+    monkeypatch.setattr(fxcache.lower, "block_regions", True)
+    monkeypatch.setattr(fxcache.lower, "_regions_train", False)  # as on torch 2.11
+    tiny = models.build("flux")
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    config = MagCache(mag_ratios=[1.0] * 4, num_inference_steps=4, threshold=0.1, retention_ratio=0.0)
+    cached = fxcache.transform(tiny.model, [config], backend=recording_backend)
+    inputs = tiny.inputs(tiny.noise(seed=1), 1.0)
+    with torch.no_grad():
+        inference = cached(**inputs)[0]
+    cached.reset()
+    with torch.enable_grad():
+        training = cached(**inputs)[0]
+        training.sum().backward()
+    assert torch.equal(training.detach(), inference)
+    assert tiny.model.proj_out.weight.grad is not None
+    regions = [sum(n.target is torch.ops.higher_order.invoke_subgraph for n in g.graph.nodes) for g in graphs]
+    assert regions == [len(cached.regions().blocks), 0], regions  # stamped without grad, flat with it
+    (program,) = cached._programs.values()
+    assert program.stamped["blocks"] == len(cached.regions().blocks)
