@@ -114,6 +114,14 @@ def test_the_programs_own_guards_leave_the_model_to_the_capture_check(monkeypatc
         weight.data = weight.data.float()
 
 
+def _recording_backend(graphs: list):
+    """An eager backend that appends each graph dynamo hands it to ``graphs``."""
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+    return backend
+
+
 @pytest.mark.parametrize("name, kinds, traced", [
     ("flux", 2, 2),  # 2 double-stream + 2 single-stream blocks (the last one's unused text slice is dead code)
     # block 0 takes its text and video streams as slices of one tensor; torch 2.11's dynamo does not
@@ -137,11 +145,7 @@ def test_opt_in_block_regions_compile_each_block_kind_once_and_change_nothing(mo
     monkeypatch.setattr(fxcache.lower, "block_regions", True)
     graphs = []
 
-    def recording_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    cached = fxcache.transform(tiny.model, [config], backend=recording_backend)
+    cached = fxcache.transform(tiny.model, [config], backend=_recording_backend(graphs))
     stamped = models.euler_sample(cached, tiny, start, 6)
     assert torch.equal(stamped, flat)
     (program,) = cached._programs.values()
@@ -167,12 +171,8 @@ def test_where_torch_cannot_train_through_block_regions_a_call_with_grad_runs_th
     tiny = models.build("flux")
     graphs = []
 
-    def recording_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
     config = MagCache(mag_ratios=[1.0] * 4, num_inference_steps=4, threshold=0.1, retention_ratio=0.0)
-    cached = fxcache.transform(tiny.model, [config], backend=recording_backend)
+    cached = fxcache.transform(tiny.model, [config], backend=_recording_backend(graphs))
     inputs = tiny.inputs(tiny.noise(seed=1), 1.0)
     with torch.no_grad():
         inference = cached(**inputs)[0]
