@@ -144,6 +144,11 @@ def _edges(node) -> list:
     return list(zip(node.get_accessors(), node.get_child_managers()))  # one child per accessor, in order
 
 
+def _checks_nothing(node) -> bool:
+    """Whether a guard manager and everything below it hold no guard."""
+    return not node.get_leaf_guards() and all(_checks_nothing(child) for child in _children(node))
+
+
 def tag_safe_roots(root) -> list:
     """The roots marked in guard tree ``root``: the managers whose subtrees are checked by tags.
 
@@ -214,7 +219,9 @@ def mark_tag_safe_subtrees(root, f_locals: dict, f_globals: dict) -> int:
         if isinstance(node, guards.DictGuardManager):
             return True
         kind = node.get_type_of_guarded_value()
-        accessors = list(node.get_accessors())
+        # an accessor to a manager with no guards checks nothing, walked or not (torch 2.12 reads a
+        # ModuleList's ``__iter__`` for ``for block in self.blocks`` and guards nothing on it)
+        accessors = [accessor for accessor, child in _edges(node) if not _checks_nothing(child)]
         if any(accessor.repr() == "PythonLambdaGuardAccessor" for accessor in accessors):
             return False  # makes a temporary object on every check
         if issubclass(kind, torch.Tensor):  # never a plain object: its metadata can change in place

@@ -189,3 +189,53 @@ def test_a_python_module_whose_functions_default_to_a_dtype_is_checked_by_tags()
             assert not guards.check(f_locals)
         finally:
             flux_module.get_1d_rotary_pos_embed = original
+
+
+def test_a_module_read_through_an_attribute_that_holds_no_guard_stays_under_a_root():
+    """torch 2.12 guards ``for block in self.blocks`` by reading the ModuleList's ``__iter__`` and then
+    checks nothing on it; that read kept every block holding a ModuleList (Wan's feed-forward, Flux's
+    double-stream block) out of a root, walked guard by guard on each call. A read that holds no guard
+    checks nothing, walked or not. Built here on any torch: such a read added to a capture's tree
+    before it is marked, the blocks still lie under roots, and a change to a block is still seen."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.guards import GuardManagerType
+
+    from fxcache.capture import _entry_function
+
+    tiny = models.build("wan")
+    kwargs = tiny.inputs(tiny.noise(seed=1), sigma=0.5)
+    model, entry = tiny.model, _entry_function("fxcache_test_empty_read")
+    f_locals = {"model": model, "args": (), "kwargs": kwargs}
+    with guard_tags.capture_config(), _capture_mode():
+        torch.compile(entry, backend=lambda gm, example_inputs: gm, fullgraph=True, dynamic=False)(model, (), kwargs)
+    try:
+        (cache_entry,) = _debug_get_cache_entry_list(entry.__code__)
+        tree = cache_entry.guard_manager
+
+        def node_of(source, node=tree.root):
+            if node.get_source() == source:
+                return node
+            return next(filter(None, (node_of(source, child) for child in guard_tags._children(node))), None)
+
+        # torch 2.11 names the blocks without ``__dict__``
+        blocks = next(path for path in ("L['model'].__dict__['_modules']['blocks']", "L['model']._modules['blocks']")
+                      if node_of(path) is not None)
+        first = f"{blocks}._modules['0']"  # a read of a method the forward never calls, as 2.12's __iter__
+        empty = node_of(first).getattr_manager(attr="extra_repr", source=f"{first}.extra_repr",
+                                               example_value=model.blocks[0].extra_repr,
+                                               guard_manager_enum=GuardManagerType.GUARD_MANAGER)
+        assert not empty.get_leaf_guards()
+        guard_tags.mark_tag_safe_subtrees(tree.root, f_locals, entry.__globals__)
+        roots = [root.get_source() for root in guard_tags.tag_safe_roots(tree.root)]
+        under_a_root = [any(f"{blocks}._modules['{i}']".startswith(root) for root in roots)
+                        for i in range(len(model.blocks))]
+        assert under_a_root == [guard_tags.roots_recheck_tensors()] * len(model.blocks), roots
+        with _capture_mode():
+            assert tree.check(f_locals) and tree.check(f_locals)  # the second check runs on the tags
+            model.blocks[0].train()
+            try:
+                assert not tree.check(f_locals)
+            finally:
+                model.blocks[0].eval()
+    finally:
+        torch._dynamo.eval_frame.remove_from_cache(entry.__code__)
