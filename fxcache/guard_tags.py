@@ -52,7 +52,9 @@ logger = logging.getLogger(__name__)
 
 @functools.cache
 def supported() -> bool:
-    """Whether this torch exposes what the analysis needs (dynamo's recursive dict tags, 2.9+)."""
+    """Whether captures here are checked by tags: this torch exposes what the analysis needs
+    (dynamo's recursive dict tags, 2.9+) and its tags see a module changed after capture
+    (:func:`tags_see_changes`)."""
     try:
         from torch._C._dynamo import guards
         from torch._dynamo import guards as python_guards
@@ -62,7 +64,61 @@ def supported() -> bool:
             and hasattr(python_guards, "dunder_attrs_assumed_constants")
             and all(hasattr(guards.GuardManager, name) for name in (
                 "mark_tag_safe", "mark_tag_safe_root", "is_tag_safe", "type_dict_manager", "get_generic_dict_manager",
-                "get_accessors", "has_object_aliasing_guard", "is_guarded_value_immutable")))
+                "get_accessors", "has_object_aliasing_guard", "is_guarded_value_immutable"))
+            and tags_see_changes())
+
+
+def _probe(read, module, change) -> bool:
+    """Compile ``read(module, x)`` with dynamo's own roots, check its guards twice (the second check
+    runs on the tags), apply ``change`` to ``module``, and return whether the check then fails, as
+    the full walk of the guards would. Outside the caller's dispatch modes and stance (a
+    FlopCounterMode, force_eager), as a capture; a code object of its own, so that dynamo's cache
+    entries for it are the probe's alone."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    probe = types.FunctionType(read.__code__.replace(co_name=f"fxcache_probe_{read.__name__}"), read.__globals__)
+    with torch.inference_mode(False):
+        x = torch.zeros(2)
+    try:
+        with torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True), torch.no_grad(), \
+                _disable_current_modes(), torch.compiler.set_stance("default"):
+            torch.compile(probe, backend=lambda gm, example_inputs: gm, fullgraph=True, dynamic=False)(module, x)
+            (entry,) = _debug_get_cache_entry_list(probe.__code__)
+            f_locals = {"module": module, "x": x}
+            if not (entry.guard_manager.check(f_locals) and entry.guard_manager.check(f_locals)):
+                return False  # the probe itself did not hold: trust nothing
+            if not tag_safe_roots(entry.guard_manager.root):
+                return False
+            change(module)
+            return not entry.guard_manager.check(f_locals)
+    except Exception as error:  # a torch this probe does not fit: trust nothing (sound, slower)
+        logger.debug("fxcache: dict tags not trusted: %s", error)
+        return False
+    finally:
+        torch._dynamo.eval_frame.remove_from_cache(probe.__code__)
+
+
+@functools.cache
+def tags_see_changes() -> bool:
+    """Whether a tag-checked guard tree sees a module's attribute set after capture. On Python 3.13.0
+    with torch 2.13 it does not: ``module.scale = 3.0`` (and ``model.train()``) moved no tag dynamo
+    compares, so the check said unchanged where the full walk said changed, and the capture would
+    have run stale (``tests/test_model_changes.py``). Where it does not, captures use no tags: every
+    guard is walked on each call (sound, slower).
+
+    Found out once per process by trying it: a module with one float attribute compiled with
+    dynamo's roots on, its guards checked before and after the attribute is set."""
+    if not hasattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards"):
+        return False
+    with torch.inference_mode(False):
+        holder = torch.nn.Module()
+        holder.scale = 2.0
+
+    def scaled(module, x):
+        return x * module.scale
+
+    return _probe(scaled, holder, lambda module: setattr(module, "scale", 3.0))
 
 
 @functools.cache
@@ -77,37 +133,17 @@ def roots_recheck_tensors() -> bool:
     its guards checked before and after its parameter's dtype changes in place."""
     if not supported():
         return False
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    from torch.utils._python_dispatch import _disable_current_modes
-
     with torch.inference_mode(False):
         holder = torch.nn.Module()
         holder.weight = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
-        x = torch.zeros(2)
 
-    def read(module, x):
+    def weighted(module, x):
         return module.weight + x
 
-    # a code object of its own: dynamo's cache entries for it are the probe's alone
-    probe = types.FunctionType(read.__code__.replace(co_name="fxcache_tensor_recheck_probe"), read.__globals__)
-    try:
-        # outside the caller's dispatch modes and stance (a FlopCounterMode, force_eager), as a capture
-        with torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True), torch.no_grad(), \
-                _disable_current_modes(), torch.compiler.set_stance("default"):
-            torch.compile(probe, backend=lambda gm, example_inputs: gm, fullgraph=True, dynamic=False)(holder, x)
-            (entry,) = _debug_get_cache_entry_list(probe.__code__)
-            f_locals = {"module": holder, "x": x}
-            if not (entry.guard_manager.check(f_locals) and entry.guard_manager.check(f_locals)):
-                return False  # the probe itself did not hold: trust no tensor
-            if not tag_safe_roots(entry.guard_manager.root):
-                return False
-            holder.weight.data = holder.weight.data.double()
-            return not entry.guard_manager.check(f_locals)
-    except Exception as error:  # a torch this probe does not fit: trust no tensor (sound, slower)
-        logger.debug("fxcache: tensors left out of tag-checked roots: %s", error)
-        return False
-    finally:
-        torch._dynamo.eval_frame.remove_from_cache(probe.__code__)
+    def to_double(module):
+        module.weight.data = module.weight.data.double()
+
+    return _probe(weighted, holder, to_double)
 
 
 def capture_config():
@@ -119,7 +155,8 @@ def capture_config():
     (``tests/test_guard_tags.py``)."""
     config = {}
     if hasattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards"):
-        config["use_recursive_dict_tags_for_guards"] = not supported()
+        # never where tags miss a change (tags_see_changes), dynamo's own roots included
+        config["use_recursive_dict_tags_for_guards"] = not supported() and tags_see_changes()
     if hasattr(torch._dynamo.config, "skip_tensor_guards_with_matching_dict_tags") and not roots_recheck_tensors():
         config["skip_tensor_guards_with_matching_dict_tags"] = False
     return torch._dynamo.config.patch(**config) if config else contextlib.nullcontext()

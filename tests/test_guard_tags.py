@@ -17,7 +17,8 @@ from fxcache import guard_tags
 from fxcache.capture import _capture_mode, capture
 from fxcache.testing import models
 
-pytestmark = pytest.mark.skipif(not guard_tags.supported(), reason="this torch has no recursive dict tags")
+pytestmark = pytest.mark.skipif(not guard_tags.supported(), reason="captures here are not checked by dict tags "
+                                "(guard_tags.supported(): this torch lacks them, or they miss changes)")
 
 
 def _captured(name):

@@ -85,6 +85,41 @@ def test_train_and_eval_after_capture_switch_dropout():
     assert cached.stats()["captures"] == 2  # the train-mode capture is found again, not redone
 
 
+@pytest.mark.parametrize("tags", ["as this Python does", "missing changes"])
+def test_where_dict_tags_miss_a_change_the_capture_check_walks_every_guard(tags, monkeypatch):
+    """On Python 3.13.0 with torch 2.13, a tag-checked guard tree missed ``model.train()`` (an
+    attribute stored on the object moves no tag dynamo compares), so the capture check said unchanged
+    and the capture ran stale. ``guard_tags.tags_see_changes`` finds this out once per process; where
+    tags miss changes, captures mark no roots and every guard is walked. Both ways are run on every
+    Python: as the probe answers here (roots on 3.11, none on 3.13.0), and with it forced to
+    "missing changes"."""
+    from fxcache import guard_tags
+    from fxcache.capture import capture
+
+    cached = (guard_tags.supported, guard_tags.roots_recheck_tensors)
+    if tags == "missing changes":
+        monkeypatch.setattr(guard_tags, "tags_see_changes", lambda: False)
+    for function in cached:
+        function.cache_clear()
+    try:
+        tiny = models.build("flux")
+        kwargs = tiny.inputs(tiny.noise(seed=1), sigma=0.5)
+        captured = capture(tiny.model, (), kwargs)
+        roots = guard_tags.tag_safe_roots(captured.guard._manager.root)
+        assert bool(roots) == guard_tags.tags_see_changes(), len(roots)
+        guard = captured.guard
+        with torch.no_grad():
+            assert guard.holds(tiny.model, (), kwargs) and guard.holds(tiny.model, (), kwargs)
+            tiny.model.train()
+            assert not guard.holds(tiny.model, (), kwargs)
+            tiny.model.eval()
+            assert guard.holds(tiny.model, (), kwargs)
+    finally:
+        monkeypatch.undo()
+        for function in cached:
+            function.cache_clear()
+
+
 @pytest.mark.parametrize("make_pass", [
     lambda: MagCache(mag_ratios=[1.0] * 4, num_inference_steps=4),  # one graph: reads through the dicts
     lambda: FirstBlockCache(threshold=0.0),  # a host read splits the graph: get_attr reads
