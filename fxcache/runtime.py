@@ -112,6 +112,7 @@ class CachedModel(torch.nn.Module):
         self._last_generation: dict[str, dict[str, Any]] = {}
         self._totals: dict[str, dict[str, Any]] = {}
         self._timesteps: list[float] | None = None
+        self._sigmas: list[float] | None = None
         self._captures = 0
         self._groups = 0  # programs of one group share their state (see _register)
         self._evicted = 0
@@ -163,8 +164,8 @@ class CachedModel(torch.nn.Module):
     @contextlib.contextmanager
     def cache_context(self, name: str, **fields) -> Iterator[None]:
         """Run calls under cache context ``name``: one state set per name, created on first use.
-        ``fields`` may carry ``step_index``, ``num_inference_steps`` and ``timestep`` (as diffusers
-        pipelines pass them); other fields are accepted and ignored. Contexts are per thread.
+        ``fields`` may carry ``step_index``, ``num_inference_steps``, ``timestep`` and ``sigma`` (as
+        diffusers pipelines pass them); other fields are accepted and ignored. Contexts are per thread.
 
         Example::
 
@@ -407,7 +408,7 @@ class CachedModel(torch.nn.Module):
         active = getattr(self._local, "active", None)
         fields = active.fields if active is not None else {}
         progress = self._progress.setdefault(context, _ContextProgress())
-        num_steps, timestep = None, None
+        num_steps, timestep, sigma = None, None, fields.get("sigma")
         scheduler = self._current_scheduler()
         if scheduler is not None:
             index = scheduler.step_index
@@ -418,8 +419,12 @@ class CachedModel(torch.nn.Module):
             if index == 0 or progress.last_step is None or self._timesteps is None:
                 # read once per generation: a device tensor costs one sync here, not one per step
                 self._timesteps = [float(t) for t in scheduler.timesteps.tolist()]
+                sigmas = getattr(scheduler, "sigmas", None)
+                self._sigmas = [float(s) for s in sigmas.tolist()] if isinstance(sigmas, torch.Tensor) else None
             num_steps = len(self._timesteps)
             timestep = self._timesteps[index] if index < num_steps else None
+            if sigma is None and self._sigmas is not None and index < len(self._sigmas):
+                sigma = self._sigmas[index]
         elif fields.get("step_index") is not None:
             index = int(fields["step_index"])
             num_steps = fields.get("num_inference_steps")
@@ -447,7 +452,10 @@ class CachedModel(torch.nn.Module):
         progress.last_step = index
         if isinstance(timestep, torch.Tensor):
             timestep = float(timestep.reshape(-1)[0])
-        return Step(index=index - first_step, num_steps=num_steps, timestep=timestep, context=context)
+        if isinstance(sigma, torch.Tensor):
+            sigma = float(sigma.reshape(-1)[0])
+        return Step(index=index - first_step, num_steps=num_steps, timestep=timestep, context=context,
+                    sigma=None if sigma is None else float(sigma))
 
     def _flags(self, program: Program, step: Step) -> tuple[bool, ...]:
         specs = program.rewritten.flags

@@ -9,8 +9,9 @@ from .foca import FoCa
 from .hicache import HiCache
 from .mag_cache import MagCache
 from .pyramid_attention_broadcast import PyramidAttentionBroadcast
+from .sea_cache import SeaCache
 from .taylorseer import TaylorSeer
 from .teacache import TeaCache
 
 __all__ = ["CachePass", "ConfigError", "DBCache", "EasyCache", "FasterCache", "FirstBlockCache", "FoCa", "HiCache",
-           "MagCache", "PyramidAttentionBroadcast", "Step", "TaylorSeer", "TeaCache"]
+           "MagCache", "PyramidAttentionBroadcast", "SeaCache", "Step", "TaylorSeer", "TeaCache"]

@@ -29,13 +29,16 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Step:
     """Where the denoising loop is when a call is made. ``index`` counts from the context's first
-    call of this program in the generation; ``planned`` is True when ``plan()`` asks, ahead of time."""
+    call of this program in the generation; ``planned`` is True when ``plan()`` asks, ahead of time;
+    ``sigma`` is the scheduler's noise level at this step (``cache_context(sigma=...)`` or the
+    scheduler's ``sigmas``), when known."""
 
     index: int
     num_steps: int | None = None
     timestep: float | None = None
     context: str = "default"
     planned: bool = False
+    sigma: float | None = None
 
 
 class CachePass:

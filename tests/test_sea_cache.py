@@ -1,0 +1,129 @@
+"""SeaCache against diffusers' own ``SeaCacheConfig`` hook: in diffusers' WanPipeline (which passes
+``step_index``, ``sigma`` and ``num_inference_steps`` to ``cache_context``), in a loop driven by
+hand, and with the sigma read from the scheduler instead; plus the models and calls it refuses."""
+
+import pytest
+import torch
+from diffusers import SeaCacheConfig
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fxcache
+from fxcache.passes import ConfigError, SeaCache
+from fxcache.regions import RegionError
+from fxcache.testing import models, pipelines
+
+from .helpers import with_diffusers_cache
+
+STEPS = 10
+SIGMAS = torch.linspace(1.0, 0.0, STEPS + 1)[:-1].tolist()
+
+
+def _loop(model, tiny, x, contexts=("cond",), fields=True):
+    """An Euler-like loop with one call per context per step, each under the diffusers-style
+    ``cache_context`` fields SeaCache reads."""
+    x = x.clone()
+    for i, sigma in enumerate(SIGMAS):
+        velocities = []
+        for condition, name in enumerate(contexts):
+            extra = dict(step_index=i, sigma=sigma, num_inference_steps=STEPS) if fields else {}
+            with model.cache_context(name, **extra):
+                velocities.append(model(**tiny.inputs(x, sigma, condition))[0])
+        x = x - 0.1 * sum(velocities)
+    return x
+
+
+@pytest.mark.parametrize("config", [
+    dict(threshold=0.3),                                  # order-1 extrapolation, at most 2 reuses in a row
+    dict(threshold=0.3, residual_order=0),                # the last residual as it is
+    dict(threshold=100.0, max_consecutive_cached=2),      # the limit alone decides: C C s s C s s C s C
+    dict(threshold=0.5, retention_steps=3, cache_end_steps=3, max_consecutive_cached=0),
+], ids=["order1", "order0", "limit", "retention"])
+def test_sea_cache_equals_diffusers_hook_bit_for_bit_with_two_contexts(config):
+    tiny = models.build("wan", num_layers=3)
+    x = tiny.noise(seed=1)
+    hooked = with_diffusers_cache(tiny.model, SeaCacheConfig(**config))
+    reference = _loop(hooked, tiny, x, contexts=("cond", "uncond"))
+
+    cached = fxcache.transform(tiny.model, [SeaCache(**config)], backend="eager")
+    result = _loop(cached, tiny, x, contexts=("cond", "uncond"))
+    computed = {name: entry["sea_cache.blocks_computed"] for name, entry in cached.stats()["contexts"].items()}
+    assert torch.equal(result, reference)
+    assert all(0 < count < STEPS for count in computed.values()), computed  # it skipped, and not everything
+    if config["threshold"] == 100.0:
+        assert computed == {"cond": 4, "uncond": 4}  # steps 0, 3, 6 and the last
+
+
+def test_sea_cache_in_wan_pipeline_equals_diffusers_and_reads_sigma_from_the_scheduler():
+    tiny = pipelines.build("wan", steps=10)
+    pipe, model = tiny.pipe, tiny.pipe.transformer
+    uncached = tiny.generate(output_type="latent")
+    pipe.transformer = with_diffusers_cache(model, SeaCacheConfig(threshold=0.2))
+    hooked = tiny.generate(output_type="latent")
+
+    # the pipeline's cache_context fields carry step, sigma and length
+    pipe.transformer = fxcache.transform(model, [SeaCache(threshold=0.2)], backend="eager")
+    from_fields = tiny.generate(output_type="latent")
+    computed = {name: entry["sea_cache.blocks_computed"]
+                for name, entry in pipe.transformer.stats()["contexts"].items()}
+    assert torch.equal(from_fields, hooked)
+    assert not torch.equal(from_fields, uncached)
+    assert set(computed) == {"cond", "uncond"} and all(count < 10 for count in computed.values()), computed
+
+    # the same from the scheduler handed to transform (FlowMatchEulerDiscreteScheduler's sigmas)
+    pipe.transformer = fxcache.transform(model, [SeaCache(threshold=0.2)], backend="eager", scheduler=pipe)
+    assert torch.equal(tiny.generate(output_type="latent"), hooked)
+
+
+def test_a_call_without_sigma_or_length_says_where_they_come_from():
+    tiny = models.build("wan", num_layers=2)
+    cached = fxcache.transform(tiny.model, [SeaCache()], backend="eager")
+    with pytest.raises(ConfigError, match="sigma"):
+        cached(**tiny.inputs(tiny.noise(), 1.0))
+    cached.reset()
+    with pytest.raises(ConfigError, match="generation's length"):
+        with cached.cache_context("cond", step_index=0, sigma=1.0):
+            cached(**tiny.inputs(tiny.noise(), 1.0))
+    cached.reset()
+    with pytest.raises(ConfigError, match=r"sigma is 14\.6"):  # a Karras-style sigma, not flow matching
+        with cached.cache_context("cond", step_index=0, sigma=14.6, num_inference_steps=4):
+            cached(**tiny.inputs(tiny.noise(), 1.0))
+    cached.reset()
+    # given the length in the config, sigma alone is enough
+    cached = fxcache.transform(tiny.model, [SeaCache(num_inference_steps=4)], backend="eager")
+    with cached.cache_context("cond", step_index=0, sigma=1.0):
+        assert torch.equal(cached(**tiny.inputs(tiny.noise(), 1.0))[0], tiny.model(**tiny.inputs(tiny.noise(), 1.0))[0])
+
+
+def test_models_whose_input_is_not_the_latents_alone_are_refused_by_name():
+    flux = models.build("flux")  # a packed token sequence (B, tokens, C)
+    cached = fxcache.transform(flux.model, [SeaCache(num_inference_steps=4)], backend="eager")
+    with pytest.raises(RegionError, match=r"\(B, C, T, H, W\).*packed token sequence"):
+        with cached.cache_context("cond", step_index=0, sigma=1.0):
+            cached(**flux.inputs(flux.noise(), 1.0))
+
+    # Wan image-to-video: conditioning channels concatenated to the latents
+    from diffusers import WanTransformer3DModel
+    torch.manual_seed(0)
+    i2v = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=8,
+                                out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2,
+                                rope_max_seq_len=32).eval()
+    wan = models.build("wan")
+    inputs = wan.inputs(torch.randn(1, 8, 2, 8, 8), 1.0)
+    cached = fxcache.transform(i2v, [SeaCache(num_inference_steps=4)], backend="eager")
+    with pytest.raises(RegionError, match="more than the generated latents"):
+        with cached.cache_context("cond", step_index=0, sigma=1.0):
+            cached(**inputs)
+
+
+@given(field=st.sampled_from(["threshold", "residual_order", "retention_steps", "cache_end_steps",
+                              "max_consecutive_cached", "power_exp", "num_inference_steps"]),
+       value=st.sampled_from([-1, 2, 0.5, float("nan"), True, "1"]))
+def test_bad_fields_are_refused_by_name(field, value):
+    valid = {"threshold": [0.5, 2], "residual_order": [], "retention_steps": [2], "cache_end_steps": [2],
+             "max_consecutive_cached": [2], "power_exp": [0.5, 2], "num_inference_steps": [2]}
+    if value in valid[field] and not isinstance(value, bool):
+        SeaCache(**{field: value})
+        return
+    with pytest.raises(ConfigError, match=f"SeaCache.{field}"):
+        SeaCache(**{field: value})
