@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import types
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -88,9 +89,27 @@ class CacheBackend:
         self.passes = tuple(passes)
         self._compile_args = dict(backend=backend, mode=mode, options=options)
         self._scheduler = scheduler
-        self.runtime = runtime  # a CachedModel; made on the first graph when not given
+        # a CachedModel, made on the first graph when not given. A runtime that owns this backend (a
+        # split forward's) is held weakly: dynamo keeps what a backend returns in cache entries on the
+        # model's own code objects, beyond the garbage collector's sight, and a strong reference there
+        # kept every CachedModel and its model alive for the life of the process
+        self._runtime = runtime
         self.graphs = {"rewritten": 0, "as_is": 0}
         self._pending_context = None  # (name, fields) the call being compiled was made under
+
+    @property
+    def runtime(self):
+        """The CachedModel; None before the first graph, or once a weakly held one is gone."""
+        runtime = self._runtime
+        return runtime() if isinstance(runtime, weakref.ref) else runtime
+
+    @runtime.setter
+    def runtime(self, runtime) -> None:
+        self._runtime = runtime
+
+    def hold_runtime_weakly(self) -> None:
+        """For a runtime that owns this backend (see ``__init__``)."""
+        self._runtime = weakref.ref(self._runtime)
 
     # -- what dynamo calls --------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: list, mode: str | None = None,
@@ -128,13 +147,20 @@ class CacheBackend:
         self.graphs["rewritten"] += 1
         positions = captured.backend_inputs
         probe = _parameter_probe(model, example_inputs)
+        model_name = type(model).__name__
+        # held weakly for the reason given in __init__; the runtime holds the program
+        program_ref = weakref.ref(program)
 
         def run(*inputs):
             if probe is not None and inputs[probe[0]] is not probe[1]():
                 raise RuntimeError(
-                    f"a program fxcache compiled for one {type(model).__name__} ran with the weights of "
+                    f"a program fxcache compiled for one {model_name} ran with the weights of "
                     "another: dynamo shares compiled code between modules of one class. Compile each "
                     "model with its own fxcache.backend(...).")
+            runtime, program = self.runtime, program_ref()
+            if runtime is None or program is None:
+                raise RuntimeError(f"fxcache: this code was compiled for a CachedModel of a {model_name} that has "
+                                   "since been garbage collected; call the CachedModel you hold (transform's result)")
             with runtime._lock:
                 runtime._pieces_run += 1
                 pending, self._pending_context = self._pending_context, None
@@ -207,6 +233,7 @@ class SplitForward:
         self.reason = f"{type(cause).__name__}: {first[:150]}{'...' if len(first) > 150 else ''}"
         self.opaque_failed = getattr(error, "opaque_failed", "")  # fxcache.opaque tried and could not
         self.backend = CacheBackend(runtime.passes, runtime=runtime, **runtime._compile_args)
+        self.backend.hold_runtime_weakly()
         self._compiled = torch.compile(_entry_function(SPLIT_ENTRY), backend=self.backend, dynamic=False)
         self._checked = None  # the structure and shapes of the last call checked (_check_call)
 
@@ -222,7 +249,8 @@ class SplitForward:
         # the model's warnings and log calls are left out of the graphs as at capture; the config
         # patch costs heap per call, so only the first call (which compiles) gets it
         try:
-            with quiet_logging() if before == 0 else contextlib.nullcontext(), _through_dynamo():
+            with quiet_logging() if before == 0 else contextlib.nullcontext(), _split_recompile_limits(), \
+                    _through_dynamo():
                 result = self._compiled(runtime.original, args, kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             # fxcache's own errors, raised while dynamo compiled a piece, reach the caller as they are
@@ -251,6 +279,19 @@ class SplitForward:
 
 
 # -- helpers --------------------------------------------------------------------------------------------
+# Dynamo compiles the frames of a split forward on the model class's own code objects, shared by every
+# instance, and an entry stays there after its model is gone: with dynamo's default limit (8) the ninth
+# transform of one class ran the frame holding the blocks eagerly, and failed.
+SPLIT_RECOMPILE_LIMIT = 256
+
+
+def _split_recompile_limits():
+    config = torch._dynamo.config
+    limits = {"recompile_limit": SPLIT_RECOMPILE_LIMIT, "accumulated_recompile_limit": 16 * SPLIT_RECOMPILE_LIMIT}
+    return config.patch(**{name: max(getattr(config, name), limit) for name, limit in limits.items()
+                           if hasattr(config, name)})
+
+
 _callers = threading.local()  # the caller's dispatch modes, set aside while dynamo runs the frames
 
 

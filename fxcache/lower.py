@@ -428,6 +428,16 @@ def _match_strides(graph: fx.Graph, calls: list[tuple[fx.Node, int]]) -> None:
                 call.args = (*call.args[:position], copy, *call.args[position + 1:])
 
 
+def _drop_compiled_code(forward: types.FunctionType) -> None:
+    """Remove dynamo's cache entries for a program's ``forward`` and for the functions dynamo made to
+    resume it after a graph break (a host read); dynamo then drops the compiled graphs it stored in
+    the forward's globals, which fx makes for each program alone."""
+    torch._dynamo.eval_frame.remove_from_cache(forward.__code__)
+    for name, value in list(forward.__globals__.items()):
+        if name.startswith("__resume_at_") and isinstance(value, types.FunctionType):
+            torch._dynamo.eval_frame.remove_from_cache(value.__code__)
+
+
 @dataclass(eq=False)
 class Program:
     """One :class:`RewrittenProgram` compiled, with the :class:`CacheState` it runs on (shared by
@@ -506,7 +516,7 @@ class Program:
         evicts it."""
         for module in (self.compiled_module, self.flat_module):
             if module is not None:
-                torch._dynamo.eval_frame.remove_from_cache(type(module).forward.__code__)
+                _drop_compiled_code(type(module).forward)
         if free_state:
             self.state.free()
 

@@ -25,6 +25,7 @@ import contextlib
 import inspect
 import threading
 import types
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -121,6 +122,9 @@ class CachedModel(torch.nn.Module):
         self._split = None  # a SplitForward once the forward proved to have graph breaks
         self._pieces_run = 0  # rewritten graphs run inside torch.compile (split forward, fxcache.backend)
         self._capture_path = None  # what explain() says of how the model is captured, when not one graph
+        # dynamo keeps each compiled program in a cache entry on the program's code object, where the
+        # garbage collector cannot see it: without this, a dropped CachedModel kept its model alive
+        weakref.finalize(self, _release_programs, self._programs).atexit = False
 
     # -- attribute forwarding -----------------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -719,6 +723,16 @@ def _add_counters(into: dict[str, dict[str, Any]], states, which: str) -> None:
             entry = into.setdefault(name, {})
             for counter, value in values.items():
                 entry[counter] = entry.get(counter, 0) + value
+
+
+def _release_programs(programs: dict) -> None:
+    """Drop dynamo's compiled code and the capture entries of a CachedModel's programs (it was
+    garbage collected)."""
+    for program in list(programs.values()):
+        if program.captured.guard is not None:
+            program.captured.guard.release()
+        program.release()
+    programs.clear()
 
 
 def _rebuild(model, passes, compile_args, scheduler, max_cache_bytes, max_programs, training) -> CachedModel:

@@ -4,6 +4,8 @@ loop) runs split at its breaks with the block loop's graph rewritten. Both again
 on the same weights, whole loops, eager backend."""
 
 import contextlib
+import gc
+import weakref
 
 import pytest
 import torch
@@ -84,6 +86,23 @@ def test_a_forward_with_a_break_before_the_blocks_equals_the_one_graph_path(name
         split(*calls[0], bogus=1)
     if name != "first_block_cache":  # a static schedule needs the forward as one graph to plan FLOPs
         assert "(no schedule: this graph is a piece of the model's forward" in split.explain(num_steps=STEPS)
+
+
+def test_a_split_forward_transformed_again_and_again_keeps_working_and_is_let_go():
+    """Dynamo compiles a split forward's frames on the model class's own code, shared by every
+    instance: the ninth transform of one class once hit dynamo's recompile limit (8) and failed, and
+    the compiled frames held every CachedModel for the life of the process."""
+    model, calls, _ = drifting_calls(2)
+    expected = _loop(fxcache.transform(model, PASSES["first_block_cache"](), backend="eager"), calls, "cond")
+    assert torch._dynamo.config.recompile_limit < 12
+    cached_models = []
+    for _ in range(12):
+        split = fxcache.transform(_like(BranchBeforeBlocks, model), PASSES["first_block_cache"](), backend="eager")
+        assert torch.equal(_loop(split, calls, "cond"), expected)
+        cached_models.append(weakref.ref(split))
+        del split
+    gc.collect()
+    assert sum(ref() is not None for ref in cached_models) == 0
 
 
 def test_a_break_inside_the_block_loop_is_a_clear_error_not_an_uncached_model():

@@ -76,11 +76,15 @@ def _loop(model, calls):
     return torch.stack([model(*call) for call in calls])
 
 
-@pytest.mark.parametrize("passes", [
-    lambda: [FirstBlockCache(threshold=0.05)],
-    lambda: [TaylorSeer(cache_interval=2, disable_cache_before_step=1, max_order=1)],
+# The routed MLP computes each expert on its tokens alone and the dense one on all of them, so the
+# two differ in the last bits (2e-7 uncached, with AVX-512 kernels). TaylorSeer's order-1 forecast
+# divides by the gap between computed steps and takes that difference up several hundred times
+# (1.5e-4 at its first forecast); reuse itself changes the output by 0.35.
+@pytest.mark.parametrize("passes, tolerance", [
+    (lambda: [FirstBlockCache(threshold=0.05)], dict(rtol=1e-5, atol=1e-6)),
+    (lambda: [TaylorSeer(cache_interval=2, disable_cache_before_step=1, max_order=1)], dict(rtol=1e-3, atol=1e-3)),
 ], ids=["first_block_cache", "taylorseer"])
-def test_routing_inside_the_blocks_runs_outside_one_graph_with_the_same_pass_semantics(passes):
+def test_routing_inside_the_blocks_runs_outside_one_graph_with_the_same_pass_semantics(passes, tolerance):
     model, dense, calls = _models()
     traced = fxcache.transform(dense, passes(), backend="eager")
     expected = _loop(traced, calls)
@@ -90,8 +94,8 @@ def test_routing_inside_the_blocks_runs_outside_one_graph_with_the_same_pass_sem
     cached = fxcache.transform(model, passes(), backend="eager")
     result = _loop(cached, calls)
 
-    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(result, _loop(model, calls), rtol=1e-4, atol=1e-5), "the config should reuse"
+    torch.testing.assert_close(result, expected, **tolerance)
+    assert not torch.allclose(result, _loop(model, calls), rtol=1e-2, atol=1e-2), "the config should reuse"
     explained = cached.explain()
     assert "capture: the whole forward as one graph" in explained
     assert "RoutedMLP x 3 (dynamo:" in explained and "in forward)" in explained

@@ -148,3 +148,25 @@ def test_a_static_pass_re_plans_when_the_scheduler_runs_another_step_count(flux)
     assert config.schedule_for(10) == planned != config.schedule()[:10]
     counts = cached.stats()["contexts"]["cond"]["mag_cache.compute_blocks"]
     assert counts == {"true": planned.count(True), "false": planned.count(False)}
+
+
+def test_a_dropped_cached_model_takes_its_compiled_code_with_it(flux):
+    """dynamo keeps compiled code in cache entries on code objects, which the garbage collector does
+    not see: a CachedModel let go must remove its programs' and captures' entries itself."""
+    import gc
+
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    cached = transform(flux)
+    x = flux.noise()
+    for index, sigma in enumerate((1.0, 0.5)):  # the second call reuses: the host read's graph break
+        with cached.cache_context("cond", step_index=index):
+            cached(**flux.inputs(x, sigma))
+    program = next(iter(cached._programs.values()))
+    forward = type(program.compiled_module).forward
+    codes = [forward.__code__, program.captured.guard._entry.__code__] + [
+        value.__code__ for name, value in forward.__globals__.items() if name.startswith("__resume_at_")]
+    assert len(codes) >= 3 and all(_debug_get_cache_entry_list(code) for code in codes)
+    del cached, program
+    gc.collect()
+    assert not any(_debug_get_cache_entry_list(code) for code in codes)
