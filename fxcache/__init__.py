@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .capture import CaptureError
+from .capture import CaptureError, refuse_unsupported_hooks
 from .lower import make_backend
 from .passes.base import CachePass, ConfigError
 from .regions import RegionError
@@ -58,6 +58,7 @@ def transform(model: torch.nn.Module, passes: Sequence[CachePass], *, backend: s
     if isinstance(model, CachedModel):
         raise TypeError("this module is already transformed; transform its .original with all passes at once")
     passes = _validated(passes, backend, mode, options, scheduler)
+    refuse_unsupported_hooks(model)  # checked again at every capture: a hook may come later
     if max_cache_bytes is not None and (not isinstance(max_cache_bytes, int) or max_cache_bytes < 0):
         raise ValueError(f"max_cache_bytes must be a non-negative int (bytes), got {max_cache_bytes!r}")
     if isinstance(max_programs, bool) or not isinstance(max_programs, int) or max_programs < 1:

@@ -29,7 +29,7 @@ import torch.utils._pytree as pytree
 from . import guard_tags
 
 __all__ = ["CaptureError", "CaptureGuard", "CapturedGraph", "InputSignature", "capture", "capture_in_backend",
-           "input_signature"]
+           "input_signature", "refuse_unsupported_hooks"]
 
 # meta keys written on every node of a captured graph
 MODULE_STACK = "fxcache_module_stack"  # tuple of module paths, outermost first
@@ -270,6 +270,55 @@ def _tensor_attributes(model: torch.nn.Module) -> dict[int, str]:
     return names
 
 
+# diffusers' cache hooks by the name diffusers registers them under, with the pass that does the same
+_DIFFUSERS_CACHE_HOOKS = {
+    "pyramid_attention_broadcast": "PyramidAttentionBroadcast", "faster_cache_denoiser": "FasterCache",
+    "faster_cache_block": "FasterCache", "fbc_leader_block_hook": "FirstBlockCache", "fbc_block_hook": "FirstBlockCache",
+    "taylorseer_cache": "TaylorSeer", "mag_cache_leader_block_hook": "MagCache", "mag_cache_block_hook": "MagCache",
+    "sea_cache_root": "SeaCache", "sea_cache_leader_block": "SeaCache", "sea_cache_block": "SeaCache",
+    "text_kv_cache_transformer": None, "text_kv_cache_block": None,
+}
+# diffusers hooks that change weights or devices on every call, outside anything a graph can hold
+_DIFFUSERS_WEIGHT_HOOKS = {
+    "layerwise_casting": (
+        "layerwise casting (enable_layerwise_casting)",
+        "it casts each layer's weights to the compute dtype and back on every call, which dynamo cannot trace. "
+        "Load the model in its compute dtype instead (torch_dtype=torch.bfloat16)"),
+    "group_offloading": (
+        "group offloading (enable_group_offload)",
+        "it moves weights between devices inside the forward, in code torch.compile skips. Keep the model "
+        "on one device, or offload whole models with the pipeline's enable_model_cpu_offload()"),
+}
+
+
+def refuse_unsupported_hooks(model: torch.nn.Module) -> None:
+    """Raise :class:`CaptureError` where ``model`` or a submodule holds a diffusers hook no captured
+    graph can run through: diffusers' own cache hooks (``enable_cache``), layerwise casting and group
+    offloading, each named with what to do instead. Context-parallel hooks are supported.
+
+    Example::
+
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.08))
+        refuse_unsupported_hooks(model)   # CaptureError: ... call model.disable_cache() ...
+    """
+    for path, module in model.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for name in list(getattr(registry, "hooks", None) or ()):
+            where = type(model).__name__ + (f" (at {path})" if path else "")
+            if name in _DIFFUSERS_CACHE_HOOKS:
+                ours = _DIFFUSERS_CACHE_HOOKS[name]
+                instead = (f", and pass fxcache.passes.{ours}(...) to fxcache.transform" if ours else
+                           " (fxcache has no counterpart of diffusers' TextKVCache)")
+                raise CaptureError(
+                    f"{where} has diffusers' own cache hook {name!r} (from enable_cache): fxcache does the "
+                    f"caching itself, in the compiled graph, and cannot run through diffusers' hooks. Call "
+                    f"model.disable_cache() first{instead}.")
+            if name in _DIFFUSERS_WEIGHT_HOOKS:
+                feature, why = _DIFFUSERS_WEIGHT_HOOKS[name]
+                raise CaptureError(f"{where} has diffusers' {feature}: fxcache compiles the denoiser as one graph, "
+                                   f"and {why}.")
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
     """Run ``model(*args, **kwargs)`` once under dynamo and return its graph, standalone, with the
     guards that say when a later call needs a new capture.
@@ -297,6 +346,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
     from .opaque import MAX_OPAQUE_CLASSES, leaf_of_break, make_opaque
     from .parallel import prepare_capture
 
+    refuse_unsupported_hooks(model)
     prepare_capture(model)  # diffusers' context-parallel hooks, made traceable
     made_opaque: set[type] = set()
     opaque_failed = ""  # why a module inside the blocks could not run outside the graph

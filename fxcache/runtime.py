@@ -424,7 +424,8 @@ class CachedModel(torch.nn.Module):
                 # read once per generation: a device tensor costs one sync here, not one per step
                 self._timesteps = [float(t) for t in scheduler.timesteps.tolist()]
                 sigmas = getattr(scheduler, "sigmas", None)
-                self._sigmas = [float(s) for s in sigmas.tolist()] if isinstance(sigmas, torch.Tensor) else None
+                self._sigmas = [float(s) for s in sigmas.tolist()] if isinstance(sigmas, torch.Tensor) and any(
+                    p.reads_sigma for p in self._passes) else None
             num_steps = len(self._timesteps)
             timestep = self._timesteps[index] if index < num_steps else None
             if sigma is None and self._sigmas is not None and index < len(self._sigmas):

@@ -170,3 +170,29 @@ def test_a_dropped_cached_model_takes_its_compiled_code_with_it(flux):
     del cached, program
     gc.collect()
     assert not any(_debug_get_cache_entry_list(code) for code in codes)
+
+
+@pytest.mark.parametrize("feature, enable, says", [
+    ("diffusers' cache", lambda m: m.enable_cache(__import__("diffusers").FirstBlockCacheConfig(threshold=0.2)),
+     r"cache hook 'fbc_.*model\.disable_cache\(\).*fxcache\.passes\.FirstBlockCache"),
+    ("layerwise casting", lambda m: m.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
+                                                               compute_dtype=torch.float32),
+     r"layerwise casting \(enable_layerwise_casting\).*torch_dtype="),
+    ("group offloading", lambda m: m.enable_group_offload(onload_device=torch.device("cpu"), offload_type="leaf_level"),
+     r"group offloading \(enable_group_offload\).*enable_model_cpu_offload"),
+], ids=["enable_cache", "layerwise_casting", "group_offload"])
+def test_diffusers_hooks_no_graph_can_run_through_are_named_with_what_to_do(feature, enable, says):
+    """Each of these once failed deep in dynamo ("No cache context is set", "Attempted to use
+    torch.nn.Parameter() constructor", "Skip inlining torch.compiler.disable()d function")."""
+    tiny = models.build("flux", num_layers=1, num_single_layers=1)
+    hooked = models.build("flux", num_layers=1, num_single_layers=1)
+    enable(hooked.model)
+    with pytest.raises(fxcache.CaptureError, match=says):
+        transform(hooked)
+    # turned on after transform: the next call captures again, and says the same
+    cached = transform(tiny)
+    with cached.cache_context("cond"):
+        cached(**tiny.inputs(tiny.noise(), 1.0))
+    enable(tiny.model)
+    with pytest.raises(fxcache.CaptureError, match=says), cached.cache_context("cond"):
+        cached(**tiny.inputs(tiny.noise(), 1.0))

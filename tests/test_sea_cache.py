@@ -38,20 +38,24 @@ def _loop(model, tiny, x, contexts=("cond",), fields=True):
     dict(threshold=0.3, residual_order=0),                # the last residual as it is
     dict(threshold=100.0, max_consecutive_cached=2),      # the limit alone decides: C C s s C s s C s C
     dict(threshold=0.5, retention_steps=3, cache_end_steps=3, max_consecutive_cached=0),
-], ids=["order1", "order0", "limit", "retention"])
+    dict(threshold=0.3, lowering="cond"),                 # one graph with torch.cond
+    dict(threshold=0.3, residual_order=0, lowering="cond"),
+], ids=["order1", "order0", "limit", "retention", "order1-cond", "order0-cond"])
 def test_sea_cache_equals_diffusers_hook_bit_for_bit_with_two_contexts(config):
     tiny = models.build("wan", num_layers=3)
     x = tiny.noise(seed=1)
-    hooked = with_diffusers_cache(tiny.model, SeaCacheConfig(**config))
+    hooked = with_diffusers_cache(tiny.model, SeaCacheConfig(**{k: v for k, v in config.items() if k != "lowering"}))
     reference = _loop(hooked, tiny, x, contexts=("cond", "uncond"))
 
-    cached = fxcache.transform(tiny.model, [SeaCache(**config)], backend="eager")
+    cached = fxcache.transform(tiny.model, [SeaCache(**config)], backend="aot_eager" if "lowering" in config else "eager")
     result = _loop(cached, tiny, x, contexts=("cond", "uncond"))
     computed = {name: entry["sea_cache.blocks_computed"] for name, entry in cached.stats()["contexts"].items()}
     assert torch.equal(result, reference)
     assert all(0 < count < STEPS for count in computed.values()), computed  # it skipped, and not everything
     if config["threshold"] == 100.0:
         assert computed == {"cond": 4, "uncond": 4}  # steps 0, 3, 6 and the last
+    if "lowering" in config:  # the decision stays in the graph: no host read, so no graph break
+        assert not torch._dynamo.utils.counters["graph_break"]
 
 
 def test_sea_cache_in_wan_pipeline_equals_diffusers_and_reads_sigma_from_the_scheduler():

@@ -41,7 +41,9 @@ QUALITY_BAR_DB = 35.0
 
 # FasterCache reuses the unconditional half of batched classifier-free guidance; the frontier's loop
 # runs the digits model without guidance (as docs/benchmarks-quality.md), so it has no point here
-LEFT_OUT = {"FasterCache": "reuses the unconditional branch of batched CFG; the frontier runs without guidance"}
+LEFT_OUT = {"FasterCache": "reuses the unconditional branch of batched CFG; the frontier runs without guidance",
+            "SeaCache": "filters the latents as (C, T, H, W) grids, and the digits model takes FLUX's packed token "
+                        "sequence, which SeaCache refuses (diffusers' hook runs such a model uncached)"}
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,9 @@ class CachePass:
     """
 
     scope: ClassVar[str] = "modules"
+    # whether the pass reads ``Step.sigma``: only then does the runtime read the scheduler's sigmas,
+    # once per generation (a device tensor's read is a host sync)
+    reads_sigma: ClassVar[bool] = False
 
     def rewrite(self, g: PassBuilder) -> None:
         """Declare state, flags and scalars through ``g`` and replace regions (see the module doc)."""

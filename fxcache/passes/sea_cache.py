@@ -26,8 +26,9 @@ The step's ``sigma`` comes from ``cache_context(name, step_index=i, sigma=s, num
 ``sigmas``); the generation's length from either, or ``num_inference_steps``. A call without them is
 a clear error, where diffusers' hook silently computes every step.
 
-The decision is made in the graph and read with one ``.item()`` per call (``lowering="host"``),
-like FirstBlockCache's default. State is kept per cache context.
+The decision is made in the graph: ``lowering="host"`` reads it with one ``.item()`` per call,
+``lowering="cond"`` keeps one graph with ``torch.cond`` (as FirstBlockCache and TeaCache). State is
+kept per cache context.
 
 Deviations from diffusers: a NaN distance computes (diffusers' ``nan >= threshold`` is false, so it
 skips); ``step_index`` counts from the context's first call of the generation; a repeated step index
@@ -51,7 +52,7 @@ from ..regions import HIDDEN, RegionError, example_value
 from ..rewrite import INPUTS, REGION, PassBuilder, copy_into
 from .base import CachePass, ConfigError, Step
 
-__all__ = ["SeaCache", "sea_filter", "sea_gate", "run_or_extrapolate"]
+__all__ = ["SeaCache", "run_or_extrapolate", "run_or_extrapolate_cond", "sea_filter", "sea_gate"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ class SeaCache(CachePass):
     last two linearly in the step index. ``retention_steps`` / ``cache_end_steps``: the first / last
     steps that always compute. ``max_consecutive_cached``: at most this many reused steps in a row (0:
     no limit). ``power_exp``: the exponent of the clean-signal power prior. ``num_inference_steps``:
-    the generation's length where neither a scheduler nor ``cache_context`` gives it.
+    the generation's length where neither a scheduler nor ``cache_context`` gives it. ``lowering``:
+    ``"host"`` (one ``.item()`` per call) or ``"cond"`` (one graph with ``torch.cond``).
 
     Example::
 
@@ -75,8 +77,10 @@ class SeaCache(CachePass):
     max_consecutive_cached: int = 2
     power_exp: float = 3.0
     num_inference_steps: int | None = None
+    lowering: str = "host"
 
     scope = "blocks"
+    reads_sigma = True
 
     def __post_init__(self):
         self._require_number("threshold", minimum=0.0)
@@ -88,6 +92,7 @@ class SeaCache(CachePass):
         self._require_number("power_exp", minimum=0.0, strict=True)
         if self.num_inference_steps is not None:
             self._require_integer("num_inference_steps", 1)
+        self._require_choice("lowering", ("host", "cond"))
 
     # -- the host's part: step, sigma and forced steps ------------------------------------------------
     def forces(self, step: Step) -> bool:
@@ -149,8 +154,12 @@ class SeaCache(CachePass):
         indicator = g.call(sea_filter, latents, sigma, self.power_exp, after=before_stack)
         compute = g.call(sea_gate, indicator, previous, observed, accumulated, consecutive, threshold, force,
                          self.max_consecutive_cached, after=indicator)
-        g.replace(stack, run_or_extrapolate, g.host_bool(compute), REGION, hidden_position, tuple(streams), step,
-                  history, kept, consecutive, computed, INPUTS)
+        if self.lowering == "host":
+            decision, policy = g.host_bool(compute), run_or_extrapolate
+        else:
+            decision, policy = compute, run_or_extrapolate_cond
+        g.replace(stack, policy, decision, REGION, hidden_position, tuple(streams), step, history, kept, consecutive,
+                  computed, INPUTS)
 
 
 def find_latents(g: PassBuilder) -> fx.Node:
@@ -257,11 +266,57 @@ def run_or_extrapolate(compute: bool, blocks, hidden_position: int, streams, ste
         copy_into(consecutive, torch.zeros_like(consecutive))
         copy_into(computed, computed + 1)
         return outputs
-    residual = latest
-    if previous is not None:
-        latest_step, previous_step = steps[0], steps[1]
-        scale = (step - latest_step) / (latest_step - previous_step)
-        residual = torch.where((runs >= 2) & (latest_step != previous_step),
-                               latest + (latest - previous) * scale, latest)
+    residual = _extrapolated(step, latest, previous, steps, runs)
     copy_into(consecutive, consecutive + 1)
-    return tuple(hidden_in + residual if i == hidden_position else state for i, state in enumerate(kept))
+    return tuple(hidden_in + residual if i == hidden_position else state.clone() for i, state in enumerate(kept))
+
+
+def _extrapolated(step, latest, previous, steps, runs):
+    """The residual a reused step adds: the last one, or for order 1 (``previous`` given) the line
+    through the last two taken at ``step`` once there are two full runs at different steps."""
+    if previous is None:
+        return latest
+    latest_step, previous_step = steps[0], steps[1]
+    scale = (step - latest_step) / (latest_step - previous_step)
+    return torch.where((runs >= 2) & (latest_step != previous_step), latest + (latest - previous) * scale, latest)
+
+
+def run_or_extrapolate_cond(compute: torch.Tensor, blocks, hidden_position: int, streams, step: torch.Tensor,
+                            history: tuple, kept, consecutive, computed, *inputs):
+    """``torch.cond`` lowering of :func:`run_or_extrapolate`: both branches return the outputs and the
+    new state, copied into the state after."""
+    latest, previous, steps, runs = history
+    kept_states = [state for state in kept if state is not None]
+    state = [latest, *([previous] if previous is not None else []), steps, runs, *kept_states, consecutive, computed]
+    n, m = len(streams), len(state)
+    order_one = previous is not None
+
+    def unpack(state):
+        latest, rest = state[0], list(state[1:])
+        previous = rest.pop(0) if order_one else None
+        steps, runs, rest = rest[0], rest[1], rest[2:]
+        return latest, previous, steps, runs, rest[:-2], rest[-2], rest[-1]
+
+    def run_branch(step, *rest):
+        streams, state, inputs = rest[:n], rest[n: n + m], rest[n + m:]
+        latest, previous, steps, runs, kept_now, consecutive, computed = unpack(state)
+        outputs = [o.clone(memory_format=torch.contiguous_format) for o in blocks(*inputs)]
+        new = [outputs[hidden_position] - streams[hidden_position]]
+        if order_one:
+            new.append(latest.clone())
+        new += [torch.stack([step.reshape(()), steps[0]]), torch.clamp(runs + 1, max=2)]
+        new += [outputs[i].clone() for i, state in enumerate(kept) if state is not None]
+        return (*outputs, *new, torch.zeros_like(consecutive), computed + 1)
+
+    def reuse_branch(step, *rest):
+        streams, state = rest[:n], rest[n: n + m]
+        latest, previous, steps, runs, kept_now, consecutive, computed = unpack(state)
+        residual = _extrapolated(step.reshape(()), latest, previous, steps, runs)
+        stored = iter(kept_now)
+        outputs = [streams[i] + residual if i == hidden_position else next(stored).clone() for i in range(n)]
+        return (*outputs, *[t.clone() for t in state[:-2]], consecutive + 1, computed.clone())
+
+    result = torch.cond(compute, run_branch, reuse_branch, (step, *streams, *state, *inputs))
+    for target, new in zip(state, result[n:]):
+        copy_into(target, new)
+    return tuple(result[:n])
