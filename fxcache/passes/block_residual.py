@@ -30,11 +30,23 @@ from typing import Callable
 import torch
 
 from ..parallel import mean_ratio
-from ..regions import HIDDEN, RegionError
+from ..regions import HIDDEN, BlockRange, RegionError
 from ..rewrite import INPUTS, REGION, CacheView, PassBuilder, copy_into
 
-__all__ = ["DualBlockPlan", "compute_or_reuse_range", "compute_or_reuse_range_cond", "gate_reuse",
+__all__ = ["DualBlockPlan", "block_stack", "compute_or_reuse_range", "compute_or_reuse_range_cond", "gate_reuse",
            "relative_l1_change", "rewrite_dual_blocks", "run_or_add_residual", "run_or_add_residual_cond"]
+
+
+def block_stack(g: PassBuilder) -> tuple[BlockRange, int]:
+    """Every block of the model as one range (MagCache, TeaCache and SeaCache skip it whole), and the
+    position among its outputs of the hidden stream the last block returns."""
+    blocks = g.regions.blocks
+    stack = g.block_range(blocks, "blocks")
+    hidden_position = next((i for i, out in enumerate(stack.outputs)
+                            if blocks[-1].stream_outputs.get(HIDDEN) is out), None)
+    if hidden_position is None:
+        raise RegionError(f"{g.pass_name}: the hidden stream of {blocks[-1].name} is not read after the blocks")
+    return stack, hidden_position
 
 
 def run_or_add_residual(compute: bool, blocks, residual: CacheView, hidden_position: int, streams, computed,

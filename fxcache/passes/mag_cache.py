@@ -37,10 +37,10 @@ import torch
 
 from ..observe import observe
 from ..parallel import context_parallel, mean_ratio
-from ..regions import HIDDEN, RegionError
+from ..regions import HIDDEN
 from ..rewrite import INPUTS, REGION, PassBuilder
 from .base import CachePass, ConfigError
-from .block_residual import run_or_add_residual
+from .block_residual import block_stack, run_or_add_residual
 
 __all__ = ["FLUX_MAG_RATIOS", "MagCache", "RATIO_FILE_FORMAT", "measure_mag_ratios", "nearest_interp"]
 
@@ -192,11 +192,7 @@ class MagCache(CachePass):
     # -- rewrite ------------------------------------------------------------------------------------
     def rewrite(self, g: PassBuilder) -> None:
         blocks = g.regions.blocks
-        stack = g.block_range(blocks, "blocks")
-        hidden_position = next((i for i, out in enumerate(stack.outputs)
-                                if blocks[-1].stream_outputs.get(HIDDEN) is out), None)
-        if hidden_position is None:
-            raise RegionError(f"MagCache: the hidden stream of {blocks[-1].name} is not read after the blocks")
+        stack, hidden_position = block_stack(g)
         # a skipped step hands every stream on as if each block passed its inputs through; where
         # streams merge (Flux 2, Chroma) that is the concatenation the glue between blocks computes
         streams = g.skip_values(stack, blocks)

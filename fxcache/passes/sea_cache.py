@@ -48,9 +48,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..regions import HIDDEN, RegionError, example_value
+from ..regions import RegionError, example_value
 from ..rewrite import INPUTS, REGION, PassBuilder, copy_into
 from .base import CachePass, ConfigError, Step
+from .block_residual import block_stack
 
 __all__ = ["SeaCache", "run_or_extrapolate", "run_or_extrapolate_cond", "sea_filter", "sea_gate"]
 
@@ -123,11 +124,7 @@ class SeaCache(CachePass):
     def rewrite(self, g: PassBuilder) -> None:
         blocks = g.regions.blocks
         latents = find_latents(g)
-        stack = g.block_range(blocks, "blocks")
-        hidden_position = next((i for i, out in enumerate(stack.outputs)
-                                if blocks[-1].stream_outputs.get(HIDDEN) is out), None)
-        if hidden_position is None:
-            raise RegionError(f"SeaCache: the hidden stream of {blocks[-1].name} is not read after the blocks")
+        stack, hidden_position = block_stack(g)
         streams = g.skip_values(stack, blocks)
 
         sigma = g.scalar("sigma", value=self.sigma, dtype=torch.float64)

@@ -40,7 +40,7 @@ from ..parallel import context_parallel, mean_ratio
 from ..regions import HIDDEN, Block, RegionError, descendants, example_value
 from ..rewrite import INPUTS, REGION, PassBuilder, copy_into
 from .base import CachePass, ConfigError
-from .block_residual import run_or_add_residual, run_or_add_residual_cond
+from .block_residual import block_stack, run_or_add_residual, run_or_add_residual_cond
 
 __all__ = ["TEACACHE_COEFFICIENTS", "TeaCache", "find_indicator"]
 
@@ -121,11 +121,7 @@ class TeaCache(CachePass):
     def rewrite(self, g: PassBuilder) -> None:
         blocks = g.regions.blocks
         indicator_node = find_indicator(blocks[0], g.inputs, self.indicator)
-        stack = g.block_range(blocks, "blocks")
-        hidden_position = next((i for i, out in enumerate(stack.outputs)
-                                if blocks[-1].stream_outputs.get(HIDDEN) is out), None)
-        if hidden_position is None:
-            raise RegionError(f"TeaCache: the hidden stream of {blocks[-1].name} is not read after the blocks")
+        stack, hidden_position = block_stack(g)
         indicator = g.hoist(indicator_node, stack)  # needed whether the blocks then run or not
         streams = g.skip_values(stack, blocks)
         previous = g.state("previous_indicator", like=indicator)
