@@ -27,6 +27,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import guard_tags
+from .compiled_code import drop_compiled_code
 
 __all__ = ["CaptureError", "CaptureGuard", "CapturedGraph", "InputSignature", "capture", "capture_in_backend",
            "input_signature", "refuse_unsupported_hooks"]
@@ -112,7 +113,7 @@ class CaptureGuard:
     def release(self) -> None:
         """Drop the capture's cache entry (and with it the guards and dynamo's tracing state)."""
         self._manager = None
-        torch._dynamo.eval_frame.remove_from_cache(self._entry.__code__)
+        drop_compiled_code(self._entry.__code__)
 
     def why_not(self, model, args: tuple, kwargs: dict) -> str:
         """The first guard that fails, in dynamo's words (empty when all hold)."""
@@ -641,5 +642,5 @@ def capture_dynamic(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
         raise CaptureError(f"dynamo could not capture {type(model).__name__} with symbolic sizes: "
                            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
     finally:
-        torch._dynamo.eval_frame.remove_from_cache(entry.__code__)
+        drop_compiled_code(entry.__code__)
     return recorded["gm"], list(recorded["inputs"])

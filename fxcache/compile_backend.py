@@ -89,27 +89,29 @@ class CacheBackend:
         self.passes = tuple(passes)
         self._compile_args = dict(backend=backend, mode=mode, options=options)
         self._scheduler = scheduler
-        # a CachedModel, made on the first graph when not given. A runtime that owns this backend (a
-        # split forward's) is held weakly: dynamo keeps what a backend returns in cache entries on the
-        # model's own code objects, beyond the garbage collector's sight, and a strong reference there
-        # kept every CachedModel and its model alive for the life of the process
-        self._runtime = runtime
+        # the CachedModel, made on the first graph when not given, held weakly: dynamo keeps every
+        # backend it was given (``cached_backends``) and what a backend returns (in cache entries on the
+        # model's own code objects) for the life of the process, beyond the garbage collector's sight,
+        # and a strong reference there kept every model compiled with fxcache alive. The runtime's
+        # owner holds it: the model (through the ``cache_context`` fxcache gives it), or for a split
+        # forward the CachedModel itself
+        self._runtime = weakref.ref(runtime) if runtime is not None else None
+        self._model_name = type(runtime.original).__name__ if runtime is not None else None
         self.graphs = {"rewritten": 0, "as_is": 0}
         self._pending_context = None  # (name, fields) the call being compiled was made under
 
     @property
     def runtime(self):
-        """The CachedModel; None before the first graph, or once a weakly held one is gone."""
-        runtime = self._runtime
-        return runtime() if isinstance(runtime, weakref.ref) else runtime
+        """The CachedModel; None before the first graph, or once its model is gone."""
+        return self._runtime() if self._runtime is not None else None
 
-    @runtime.setter
-    def runtime(self, runtime) -> None:
-        self._runtime = runtime
-
-    def hold_runtime_weakly(self) -> None:
-        """For a runtime that owns this backend (see ``__init__``)."""
-        self._runtime = weakref.ref(self._runtime)
+    def _require_runtime(self):
+        if self.runtime is not None:
+            return self.runtime
+        if self._runtime is None:
+            raise RuntimeError("nothing is compiled yet: call the compiled model once first")
+        raise RuntimeError(f"the {self._model_name} this backend compiled has been garbage collected: "
+                           "its cache went with it")
 
     # -- what dynamo calls --------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: list, mode: str | None = None,
@@ -187,15 +189,13 @@ class CacheBackend:
     def stats(self) -> dict[str, Any]:
         """As :meth:`fxcache.CachedModel.stats`, plus ``graphs``: how many graphs dynamo handed over
         were rewritten and how many compiled as they are."""
-        if self.runtime is None:
-            raise RuntimeError("nothing is compiled yet: call the compiled model once first")
-        return {**self.runtime.stats(), "graphs": dict(self.graphs)}
+        return {**self._require_runtime().stats(), "graphs": dict(self.graphs)}
 
     def explain(self, *args, **kwargs) -> str:
         """As :meth:`fxcache.CachedModel.explain`."""
-        if self.runtime is None:
+        if self._runtime is None:
             return "fxcache.backend: nothing is compiled yet (regions are read when the model is first called)"
-        return self.runtime.explain(*args, **kwargs)
+        return self._require_runtime().explain(*args, **kwargs)
 
     def reset(self) -> None:
         """Forget all cache state and step progress (what pipelines do through the model's
@@ -212,9 +212,10 @@ class CacheBackend:
                                      "fxcache.backend(..., backend='inductor'), not with a backend callable")
                 compile_args["mode"] = compile_args["mode"] or mode
                 compile_args["options"] = compile_args["options"] or options
-            self.runtime = CachedModel(root, self.passes, scheduler=self._scheduler, **compile_args)
-            self.runtime._capture_path = self.describe
-            _route_pipeline_calls(root, self.runtime)
+            runtime = CachedModel(root, self.passes, scheduler=self._scheduler, **compile_args)
+            runtime._capture_path = self.describe
+            _route_pipeline_calls(root, runtime)  # the model holds its runtime from here on
+            self._runtime, self._model_name = weakref.ref(runtime), type(root).__name__
             # the call being compiled entered the pipeline's cache_context before fxcache routed it
             self._pending_context = _open_cache_context(root)
         return self.runtime
@@ -233,7 +234,6 @@ class SplitForward:
         self.reason = f"{type(cause).__name__}: {first[:150]}{'...' if len(first) > 150 else ''}"
         self.opaque_failed = getattr(error, "opaque_failed", "")  # fxcache.opaque tried and could not
         self.backend = CacheBackend(runtime.passes, runtime=runtime, **runtime._compile_args)
-        self.backend.hold_runtime_weakly()
         self._compiled = torch.compile(_entry_function(SPLIT_ENTRY), backend=self.backend, dynamic=False)
         self._checked = None  # the structure and shapes of the last call checked (_check_call)
 

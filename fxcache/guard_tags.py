@@ -45,6 +45,8 @@ import types
 
 import torch
 
+from .compiled_code import drop_compiled_code
+
 __all__ = ["capture_config", "mark_tag_safe_subtrees", "roots_recheck_tensors", "supported", "tag_safe_roots"]
 
 logger = logging.getLogger(__name__)
@@ -96,7 +98,7 @@ def _probe(read, module, change) -> bool:
         logger.debug("fxcache: dict tags not trusted: %s", error)
         return False
     finally:
-        torch._dynamo.eval_frame.remove_from_cache(probe.__code__)
+        drop_compiled_code(probe.__code__)
 
 
 @functools.cache

@@ -29,6 +29,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .capture import MODULE_STACK, quiet_logging
+from .compiled_code import drop_compiled_code
 from .regions import example_value
 from .rewrite import RewrittenProgram
 from .state import CacheState
@@ -428,14 +429,31 @@ def _match_strides(graph: fx.Graph, calls: list[tuple[fx.Node, int]]) -> None:
                 call.args = (*call.args[:position], copy, *call.args[position + 1:])
 
 
-def _drop_compiled_code(forward: types.FunctionType) -> None:
-    """Remove dynamo's cache entries for a program's ``forward`` and for the functions dynamo made to
-    resume it after a graph break (a host read); dynamo then drops the compiled graphs it stored in
-    the forward's globals, which fx makes for each program alone."""
-    torch._dynamo.eval_frame.remove_from_cache(forward.__code__)
-    for name, value in list(forward.__globals__.items()):
-        if name.startswith("__resume_at_") and isinstance(value, types.FunctionType):
-            torch._dynamo.eval_frame.remove_from_cache(value.__code__)
+@dataclass(eq=False)
+class CompiledCode:
+    """What letting one program go frees: dynamo's compiled code for it (the cache entries on the
+    ``forward`` torch.compile was handed, and on the functions dynamo made to resume it after a host
+    read), its capture's guards, and its cache state. Held apart from the program, whose graph holds
+    the model: a CachedModel's finalizer holds these, and holding the programs there kept the model
+    alive when the model holds its CachedModel (``fxcache.backend``).
+
+    The forwards are held weakly: until their cache entries are dropped, those entries hold them."""
+
+    forwards: list  # weakref.ref to each forward function torch.compile was handed
+    guard: Any  # the capture's CaptureGuard, or None (a capture inside torch.compile has none)
+    state: CacheState
+
+    def release(self, free_state: bool = True) -> None:
+        if self.guard is not None:
+            self.guard.release()
+        for forward_ref in self.forwards:
+            forward = forward_ref()
+            if forward is not None:
+                drop_compiled_code(forward.__code__, *(
+                    value.__code__ for name, value in list(forward.__globals__.items())
+                    if name.startswith("__resume_at_") and isinstance(value, types.FunctionType)))
+        if free_state:
+            self.state.free()
 
 
 @dataclass(eq=False)
@@ -460,6 +478,7 @@ class Program:
     _compiled: Any = None
     flat_module: Any = None  # the program with its blocks flat, for calls with grad enabled where
     _compiled_flat: Any = None  # this torch cannot train through stamped blocks (``_regions_train``)
+    code: CompiledCode | None = None  # what release() frees
 
     @property
     def captured(self):
@@ -508,17 +527,16 @@ class Program:
                 program.flat_module, program._compiled_flat = compile_(graph_module)
             graph_module, program.stamped = stamp_blocks(graph_module, [b.name for b in rewritten.regions.blocks])
         program.compiled_module, program._compiled = compile_(graph_module)
+        program.code = CompiledCode([weakref.ref(type(module).forward) for module in
+                                     (program.compiled_module, program.flat_module) if module is not None],
+                                    rewritten.captured.guard, program.state)
         return program
 
     def release(self, free_state: bool = True) -> None:
         """Drop dynamo's compiled code for this program (its cache entries keep guards and graphs
-        alive otherwise), and its state unless another program shares it; called when the runtime
-        evicts it."""
-        for module in (self.compiled_module, self.flat_module):
-            if module is not None:
-                _drop_compiled_code(type(module).forward)
-        if free_state:
-            self.state.free()
+        alive otherwise), its capture's guards, and its state unless another program shares it;
+        called when the runtime evicts it."""
+        self.code.release(free_state)
 
     # -- call ---------------------------------------------------------------------------------------
     def __call__(self, inputs, state, scalars, flags) -> tuple:

@@ -33,7 +33,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .capture import CaptureError, InputSignature, capture, input_signature
-from .lower import Program
+from .lower import CompiledCode, Program
 from .opaque import describe_opaque
 from .passes.base import CachePass, Step
 from .regions import ModelRegions, find_regions
@@ -123,8 +123,10 @@ class CachedModel(torch.nn.Module):
         self._pieces_run = 0  # rewritten graphs run inside torch.compile (split forward, fxcache.backend)
         self._capture_path = None  # what explain() says of how the model is captured, when not one graph
         # dynamo keeps each compiled program in a cache entry on the program's code object, where the
-        # garbage collector cannot see it: without this, a dropped CachedModel kept its model alive
-        weakref.finalize(self, _release_programs, self._programs).atexit = False
+        # garbage collector cannot see it: without this, a dropped CachedModel kept its model alive.
+        # The finalizer holds what to free, never the programs (see lower.CompiledCode)
+        self._compiled_code: dict[int, CompiledCode] = {}
+        weakref.finalize(self, _release_compiled_code, self._compiled_code).atexit = False
 
     # -- attribute forwarding -----------------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -360,11 +362,12 @@ class CachedModel(torch.nn.Module):
         program.call_leaves = None if call_leaves is None else _describe_leaves(call_leaves)
         program.evictable = evictable
         self._programs[id(program)] = program
+        self._compiled_code[id(program)] = program.code
         while sum(p.evictable for p in self._programs.values()) > self._max_programs:
             key = next(k for k, p in self._programs.items() if p.evictable)
             evicted = self._programs.pop(key)
+            del self._compiled_code[key]
             self._evicted += 1
-            evicted.captured.guard.release()
             evicted.release(free_state=not any(p.group == evicted.group for p in self._programs.values()))
         return program
 
@@ -726,14 +729,11 @@ def _add_counters(into: dict[str, dict[str, Any]], states, which: str) -> None:
                 entry[counter] = entry.get(counter, 0) + value
 
 
-def _release_programs(programs: dict) -> None:
-    """Drop dynamo's compiled code and the capture entries of a CachedModel's programs (it was
-    garbage collected)."""
-    for program in list(programs.values()):
-        if program.captured.guard is not None:
-            program.captured.guard.release()
-        program.release()
-    programs.clear()
+def _release_compiled_code(compiled_code: dict) -> None:
+    """Free what a garbage-collected CachedModel's programs held in dynamo (lower.CompiledCode)."""
+    for code in list(compiled_code.values()):
+        code.release()
+    compiled_code.clear()
 
 
 def _rebuild(model, passes, compile_args, scheduler, max_cache_bytes, max_programs, training) -> CachedModel:

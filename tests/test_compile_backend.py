@@ -95,14 +95,17 @@ def test_a_split_forward_transformed_again_and_again_keeps_working_and_is_let_go
     model, calls, _ = drifting_calls(2)
     expected = _loop(fxcache.transform(model, PASSES["first_block_cache"](), backend="eager"), calls, "cond")
     assert torch._dynamo.config.recompile_limit < 12
-    cached_models = []
+    cached_models, models = [], []
     for _ in range(12):
         split = fxcache.transform(_like(BranchBeforeBlocks, model), PASSES["first_block_cache"](), backend="eager")
         assert torch.equal(_loop(split, calls, "cond"), expected)
         cached_models.append(weakref.ref(split))
+        models.append(weakref.ref(split.original))
         del split
     gc.collect()
+    gc.collect()  # what the CachedModels' finalizers let go during the first
     assert sum(ref() is not None for ref in cached_models) == 0
+    assert sum(ref() is not None for ref in models) == 0
 
 
 def test_a_break_inside_the_block_loop_is_a_clear_error_not_an_uncached_model():

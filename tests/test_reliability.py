@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fxcache
-from fxcache.passes import FirstBlockCache
+from fxcache.passes import FirstBlockCache, TaylorSeer
 from fxcache.testing import models
 
 STATE_BYTES = 2 * 16 * 32 * 4 + 8  # FirstBlockCache on tiny Flux: two (1, 16, 32) fp32 tensors + a counter
@@ -170,6 +170,42 @@ def test_a_dropped_cached_model_takes_its_compiled_code_with_it(flux):
     del cached, program
     gc.collect()
     assert not any(_debug_get_cache_entry_list(code) for code in codes)
+
+
+@pytest.mark.parametrize("path, make_pass", [
+    ("transform", lambda: FirstBlockCache(threshold=0.3)),  # a host read: dynamo splits the program
+    ("transform", lambda: TaylorSeer(cache_interval=2)),  # one graph
+    ("torch.compile", lambda: TaylorSeer(cache_interval=2)),  # fxcache.backend: the model holds its cache
+], ids=["host_read", "one_graph", "fxcache_backend"])
+def test_a_model_let_go_is_freed_with_everything_compiled_for_it(path, make_pass):
+    """Every model fxcache compiled once lived for the life of the process: dynamo's guards register
+    ``weakref.finalize`` callbacks that hold them (and, through the frame's globals, the program and
+    its model) while a matched object lives; its cleanup hooks hold a split frame's globals; and a
+    CachedModel's own finalizer held its programs, which a model compiled with ``fxcache.backend``
+    reaches back from."""
+    import gc
+    import weakref
+
+    freed = []
+    for _ in range(2):
+        tiny = models.build("flux", num_layers=1, num_single_layers=1)
+        if path == "transform":
+            cached = fxcache.transform(tiny.model, [make_pass()], backend="eager")
+        else:
+            cache = fxcache.backend([make_pass()], backend="eager")
+            cached = torch.compile(tiny.model, backend=cache)
+        x = tiny.noise()
+        for index, sigma in enumerate((1.0, 0.75, 0.5)):
+            with cached.cache_context("cond", step_index=index, num_inference_steps=3):
+                x = x - 0.1 * cached(**tiny.inputs(x, sigma))[0]
+        freed.append(weakref.ref(tiny.model))
+        del tiny, cached
+    gc.collect()
+    gc.collect()  # what a CachedModel's finalizer let go during the first
+    assert [ref() is None for ref in freed] == [True, True]
+    if path == "torch.compile":  # dynamo keeps the backend; it says where its cache went
+        with pytest.raises(RuntimeError, match="FluxTransformer2DModel this backend compiled has been garbage collected"):
+            cache.stats()
 
 
 @pytest.mark.parametrize("feature, enable, says", [
