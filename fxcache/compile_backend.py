@@ -205,6 +205,9 @@ class CacheBackend:
 
     def _runtime_for(self, root: torch.nn.Module, mode, options):
         if self.runtime is None:
+            if self._runtime is not None:
+                raise RuntimeError(f"this fxcache.backend(...) served a {self._model_name} that has been garbage "
+                                   f"collected; compile {type(root).__name__} with a new fxcache.backend(...)")
             compile_args = dict(self._compile_args)
             if mode is not None or options:  # given to torch.compile: they compile the program too
                 if callable(compile_args["backend"]):
@@ -216,6 +219,7 @@ class CacheBackend:
             runtime._capture_path = self.describe
             _route_pipeline_calls(root, runtime)  # the model holds its runtime from here on
             self._runtime, self._model_name = weakref.ref(runtime), type(root).__name__
+            self._scheduler = None  # the runtime holds it now; a pipeline held here held every model in it
             # the call being compiled entered the pipeline's cache_context before fxcache routed it
             self._pending_context = _open_cache_context(root)
         return self.runtime

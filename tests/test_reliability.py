@@ -184,28 +184,38 @@ def test_a_model_let_go_is_freed_with_everything_compiled_for_it(path, make_pass
     CachedModel's own finalizer held its programs, which a model compiled with ``fxcache.backend``
     reaches back from."""
     import gc
+    import types
     import weakref
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     freed = []
     for _ in range(2):
         tiny = models.build("flux", num_layers=1, num_single_layers=1)
+        scheduler = FlowMatchEulerDiscreteScheduler()
+        pipe = types.SimpleNamespace(transformer=tiny.model, scheduler=scheduler)  # holds the model, as a pipeline
         if path == "transform":
-            cached = fxcache.transform(tiny.model, [make_pass()], backend="eager")
+            cached = fxcache.transform(tiny.model, [make_pass()], backend="eager", scheduler=pipe)
         else:
-            cache = fxcache.backend([make_pass()], backend="eager")
+            cache = fxcache.backend([make_pass()], backend="eager", scheduler=pipe)
             cached = torch.compile(tiny.model, backend=cache)
         x = tiny.noise()
-        for index, sigma in enumerate((1.0, 0.75, 0.5)):
-            with cached.cache_context("cond", step_index=index, num_inference_steps=3):
-                x = x - 0.1 * cached(**tiny.inputs(x, sigma))[0]
+        scheduler.set_timesteps(3)
+        for timestep, sigma in zip(scheduler.timesteps, scheduler.sigmas.tolist()):
+            with cached.cache_context("cond"):
+                x = scheduler.step(cached(**tiny.inputs(x, sigma))[0], timestep, x).prev_sample
         freed.append(weakref.ref(tiny.model))
-        del tiny, cached
+        tiny_inputs = tiny.inputs(x, 1.0)
+        del tiny, cached, pipe, scheduler
     gc.collect()
     gc.collect()  # what a CachedModel's finalizer let go during the first
     assert [ref() is None for ref in freed] == [True, True]
     if path == "torch.compile":  # dynamo keeps the backend; it says where its cache went
         with pytest.raises(RuntimeError, match="FluxTransformer2DModel this backend compiled has been garbage collected"):
             cache.stats()
+        with pytest.raises(RuntimeError, match="compile FluxTransformer2DModel with a new fxcache.backend"):
+            torch.compile(models.build("flux", num_layers=2, num_single_layers=1).model, backend=cache)(
+                **tiny_inputs)
 
 
 @pytest.mark.parametrize("feature, enable, says", [
