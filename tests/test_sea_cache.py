@@ -2,6 +2,8 @@
 ``step_index``, ``sigma`` and ``num_inference_steps`` to ``cache_context``), in a loop driven by
 hand, and with the sigma read from the scheduler instead; plus the models and calls it refuses."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from diffusers import SeaCacheConfig
@@ -27,7 +29,7 @@ def _loop(model, tiny, x, contexts=("cond",), fields=True):
         velocities = []
         for condition, name in enumerate(contexts):
             extra = dict(step_index=i, sigma=sigma, num_inference_steps=STEPS) if fields else {}
-            with model.cache_context(name, **extra):
+            with model.cache_context(name, **extra) if fields or hasattr(model, "cache_context") else nullcontext():
                 velocities.append(model(**tiny.inputs(x, sigma, condition))[0])
         x = x - 0.1 * sum(velocities)
     return x
@@ -118,6 +120,29 @@ def test_models_whose_input_is_not_the_latents_alone_are_refused_by_name():
     with pytest.raises(RegionError, match="more than the generated latents"):
         with cached.cache_context("cond", step_index=0, sigma=1.0):
             cached(**inputs)
+
+
+def test_a_model_whose_sizes_come_from_the_data_is_cached_and_a_split_forward_is_refused_by_name():
+    """HiDream routes tokens to experts outside the graph, so its output's sizes are read from the
+    data: comparing them with the latents' once failed inside torch ("Could not guard on
+    data-dependent expression"). Lumina2's forward is split at a graph break before its blocks, so
+    the graph that holds them takes no latents: it was refused as "a packed token sequence"."""
+    from tests.model_registry import BY_NAME
+
+    hidream = BY_NAME["hidream"].build()
+    x = hidream.noise()
+    uncached = _loop(hidream.model, hidream, x, fields=False)
+    never = fxcache.transform(hidream.model, [SeaCache(threshold=0.0)], backend="eager")
+    assert torch.equal(_loop(never, hidream, x), uncached)
+    skipping = fxcache.transform(hidream.model, [SeaCache(threshold=100.0, max_consecutive_cached=2)], backend="eager")
+    assert torch.isfinite(_loop(skipping, hidream, x)).all()
+    assert skipping.stats()["contexts"]["cond"]["sea_cache.blocks_computed"] == 4  # steps 0, 3, 6 and the last
+
+    lumina2 = BY_NAME["lumina2"].build()
+    cached = fxcache.transform(lumina2.model, [SeaCache(num_inference_steps=4)], backend="eager")
+    with pytest.raises(RegionError, match="graph break before the blocks.*TeaCache or FirstBlockCache"):
+        with cached.cache_context("cond", step_index=0, sigma=1.0):
+            cached(**lumina2.inputs(lumina2.noise(), 1.0))
 
 
 @given(field=st.sampled_from(["threshold", "residual_order", "retention_steps", "cache_end_steps",

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ..regions import RegionError, example_value
 from ..rewrite import INPUTS, REGION, PassBuilder, copy_into
@@ -164,6 +165,14 @@ def find_latents(g: PassBuilder) -> fx.Node:
     all of whose channels are latents (the model returns at least as many)."""
     inputs = g.inputs
     node = inputs.get("hidden_states")
+    if node is None and g.captured.input_spec is None:
+        # a graph that starts after a graph break (a split forward): its inputs are whatever the
+        # code before the break computed, never to be taken for the latents by their shape
+        raise RegionError(
+            f"SeaCache filters the model's input latents, and the graph that holds {type(g.model).__name__}'s "
+            "blocks does not take them: dynamo splits its forward at a graph break before the blocks "
+            "(explain() says where), so the latents are read outside that graph. Use TeaCache or "
+            "FirstBlockCache on it")
     if node is None:
         node = next((n for n in inputs.values() if isinstance(example_value(n), torch.Tensor)
                      and example_value(n).dim() in (4, 5)), None)
@@ -175,7 +184,11 @@ def find_latents(g: PassBuilder) -> fx.Node:
             f"(B, C, H, W); this model's hidden_states is {shape} (a packed token sequence?). Use TeaCache or "
             "FirstBlockCache on it")
     sample = example_value(g.sample)
-    if sample.dim() != value.dim() or sample.shape[2:] != value.shape[2:] or sample.shape[1] < value.shape[1]:
+    # a size the graph reads from the data (HiDream's routed experts) may be unknown here: refuse
+    # only what is known to differ
+    if sample.dim() != value.dim() or any(guard_or_false(ours != theirs) for ours, theirs in
+                                          zip(sample.shape[2:], value.shape[2:])) \
+            or guard_or_false(sample.shape[1] < value.shape[1]):
         raise RegionError(
             f"SeaCache: the model takes hidden_states {tuple(value.shape)} and returns {tuple(sample.shape)}; its "
             "input holds more than the generated latents (image-to-video conditioning channels?), which "
