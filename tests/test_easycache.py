@@ -1,6 +1,7 @@
 """EasyCache against the reference algorithm (H-EmbodVis/EasyCache) written out here on TinyDiT,
 both lowerings; its fields; composed with TaylorSeer."""
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -102,3 +103,32 @@ def test_fields():
     assert dataclasses.is_dataclass(EasyCache) and EasyCache.__dataclass_params__.frozen
     assert EasyCache(ret_steps=2, num_inference_steps=10).forced(9, None)
     assert not EasyCache(ret_steps=2).forced(5, None) and EasyCache(ret_steps=2).forced(1, None)
+
+
+@pytest.mark.parametrize("lowering", ["host", "cond"])
+def test_models_whose_streams_merge_before_the_last_blocks(lowering):
+    """Chroma (as Flux 2) concatenates text and image tokens before its single-stream blocks, so the
+    stack's hidden output is longer than its hidden input: the rate's ``y - x_last`` once failed
+    inside dynamo ("Attempting to broadcast a dimension of length 16")."""
+    from tests.model_registry import BY_NAME
+
+    tiny = BY_NAME["chroma"].build()
+    sigmas = torch.linspace(1.0, 0.0, 7).tolist()
+
+    def loop(model):
+        x = tiny.noise()
+        for i in range(6):
+            context = model.cache_context("cond", step_index=i, num_inference_steps=6) \
+                if isinstance(model, fxcache.CachedModel) else contextlib.nullcontext()
+            with torch.no_grad(), context:
+                x = x + (sigmas[i + 1] - sigmas[i]) * model(**tiny.inputs(x, sigmas[i]))[0]
+        return x
+
+    uncached = loop(tiny.model)
+    never = fxcache.transform(tiny.model, [EasyCache(thresh=0.0, ret_steps=1, lowering=lowering)], backend="eager")
+    assert torch.equal(loop(never), uncached)
+    skipping = fxcache.transform(tiny.model, [EasyCache(thresh=10.0, ret_steps=1, lowering=lowering)],
+                                 backend="eager")
+    assert torch.isfinite(loop(skipping)).all()
+    # step 0 (retained), step 1 (the rate is not known yet) and step 5 (the last) compute
+    assert skipping.stats()["contexts"]["cond"]["easycache.blocks_computed"] == 3

@@ -21,7 +21,8 @@ of a generation of ``N`` steps, with ``x`` the input and ``y`` the output it mea
   ``x_last, y_last = x, y``.
 
 Here ``x`` and ``y`` are the hidden stream entering the first transformer block and leaving the last
-(scope ``"blocks"``), where the reference measures the whole model's latent input and its output
+(scope ``"blocks"``; where streams merge, the rate's ``x`` is the two streams concatenated as the last
+block reads them, so that ``y - x`` has ``y``'s shape), where the reference measures the whole model's latent input and its output
 (see docs/easycache.md, deviations). The decision is made in the graph from state declared with
 ``g.state``; ``lowering="host"`` reads it with one ``.item()`` per call, ``lowering="cond"`` keeps
 one graph with ``torch.cond``. The transformation vector is a ``g.cache``, so
@@ -93,7 +94,10 @@ class EasyCache(CachePass):
         x = blocks[0].stream_inputs[HIDDEN]
         y = stack.outputs[position]
         previous_input = g.state("previous_input", like=x)     # x_prev: the last call's input
-        last_input = g.state("last_computed_input", like=x)    # x_last
+        # x_last is the stream the rate compares y with: the last block's output as it would be with
+        # every block skipped, which has y's shape also where streams merge (Flux 2, Chroma: text and
+        # image tokens concatenated before the single-stream blocks); elsewhere it is x
+        last_input = g.state("last_computed_input", like=y)
         last_output = g.state("last_computed_output", like=y)  # y_last
         rate = g.state("k", shape=(1,), dtype=torch.float64)
         accumulated = g.state("accumulated_error", shape=(1,), dtype=torch.float64)
