@@ -827,6 +827,10 @@ class PassBuilder:
         if after is None:
             after = next(n for n in graph.nodes if n.op == "output").prev
         resolved = tuple(self._builder._resolve_arg(a) for a in args)
+        if after.op == "placeholder":
+            # after a graph input (a split forward's piece takes the hidden stream as one): after every
+            # input, the state just declared for this call included
+            after = [n for n in graph.nodes if n.op == "placeholder"][-1]
         with graph.inserting_after(after):
             return graph.call_function(fn, resolved)
 

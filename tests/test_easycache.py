@@ -105,14 +105,16 @@ def test_fields():
     assert not EasyCache(ret_steps=2).forced(5, None) and EasyCache(ret_steps=2).forced(1, None)
 
 
-@pytest.mark.parametrize("lowering", ["host", "cond"])
-def test_models_whose_streams_merge_before_the_last_blocks(lowering):
-    """Chroma (as Flux 2) concatenates text and image tokens before its single-stream blocks, so the
-    stack's hidden output is longer than its hidden input: the rate's ``y - x_last`` once failed
-    inside dynamo ("Attempting to broadcast a dimension of length 16")."""
+@pytest.mark.parametrize("name, lowering", [("chroma", "host"), ("chroma", "cond"), ("omnigen", "host")])
+def test_models_whose_streams_merge_or_whose_forward_is_split(name, lowering):
+    """Chroma (as Flux 2, Lumina2, HiDream, AuraFlow) concatenates text and image tokens before its
+    last blocks, so the stack's hidden output is longer than its hidden input: the rate's
+    ``y - x_last`` once failed inside dynamo ("Attempting to broadcast a dimension of length 16").
+    OmniGen's forward is split at a graph break, so the hidden stream enters the graph holding the
+    blocks as an input: the decision was put among the inputs, before its state ("malformed graph")."""
     from tests.model_registry import BY_NAME
 
-    tiny = BY_NAME["chroma"].build()
+    tiny = BY_NAME[name].build()
     sigmas = torch.linspace(1.0, 0.0, 7).tolist()
 
     def loop(model):
