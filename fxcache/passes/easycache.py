@@ -21,13 +21,14 @@ of a generation of ``N`` steps, with ``x`` the input and ``y`` the output it mea
   ``x_last, y_last = x, y``.
 
 Here ``x`` and ``y`` are the hidden stream entering the first transformer block and leaving the last
-(scope ``"blocks"``; where streams merge, the rate's ``x`` is the two streams concatenated as the last
-block reads them, so that ``y - x`` has ``y``'s shape), where the reference measures the whole model's latent input and its output
-(see docs/easycache.md, deviations). The decision is made in the graph from state declared with
-``g.state``; ``lowering="host"`` reads it with one ``.item()`` per call, ``lowering="cond"`` keeps
-one graph with ``torch.cond``. The transformation vector is a ``g.cache``, so
-``TaylorSeer(target="reused")`` forecasts it instead of repeating it. State is kept per cache
-context (the reference decides on the conditional call and lets the unconditional one follow).
+(scope ``"blocks"``; where streams merge, the rate's ``x`` is the two streams concatenated as the
+last block reads them, so that ``y - x`` has ``y``'s shape), where the reference measures the whole
+model's latent input and its output (see docs/easycache.md, deviations). The decision is made in the
+graph from state declared with ``g.state``; ``lowering="host"`` reads it with one ``.item()`` per
+call, ``lowering="cond"`` keeps one graph with ``torch.cond``. The transformation vector is a
+``g.cache``, so ``TaylorSeer(target="reused")`` forecasts it instead of repeating it. State is kept
+per cache context (the reference decides on the conditional call and lets the unconditional one
+follow).
 
 Example::
 
