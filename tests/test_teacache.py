@@ -113,3 +113,16 @@ def test_presets_and_fields():
         with pytest.raises(ConfigError, match=field):
             TeaCache(**{field: value})
     assert dataclasses.is_dataclass(TeaCache) and TeaCache.__dataclass_params__.frozen
+
+
+def test_a_split_forward_whose_graph_takes_no_timestep_is_refused_saying_so():
+    """Lumina2's forward is split at a graph break before its blocks: the graph that holds them takes
+    the timestep already embedded, and the error said only "no input of the model is a timestep"."""
+    from tests.model_registry import BY_NAME
+
+    lumina2 = BY_NAME["lumina2"].build()
+    cached = fxcache.transform(lumina2.model, [TeaCache(num_inference_steps=4)], backend="eager")
+    with pytest.raises(fxcache.RegionError, match="no input of the model is a timestep.*graph break before the "
+                                                  "blocks.*FirstBlockCache or MagCache"):
+        with cached.cache_context("cond", step_index=0):
+            cached(**lumina2.inputs(lumina2.noise(), 1.0))

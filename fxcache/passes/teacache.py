@@ -120,7 +120,8 @@ class TeaCache(CachePass):
     # -- rewrite ------------------------------------------------------------------------------------
     def rewrite(self, g: PassBuilder) -> None:
         blocks = g.regions.blocks
-        indicator_node = find_indicator(blocks[0], g.inputs, self.indicator)
+        indicator_node = find_indicator(blocks[0], g.inputs, self.indicator,
+                                        after_a_break=g.captured.input_spec is None)
         stack, hidden_position = block_stack(g)
         indicator = g.hoist(indicator_node, stack)  # needed whether the blocks then run or not
         streams = g.skip_values(stack, blocks)
@@ -186,16 +187,21 @@ def accumulate_and_decide(indicator: torch.Tensor, previous: torch.Tensor, accum
 
 
 # -- the indicator ----------------------------------------------------------------------------------
-def find_indicator(block: Block, inputs: dict[str, fx.Node], indicator: str) -> fx.Node:
-    """The node of ``block`` TeaCache compares between calls (see the module docstring)."""
+def find_indicator(block: Block, inputs: dict[str, fx.Node], indicator: str, after_a_break: bool = False) -> fx.Node:
+    """The node of ``block`` TeaCache compares between calls (see the module docstring).
+    ``after_a_break``: the graph starts after a graph break (a split forward), so its inputs are what
+    the code before the break computed."""
     members = set(block.nodes)
     # the timestep: an input named so, else the per-sample scalars (timestep, guidance: (B,) or 0-d)
     named = [node for name, node in inputs.items() if "timestep" in name]
     scalars = [node for node in inputs.values()
                if isinstance(example_value(node), torch.Tensor) and example_value(node).dim() <= 1]
     if not (named or scalars):
+        split = (" dynamo splits the forward at a graph break before the blocks (explain() says where), and "
+                 "the graph that holds them starts after it, with the timestep already embedded; use "
+                 "FirstBlockCache or MagCache on it." if after_a_break else "")
         raise RegionError(f"TeaCache: no input of the model is a timestep (inputs: {list(inputs)}); the "
-                          "indicator is found from the timestep embedding")
+                          f"indicator is found from the timestep embedding.{split}")
     from_timestep = set().union(*(descendants(node) for node in named or scalars))
     embeddings = [n for n in block.inputs if n in from_timestep and n not in block.stream_inputs.values()
                   and isinstance(example_value(n), torch.Tensor)]
