@@ -166,6 +166,13 @@ class CapturedGraph:
     backend_inputs: list[int] | None = None
     _output_kind: str | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def is_piece(self) -> bool:
+        """Whether this graph is a piece of the model's forward that dynamo split at a graph break
+        (a split forward), not the whole call: its inputs are what the code before the break
+        computed, and it has no call structure."""
+        return self.input_spec is None
+
     def example_call(self, batch_of=None) -> tuple[tuple, dict]:
         """Call arguments with this graph's signature: zeros for tensors (``batch_of(shape)`` may
         change a tensor's shape, e.g. halve its batch), the captured values otherwise. Enough to
@@ -176,7 +183,7 @@ class CapturedGraph:
             args, kwargs = captured.example_call()
             again = capture(captured.graph_module.model, args, kwargs)
         """
-        if self.input_spec is None:
+        if self.is_piece:
             raise CaptureError(
                 "this graph is a piece of the model's forward that dynamo split at a graph break, not the "
                 "whole call, so it cannot be captured again with other inputs (what FasterCache's half batch, "

@@ -106,8 +106,9 @@ class CacheBackend:
         return self._runtime() if self._runtime is not None else None
 
     def _require_runtime(self):
-        if self.runtime is not None:
-            return self.runtime
+        runtime = self.runtime  # once: a weakly held runtime may go between two reads
+        if runtime is not None:
+            return runtime
         if self._runtime is None:
             raise RuntimeError("nothing is compiled yet: call the compiled model once first")
         raise RuntimeError(f"the {self._model_name} this backend compiled has been garbage collected: "
@@ -367,7 +368,7 @@ def _split_by_break(gm: fx.GraphModule, captured, code: types.CodeType | None) -
     reason = getattr(gm, "compile_subgraph_reason", None)
     if reason is not None and getattr(reason, "graph_break", False):
         return str(reason.reason).strip().splitlines()[0]
-    if captured.input_spec is None or (code is not None and code.co_name.startswith("torch_dynamo_resume_in_")):
+    if captured.is_piece or (code is not None and code.co_name.startswith("torch_dynamo_resume_in_")):
         return "the graph starts after a graph break"
     return None
 

@@ -452,7 +452,7 @@ def merge_frames(x: torch.Tensor, tensor_format: str, grid: tuple[int, int] | No
 
 def _grid_from_inputs(captured) -> tuple[int, int] | None:
     """The token grid where the inputs carry it as values: Qwen-Image's ``img_shapes`` (frames, H, W)."""
-    if captured.input_spec is None:
+    if captured.is_piece:
         return None
     args, kwargs = captured.example_call()
     shapes = kwargs.get("img_shapes")

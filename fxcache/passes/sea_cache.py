@@ -165,7 +165,7 @@ def find_latents(g: PassBuilder) -> fx.Node:
     all of whose channels are latents (the model returns at least as many)."""
     inputs = g.inputs
     node = inputs.get("hidden_states")
-    if node is None and g.captured.input_spec is None:
+    if node is None and g.captured.is_piece:
         # a graph that starts after a graph break (a split forward): its inputs are whatever the
         # code before the break computed, never to be taken for the latents by their shape
         raise RegionError(

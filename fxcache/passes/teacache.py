@@ -120,8 +120,7 @@ class TeaCache(CachePass):
     # -- rewrite ------------------------------------------------------------------------------------
     def rewrite(self, g: PassBuilder) -> None:
         blocks = g.regions.blocks
-        indicator_node = find_indicator(blocks[0], g.inputs, self.indicator,
-                                        after_a_break=g.captured.input_spec is None)
+        indicator_node = find_indicator(blocks[0], g.inputs, self.indicator, after_a_break=g.captured.is_piece)
         stack, hidden_position = block_stack(g)
         indicator = g.hoist(indicator_node, stack)  # needed whether the blocks then run or not
         streams = g.skip_values(stack, blocks)
@@ -187,7 +186,8 @@ def accumulate_and_decide(indicator: torch.Tensor, previous: torch.Tensor, accum
 
 
 # -- the indicator ----------------------------------------------------------------------------------
-def find_indicator(block: Block, inputs: dict[str, fx.Node], indicator: str, after_a_break: bool = False) -> fx.Node:
+def find_indicator(block: Block, inputs: dict[str, fx.Node], indicator: str,
+                   after_a_break: bool = False) -> fx.Node:
     """The node of ``block`` TeaCache compares between calls (see the module docstring).
     ``after_a_break``: the graph starts after a graph break (a split forward), so its inputs are what
     the code before the break computed."""
