@@ -140,7 +140,7 @@ def test_a_model_whose_sizes_come_from_the_data_is_cached_and_a_split_forward_is
 
     lumina2 = BY_NAME["lumina2"].build()
     cached = fxcache.transform(lumina2.model, [SeaCache(num_inference_steps=4)], backend="eager")
-    with pytest.raises(RegionError, match="graph break before the blocks.*TeaCache or FirstBlockCache"):
+    with pytest.raises(RegionError, match="graph break before the blocks.*FirstBlockCache or MagCache"):
         with cached.cache_context("cond", step_index=0, sigma=1.0):
             cached(**lumina2.inputs(lumina2.noise(), 1.0))
 

@@ -171,8 +171,8 @@ def find_latents(g: PassBuilder) -> fx.Node:
         raise RegionError(
             f"SeaCache filters the model's input latents, and the graph that holds {type(g.model).__name__}'s "
             "blocks does not take them: dynamo splits its forward at a graph break before the blocks "
-            "(explain() says where), so the latents are read outside that graph. Use TeaCache or "
-            "FirstBlockCache on it")
+            "(explain() says where), so the latents are read outside that graph. Use FirstBlockCache or "
+            "MagCache on it (TeaCache needs the timestep, which that graph takes already embedded)")
     if node is None:
         node = next((n for n in inputs.values() if isinstance(example_value(n), torch.Tensor)
                      and example_value(n).dim() in (4, 5)), None)
