@@ -1,16 +1,21 @@
 """FoCa against the paper's forecast (BDF2, eq. 7) and calibration (Heun, eq. 8) written out here step
 by step, as cache-dit's port runs them: on tiny Flux and Wan with CFG (modules; also no host read, no
 graph break, one graph per flag value), forecasting FirstBlockCache's residual (reused), its
-schedule, its fields, and its one deviation from cache-dit (the anchor's rate is per step)."""
+schedule, its fields, its one deviation from cache-dit (the anchor's rate is per step), and the
+default features on block lists the reference code does not name (Lumina 2, HiDream, AuraFlow, ...)."""
+
+import ast
+import re
 
 import pytest
 import torch
 
 import fxcache
-from fxcache import ConfigError
+from fxcache import ConfigError, RegionError
 from fxcache.passes import FirstBlockCache, FoCa
 from tests.dit import Attention, drifting_calls
 from tests.forecast_reference import assert_equals_reference_with_cfg, first_block_cache_loop, reference_schedule
+from tests.model_registry import BY_NAME
 
 STEPS = 9
 
@@ -50,6 +55,62 @@ def test_schedule_is_the_taylorseer_reference_cal_type(interval, warmup):
 def test_equals_the_paper_step_by_step_with_cfg(name):
     config = FoCa(cache_interval=3, warmup_steps=2)  # computes 0, 1, 4, 7
     assert_equals_reference_with_cfg(name, config, STEPS, reference_schedule(STEPS, 3, 2), FoCaFeature)
+
+
+# block lists the reference code's names do not reach, and the features FoCa (and HiCache: one
+# function, default_features) picks there by default: each block's attention and feed-forward modules
+DEFAULT_FEATURES = {
+    "flux2": r"transformer_blocks\.\d+\.(attn|ff|ff_context)|single_transformer_blocks\.\d+\.attn",  # parallel attn+MLP
+    "auraflow": r"joint_transformer_blocks\.\d+\.(attn|ff|ff_context)|single_transformer_blocks\.\d+\.(attn|ff)",
+    "hidream": r"double_stream_blocks\.\d+\.block\.(attn1|ff_i|ff_t)|single_stream_blocks\.\d+\.block\.(attn1|ff_i)",
+    "kandinsky5": r"visual_transformer_blocks\.\d+\.(self_attention|cross_attention|feed_forward)",
+    "lumina2": r"(noise_refiner|layers)\.\d+\.(attn|feed_forward)",  # the image tokens' refiner blocks too
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULT_FEATURES))
+def test_default_features_on_block_lists_the_reference_does_not_name(name):
+    config = FoCa(cache_interval=2, warmup_steps=2)  # computes 0, 1, 3
+    steps = 4
+    assert_equals_reference_with_cfg(name, config, steps, reference_schedule(steps, 2, 2), FoCaFeature,
+                                     tiny=BY_NAME[name].build(), features=DEFAULT_FEATURES[name])
+
+
+class _Mixer(torch.nn.Module):
+    """A block with attention but no module named like one: ``mix`` feeds it."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        q = self.mix(x)
+        return x + torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+
+class _Mixers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Mixer() for _ in range(3))
+
+    def forward(self, hidden_states):
+        for block in self.blocks:
+            hidden_states = block(hidden_states)
+        return hidden_states
+
+
+def test_no_default_feature_is_an_error_that_names_the_paths_and_a_pattern_that_works():
+    model, x = _Mixers(), torch.randn(1, 4, 8)
+    cached = fxcache.transform(model, [FoCa()], backend="eager")
+    with pytest.raises(RegionError, match=r"no block has an attention or feed-forward.*blocks\.0\.mix") as error:
+        with cached.cache_context("c"):
+            cached(x)
+    suggested = ast.literal_eval(re.search(r"cache_identifiers=(\(.*\))$", str(error.value)).group(1))
+    named = fxcache.transform(model, [FoCa(cache_interval=2, warmup_steps=1, cache_identifiers=suggested)],
+                              backend="eager")
+    with torch.no_grad(), named.cache_context("c"):
+        assert torch.equal(named(x), model(x))  # step 0 computes
+    assert set(named.programs()[-1].flags[0].gates) == {"blocks.0.mix", "blocks.1.mix", "blocks.2.mix"}
 
 
 def test_forecasts_the_residual_first_block_cache_reuses():

@@ -33,7 +33,7 @@ Example (a pass with both targets)::
         if self.target == "reused":
             g.forecast_caches(forecast)
             return
-        targets = select_modules(g, "MyForecaster", DEFAULT_FEATURE_IDENTIFIERS)
+        targets = default_features(g, "MyForecaster")
         rewrite_modules(g, targets, lambda i: interval_computes(i, warmup=3, interval=6, anchor=2),
                         lambda value: forecast)
 """
@@ -50,9 +50,9 @@ from ..regions import Region, RegionError, example_value
 from ..rewrite import INPUTS, REGION, Cache, PassBuilder
 from .base import CachePass
 
-__all__ = ["DEFAULT_FEATURE_IDENTIFIERS", "DifferenceForecast", "ForecastPass", "IntervalForecastPass", "StepForecast",
-           "compute_or_forecast", "compute_or_zeros", "interval_computes", "rewrite_modules", "select_modules",
-           "taylor_coefficients"]
+__all__ = ["DEFAULT_FEATURE_IDENTIFIERS", "FEATURE_MODULE_NAMES", "DifferenceForecast", "ForecastPass",
+           "IntervalForecastPass", "StepForecast", "compute_or_forecast", "compute_or_zeros", "default_features",
+           "interval_computes", "rewrite_modules", "select_modules", "taylor_coefficients"]
 
 # The features FoCa's and HiCache's reference code caches: the attention and feed-forward outputs of
 # every block before their gates (Flux double blocks: attn, ff, ff_context; Wan: attn1, attn2, ffn;
@@ -61,6 +61,13 @@ DEFAULT_FEATURE_IDENTIFIERS = (
     "^(transformer_blocks|blocks|temporal_transformer_blocks)\\.\\d+\\.(attn\\d*|ff|ff_context|ffn|img_mlp|txt_mlp)$",
     "^single_transformer_blocks\\.\\d+\\.proj_out$",
 )
+
+# Block lists those identifiers do not reach (Lumina's layers, AuraFlow's joint_transformer_blocks,
+# Kandinsky 5, HiDream, Flux.2's single-stream blocks, ...): a block's features are then its attention
+# and feed-forward modules, by name, as its children or one wrapper below (HiDream's
+# double_stream_blocks.0.block.attn1)
+FEATURE_MODULE_NAMES = ("attn\\d*", "attention", "self_attn", "cross_attn", "self_attention", "cross_attention",
+                        "ff", "ff_context", "ff_i", "ff_t", "ffn", "feed_forward", "mlp", "img_mlp", "txt_mlp")
 
 
 def is_float8(dtype: torch.dtype) -> bool:
@@ -100,7 +107,7 @@ class IntervalForecastPass(ForecastPass):
     """FoCa and HiCache: fields ``cache_interval``, ``warmup_steps``, ``factors_dtype``,
     ``cache_identifiers``, ``target``; the reference code's schedule (steps ``0..warmup_steps-1``,
     then every ``cache_interval``-th step counted from the last warm-up step); by default the features
-    of :data:`DEFAULT_FEATURE_IDENTIFIERS`. A subclass says how one value is forecast:
+    of :func:`default_features`. A subclass says how one value is forecast:
     ``forecast(reused)``.
 
     Example::
@@ -139,7 +146,9 @@ class IntervalForecastPass(ForecastPass):
             g.forecast_caches(self.forecast(reused=True))
             return
         forecast = self.forecast(reused=False)
-        targets = select_modules(g, type(self).__name__, self.cache_identifiers or DEFAULT_FEATURE_IDENTIFIERS)
+        owner = type(self).__name__
+        targets = (select_modules(g, owner, self.cache_identifiers) if self.cache_identifiers
+                   else default_features(g, owner))
         rewrite_modules(g, targets, self.computes, lambda value: forecast)
 
 
@@ -154,11 +163,7 @@ def select_modules(g: PassBuilder, owner: str, cache_patterns: Sequence[str],
 
         select_modules(g, "HiCache", ["blocks[.][0-9]+[.]attn1"])   # [(<Region blocks.0.attn1>, False), ...]
     """
-    paths: dict[str, None] = {}
-    for node in g.graph.nodes:
-        if node.op not in ("placeholder", "get_attr", "output"):
-            for path in node.meta.get(MODULE_STACK, ()):
-                paths[path] = None
+    paths = _module_paths(g)
     matched = []
     for path in paths:
         inactive = any(re.fullmatch(p, path) for p in skip_patterns)
@@ -175,6 +180,49 @@ def select_modules(g: PassBuilder, owner: str, cache_patterns: Sequence[str],
             raise RegionError(f"{owner}: {name} and the module around it, {outer}, both match the "
                               "identifiers; fxcache caches modules that do not nest, so narrow the patterns")
     return [(g.module(path), inactive) for path, inactive in matched]
+
+
+def default_features(g: PassBuilder, owner: str) -> list[tuple[Region, bool]]:
+    """The modules FoCa and HiCache forecast by default: :data:`DEFAULT_FEATURE_IDENTIFIERS` (the
+    reference code's) in the block lists they match, and in every other block list of the model's
+    blocks the attention and feed-forward modules of :data:`FEATURE_MODULE_NAMES`. No feature in
+    any block is an error naming the paths found.
+
+    Example::
+
+        default_features(g, "FoCa")   # Lumina 2: [(<Region layers.0.attn>, False), (<Region layers.0.feed_forward>, False), ...]
+    """
+    paths = list(_module_paths(g))
+    chosen = {path for path in paths if any(re.fullmatch(p, path) for p in DEFAULT_FEATURE_IDENTIFIERS)}
+    reached = {re.sub(r"\.\d+\..*$", "", path) for path in chosen}  # block lists the identifiers reach
+    by_name = re.compile(r"(?:[^.]+\.)?(?:" + "|".join(FEATURE_MODULE_NAMES) + ")")
+    for block in g.regions.blocks:
+        if block.name.rsplit(".", 1)[0] in reached:
+            continue
+        found = [path for path in paths
+                 if path.startswith(block.name + ".") and by_name.fullmatch(path[len(block.name) + 1:])]
+        chosen.update(path for path in found if not any(path.startswith(outer + ".") for outer in found))
+    if not chosen:
+        blocks = g.regions.blocks
+        children = sorted({path[len(blocks[0].name) + 1:].split(".")[0] for path in paths
+                           if path.startswith(blocks[0].name + ".")}) if blocks else []
+        example = (re.escape(blocks[0].name.rsplit(".", 1)[0]) + r"\.\d+\.(" + "|".join(children) + ")"
+                   if children else r"blocks\.\d+\.attn")
+        raise RegionError(f"{owner}: no block has an attention or feed-forward module fxcache knows by name "
+                          f"({', '.join(FEATURE_MODULE_NAMES)}); paths in the graph include: "
+                          f"{', '.join(sorted(p for p in paths if p)[:12])}. Name the modules to forecast with "
+                          f"cache_identifiers, e.g. cache_identifiers=({example!r},)")
+    return [(g.module(path), False) for path in paths if path in chosen]
+
+
+def _module_paths(g: PassBuilder) -> dict[str, None]:
+    """Every module path the graph's nodes ran under, in graph order."""
+    paths: dict[str, None] = {}
+    for node in g.graph.nodes:
+        if node.op not in ("placeholder", "get_attr", "output"):
+            for path in node.meta.get(MODULE_STACK, ()):
+                paths[path] = None
+    return paths
 
 
 # -- when they compute ------------------------------------------------------------------------------
@@ -300,7 +348,7 @@ def rewrite_modules(g: PassBuilder, targets: list[tuple[Region, bool]], computes
 
     Example::
 
-        rewrite_modules(g, select_modules(g, "FoCa", DEFAULT_FEATURE_IDENTIFIERS), config.computes,
+        rewrite_modules(g, default_features(g, "FoCa"), config.computes,
                         lambda value: forecast)
     """
     compute = g.flag("compute", decide=lambda step: computes(step.index))
