@@ -608,30 +608,32 @@ class ProgramBuilder:
                     "after them but is not one of the streams the blocks pass on (found: "
                     f"{sorted(skipped[-1].stream_outputs)}); the skipped blocks cannot be replaced by a residual")
             result.append(env[out])
-        kept = []
-        for node in reversed(copies):  # glue that no output needs
-            if not node.users and node not in result:
+        live = _live(copies, result)
+        for node in reversed(copies):  # glue that no output needs (users first)
+            if node not in live:
                 self.graph.erase_node(node)
-            else:
-                kept.insert(0, node)
-        self._glue[id(region)] = kept
+        self._glue[id(region)] = [node for node in copies if node in live]
         return result
 
     def hoist(self, node: fx.Node, region: Region) -> fx.Node:
-        """A copy of ``node`` (inside ``region``) and of what it is computed from inside the region,
-        placed before the region: its value, available whether the region later runs or not.
+        """``node`` (inside ``region``) and what it is computed from inside the region, moved before the
+        region: its value, available whether the region later runs or not. The region reads the moved
+        values instead of computing them again, so a step that runs the region computes them once.
 
         Before (TeaCache's indicator ``m`` lies in the first block of the stack it may skip)::
 
-            [stack: n = norm(h); m = n * (1 + s); ... ]
+            [stack: n = norm(h); m = n * (1 + s); a = attn(m) ...]
 
         After ``hoist(m, stack)``::
 
-            n' = norm(h); m' = n' * (1 + s); [stack: n = norm(h); m = n * (1 + s); ...]"""
+            n = norm(h); m = n * (1 + s); [stack: a = attn(m) ...]
+
+        The region's ``outputs`` may change (a moved node that was one is no longer in the region)."""
         region = self.resolve(region)
         members = set(region.nodes)
         if node not in members:
             return node  # computed before the region already
+        before = region.nodes[:region.nodes.index(node)]
         needed: set[fx.Node] = set()
         todo = [node]
         while todo:
@@ -639,13 +641,19 @@ class ProgramBuilder:
             if n in members and n not in needed:
                 needed.add(n)
                 todo.extend(n.all_input_nodes)
+                todo.extend(w for w in before if written_in_place(w) is n)  # x[i] = v before node reads x
         env: dict[fx.Node, fx.Node] = {}
         first = region.nodes[0]
-        for n in region.nodes:
-            if n in needed:
-                with self.graph.inserting_before(first):
-                    env[n] = self.graph.node_copy(n, lambda a: env.get(a, a))
-                env[n].meta = {k: v for k, v in n.meta.items() if k != "nn_module_stack"}
+        moved = [n for n in region.nodes if n in needed]
+        for n in moved:
+            with self.graph.inserting_before(first):
+                env[n] = self.graph.node_copy(n, lambda a: env.get(a, a))
+            env[n].meta = {k: v for k, v in n.meta.items() if k != "nn_module_stack"}
+        for n in reversed(moved):  # users first; a region holding n (the block, the stack) resolves without it
+            n.replace_all_uses_with(env[n])
+            self.graph.erase_node(n)
+            self._substitutes[n] = []
+        self.resolve(region)
         return env[node]
 
 
@@ -995,6 +1003,38 @@ def _map_regions(regions: ModelRegions, node_map: dict[fx.Node, fx.Node], gm: fx
     attentions = [Attention(a.name, [mapped(n) for n in a.nodes], block=blocks[id(a.block)], kind=a.kind)
                   for a in regions.attentions]
     return ModelRegions(gm, list(blocks.values()), attentions, regions.input_names)
+
+
+def written_in_place(node: fx.Node) -> fx.Node | None:
+    """The node whose tensor ``node`` writes in place (``x[i] = v``, ``x.copy_(v)``, ``torch.relu_(x)``,
+    ``silu(x, inplace=True)``), or None. Such a node has no users, yet what reads ``x`` after it needs it.
+
+    Example::
+
+        written_in_place(graph.call_function(operator.setitem, (joint, (0, slice(0, 8)), text)))   # joint
+    """
+    if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    in_place = (node.target is operator.setitem or node.kwargs.get("inplace") is True
+                or (isinstance(name, str) and name.endswith("_") and not name.endswith("__")))
+    return node.args[0] if in_place else None
+
+
+def _live(nodes: Sequence[fx.Node], needed: Sequence[fx.Node]) -> set[fx.Node]:
+    """The nodes of ``nodes`` that ``needed`` depends on, with the in-place writes into them: a node is
+    live when needed, when it writes into a live node, or when a live node other than a write into it
+    reads it."""
+    live, candidates = set(needed), [n for n in nodes if n not in needed]
+    changed = True
+    while changed:
+        changed = False
+        for node in candidates:
+            if node not in live and (written_in_place(node) in live or any(
+                    user in live and written_in_place(user) is not node for user in node.users)):
+                live.add(node)
+                changed = True
+    return live
 
 
 def _common_prefix(stacks: list[tuple[str, ...]]) -> tuple[str, ...]:

@@ -273,3 +273,58 @@ def test_mag_cache_calibrates_where_streams_merge_as_diffusers_does(capsys):
                if line.startswith("[") and not line.startswith("[MagCache]")]
     config = MagCache.calibrate(tiny.model, lambda model: run_loop(model, tiny))
     torch.testing.assert_close(config.mag_ratios, torch.tensor(printed[0]), rtol=1e-5, atol=0)
+
+
+def test_a_skipped_stack_keeps_the_in_place_writes_that_merge_its_streams():
+    """Lumina 2 joins text and image tokens between its noise refiner and its layers by writing both
+    into ``new_zeros`` (slice assignments: in place, no users). The stack's value with its blocks
+    skipped must keep those writes: it once was the zeros alone, so MagCache's reused steps repeated
+    the last output instead of adding the residual to the current tokens, and EasyCache, whose rate
+    divides by that value's change, never reused. Reference: the model with every block handing its
+    stream input on and, on reused steps, the last block adding ``y0 - s0`` (step 0's output minus
+    step 0's skip value)."""
+    import copy
+
+    import fxcache
+    from fxcache.passes import MagCache
+    from tests.model_registry import BY_NAME
+
+    tiny = BY_NAME["lumina2"].build()
+    steps = 3
+    config = MagCache(mag_ratios=[1.0] * steps, num_inference_steps=steps, threshold=1.0, retention_ratio=0.0,
+                      max_skip_steps=steps)  # computes step 0, reuses steps 1 and 2
+    cached = fxcache.transform(tiny.model, [config], backend="eager")
+    reference = copy.deepcopy(tiny.model)
+    mode = {"skip": False, "add": None, "last": None}
+    blocks = [*reference.noise_refiner, *reference.layers]
+
+    def hand_on(block):
+        def hook(module, args, output):
+            out = args[0] if mode["skip"] else output
+            if block is blocks[-1]:
+                out = out if mode["add"] is None else out + mode["add"]
+                mode["last"] = out
+            return out
+        return hook
+
+    for block in blocks:
+        block.register_forward_hook(hand_on(block))
+    sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    x = expected_x = tiny.noise()
+    with torch.no_grad():
+        for i in range(steps):
+            with cached.cache_context("cond", step_index=i, num_inference_steps=steps):
+                velocity = cached(**tiny.inputs(x, sigmas[i]))[0]
+            inputs = tiny.inputs(expected_x, sigmas[i])
+            if i == 0:
+                expected = reference(**inputs)[0]
+                y0 = mode["last"]
+                mode["skip"] = True
+                reference(**inputs)
+                mode["add"] = y0 - mode["last"]
+            else:
+                expected = reference(**inputs)[0]
+            torch.testing.assert_close(velocity, expected, rtol=1e-5, atol=1e-6)
+            x = x + (sigmas[i + 1] - sigmas[i]) * velocity
+            expected_x = expected_x + (sigmas[i + 1] - sigmas[i]) * expected
+    assert cached.stats()["contexts"]["cond"]["mag_cache.compute_blocks"] == {"true": 1, "false": 2}

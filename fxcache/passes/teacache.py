@@ -122,7 +122,9 @@ class TeaCache(CachePass):
         blocks = g.regions.blocks
         indicator_node = find_indicator(blocks[0], g.inputs, self.indicator, after_a_break=g.captured.is_piece)
         stack, hidden_position = block_stack(g)
+        hidden_output = stack.outputs[hidden_position]
         indicator = g.hoist(indicator_node, stack)  # needed whether the blocks then run or not
+        hidden_position = stack.outputs.index(hidden_output)  # hoisting may take an output out of the stack
         streams = g.skip_values(stack, blocks)
         previous = g.state("previous_indicator", like=indicator)
         accumulated = g.state("accumulated_distance", shape=(1,), dtype=torch.float64)
