@@ -7,6 +7,10 @@ one Euler loop drives all of them. ``expected`` maps a method to "supported" or 
 classes of ``diffusers.models.transformers`` that have no case, each with the reason; a test checks that
 the two together name every class, so a diffusers upgrade that adds one fails until it is placed.
 
+``METHODS`` are diffusers' five hooks (compared with diffusers where its hook runs) and the six methods
+diffusers does not ship (DBCache, TeaCache, EasyCache, SeaCache, FoCa, HiCache); docs/models.md has a
+table for each.
+
 Run as a script to regenerate ``docs/models.md`` (it runs every case, a few minutes on a CPU)::
 
     python -m tests.model_registry --write-docs
@@ -25,7 +29,11 @@ import torch
 
 from fxcache.testing.models import TinyDenoiser
 
-METHODS = ("FirstBlockCache", "PyramidAttentionBroadcast", "TaylorSeer", "MagCache", "FasterCache")
+# diffusers' five hooks (the first table: compared with diffusers where its hook runs), then the methods
+# diffusers does not ship (the second table: their own test files compare them with the reference code)
+DIFFUSERS_METHODS = ("FirstBlockCache", "PyramidAttentionBroadcast", "TaylorSeer", "MagCache", "FasterCache")
+BEYOND_METHODS = ("DBCache", "TeaCache", "EasyCache", "SeaCache", "FoCa", "HiCache")
+METHODS = DIFFUSERS_METHODS + BEYOND_METHODS
 SUPPORTED = "supported"
 
 
@@ -603,6 +611,35 @@ CASES: list[ModelCase] = [
           expected=_FASTER_CACHE_VIDEO_TOKENS),
 ]
 
+# Where fxcache refuses a method diffusers does not ship (the second table), by case
+_SEA_PACKED = {"SeaCache": Unsupported(
+    "RegionError", "a packed token sequence",
+    "SeaCache's indicator filters the input latents in 3-D Fourier space; this model takes them as a packed "
+    "token sequence (B, tokens, C), which has no spatial grid (TeaCache or FirstBlockCache run on it)")}
+_SEA_SPLIT = {"SeaCache": Unsupported(
+    "RegionError", "does not take them",
+    "the forward is split at a graph break before the blocks, so the graph that holds them never sees the "
+    "input latents SeaCache filters")}
+_TEACACHE_SPLIT = {"TeaCache": Unsupported(
+    "RegionError", "the timestep already embedded",
+    "the forward is split at a graph break before the blocks, so the graph that holds them takes the timestep "
+    "already embedded, and TeaCache finds its indicator from the timestep")}
+_REFUSED_BEYOND_DIFFUSERS: dict[str, dict[str, Unsupported]] = {
+    **{name: _SEA_PACKED for name in ("flux", "flux-broadcast-prompt", "flux2", "chroma", "bria", "ltx", "ltx2",
+                                      "longcat-image", "bria-fibo", "qwen-image", "ovis-image", "nucleus-moe-image")},
+    "omnigen": {**_SEA_PACKED, **_TEACACHE_SPLIT},
+    "lumina2": {**_SEA_SPLIT, **_TEACACHE_SPLIT},
+    "z-image": {**_SEA_SPLIT, **_TEACACHE_SPLIT},
+    "skyreels-v1": {"SeaCache": Unsupported(
+        "RegionError", "holds more than the generated latents",
+        "the input latents carry image-to-video conditioning channels beside the generated ones, which "
+        "SeaCache's indicator must not see (diffusers' SeaCache hook computes every step there)")},
+    "cogvideox-one-block": {"DBCache": Unsupported("RegionError", "block caches need at least two",
+                                                   "one block: nothing is left to skip after the first")},
+}
+for case in CASES:  # a new dict: some cases share their expected rows
+    case.expected = {**case.expected, **_REFUSED_BEYOND_DIFFUSERS.get(case.name, {})}
+
 BY_NAME = {case.name: case for case in CASES}
 
 # Classes of diffusers.models.transformers without a case, and why. A class lands here only when it is
@@ -704,18 +741,23 @@ def _measured_rows(path: str, keep_failed: bool = False) -> dict[str, list[tuple
     notes = {int(number): detail for number, detail in
              re.findall(r'^<a id="note-(\d+)"></a>\d+\. (.*)$', text, flags=re.MULTILINE)}
     classes = {case.name: case.class_name for case in CASES}
-    rows = {}
+    halves: dict[str, dict[int, list]] = {}  # case -> {column count: cells} of the two tables
     for line in text.splitlines():
         parts = [p.strip() for p in line.strip().strip("|").split("|")]
-        if len(parts) != 2 + len(METHODS) or classes.get(parts[0]) != parts[1].strip("`"):
+        if len(parts) - 2 not in (len(DIFFUSERS_METHODS), len(BEYOND_METHODS)) \
+                or classes.get(parts[0]) != parts[1].strip("`"):
             continue
         cells = []
         for raw in parts[2:]:
             match = re.fullmatch(r"(.*) \[(\d+)\]\(#note-\d+\)", raw)
             cells.append((match.group(1), notes[int(match.group(2))]) if match else (raw, ""))
-        skip = ("not run in this generation",) if keep_failed else ("**fails**", "not run in this generation")
-        if not any(label in skip for label, _ in cells):
-            rows[parts[0]] = cells
+        halves.setdefault(parts[0], {})[len(cells)] = cells
+    rows = {}
+    skip = ("not run in this generation",) if keep_failed else ("**fails**", "not run in this generation")
+    for name, by_width in halves.items():
+        cells = by_width.get(len(DIFFUSERS_METHODS), []) + by_width.get(len(BEYOND_METHODS), [])
+        if len(cells) == len(METHODS) and not any(label in skip for label, _ in cells):
+            rows[name] = cells
     return rows
 
 
@@ -729,9 +771,15 @@ def _write_table(path: str, results: dict[str, list[tuple[str, str]]], never_ski
         return f"{label} [{number}](#note-{number})"
 
     not_run = ("not run in this generation", "")
-    rows = [f"| {case.name} | `{case.class_name}` | "
-            + " | ".join(cell(*c) for c in results.get(case.name, [not_run] * len(METHODS))) + " |"
-            for case in CASES]
+
+    def table(methods: tuple[str, ...]) -> list[str]:
+        columns = [METHODS.index(method) for method in methods]
+        return ["| case | class | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods),
+                *(f"| {case.name} | `{case.class_name}` | "
+                  + " | ".join(cell(*results.get(case.name, [not_run] * len(METHODS))[i]) for i in columns) + " |"
+                  for case in CASES)]
+
+    diffusers_table, beyond_table = table(DIFFUSERS_METHODS), table(BEYOND_METHODS)
     import diffusers
 
     today = datetime.date.today().isoformat()
@@ -758,12 +806,21 @@ def _write_table(path: str, results: dict[str, list[tuple[str, str]]], never_ski
         "update). **works, diffusers' hook cannot**: the same checks pass and diffusers' hook fails on this model "
         "(its error is in the note). **works, not compared with diffusers**: the same checks pass; fxcache differs "
         "from diffusers' hook on purpose (the note says how, and which row shows them equal without the "
-        "difference). **unsupported**: fxcache raises the error in the note, for the reason given. **fails**: a "
-        "check failed in this run (an open bug).",
+        "difference). **works**: (methods diffusers does not ship, second table) the same checks pass; each "
+        "method's own test file compares it with its reference code on Flux and Wan. **unsupported**: fxcache "
+        "raises the error in the note, for the reason given. **fails**: a check failed in this run (an open bug).",
         "",
-        "| case | class | " + " | ".join(METHODS) + " |",
-        "|---|---|" + "---|" * len(METHODS),
-        *rows,
+        "## diffusers' methods",
+        "",
+        *diffusers_table,
+        "",
+        "## Methods diffusers does not ship",
+        "",
+        "Configs: DBCache `Fn_compute_blocks=1, Bn_compute_blocks=0` (cache-dit's F1B0), TeaCache with FLUX's "
+        "polynomial, EasyCache, SeaCache, FoCa and HiCache with their default features; the skipping configs "
+        "reuse (or forecast) at step 1.",
+        "",
+        *beyond_table,
         "",
         "## Notes",
         "",

@@ -4,7 +4,9 @@ For a supported pair, one short Euler loop (fp32) per check: a never-skip config
 the uncached model (compiled with the eager backend); a skipping config executes fewer FLOPs over the
 loop (counted with the programs run eagerly) and stays finite; where diffusers' own hook runs on the
 model, the whole loop equals it within 1e-5 relative (where the registry says it cannot, it must
-really fail; new cases let the run find out). An unsupported pair raises the documented error.
+really fail; new cases let the run find out). An unsupported pair raises the documented error. The
+methods diffusers does not ship (DBCache, TeaCache, EasyCache, SeaCache, FoCa, HiCache) get the same
+checks but the comparison, which their own test files make against the reference code.
 
 CI runs the pairs in ``CI_PAIRS`` with the skipping config (the diffusers comparison and the FLOP
 count share that loop) and one never-skip check; ``FXCACHE_FULL_COVERAGE=1`` runs every pair and the
@@ -25,12 +27,15 @@ from diffusers.hooks import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheC
 
 import fxcache
 from fxcache.flops import count_flops
-from fxcache.passes import FasterCache, FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeer
+from fxcache.passes import (DBCache, EasyCache, FasterCache, FirstBlockCache, FoCa, HiCache, MagCache,
+                            PyramidAttentionBroadcast, SeaCache, TaylorSeer, TeaCache)
 from tests.helpers import batched_inputs, per_sample_inputs, relative_difference, with_diffusers_cache
 from tests.model_registry import BY_NAME, CASES, METHODS, SUPPORTED, Unsupported, uncovered_classes
 from tests.static_pass_helpers import Clock
 
 STEPS = 3  # every skipping config below computes at step 0 and reuses at step 1
+# EasyCache reuses only once it knows the rate (two computed steps) and computes the last step
+LOOP_STEPS = {"EasyCache": 4}
 FULL = os.environ.get("FXCACHE_FULL_COVERAGE") == "1"
 # every attention module inside a block, whatever the block list and the module are called (Kandinsky 5:
 # visual_transformer_blocks.0.self_attention, Lumina-Next: layers.0.attn1, HiDream: a wrapper,
@@ -42,8 +47,9 @@ GUIDANCE = 3.0  # FasterCache's loop: batched CFG [uncond; cond]
 
 
 def configs(method: str, skipping: bool, tiny=None):
-    """(fxcache pass, diffusers config) for ``method``: never skipping, or reusing at step 1 (FasterCache:
-    attention extrapolated and the unconditional half synthesised at step 1)."""
+    """(fxcache pass, diffusers config or None where diffusers has no such hook) for ``method``: never
+    skipping, or reusing at step 1 (FasterCache: attention extrapolated and the unconditional half
+    synthesised at step 1; EasyCache: at step 2 of a 4-step loop, see ``LOOP_STEPS``)."""
     if method == "FirstBlockCache":
         threshold = 1e9 if skipping else 0.0  # every step after the first reuses / none does
         return FirstBlockCache(threshold=threshold), FirstBlockCacheConfig(threshold=threshold)
@@ -73,6 +79,21 @@ def configs(method: str, skipping: bool, tiny=None):
         per_sample = sorted(per_sample_inputs(tiny, tiny.noise(batch=tiny.latent_shape[0]), 1.0))
         return FasterCache(**fields, token_grid=_token_grid(tiny)), FasterCacheConfig(
             **fields, _unconditional_conditional_input_kwargs_identifiers=per_sample)
+    # the methods diffusers does not ship: (pass, None); skipping configs compute at step 0 and reuse
+    # or forecast at step 1, never-skip configs compute every step
+    if method == "DBCache":
+        return DBCache(Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=1,
+                       residual_diff_threshold=1e9 if skipping else 0.0), None
+    if method == "TeaCache":
+        return TeaCache(threshold=1e9 if skipping else 0.0, retention_steps=1), None
+    if method == "EasyCache":
+        return EasyCache(thresh=1e9 if skipping else 0.0, ret_steps=1), None
+    if method == "SeaCache":
+        return SeaCache(threshold=1e9 if skipping else 0.0, retention_steps=1, cache_end_steps=1,
+                        max_consecutive_cached=0), None
+    if method in ("FoCa", "HiCache"):
+        forecaster = FoCa if method == "FoCa" else HiCache
+        return forecaster(cache_interval=2 if skipping else 1, warmup_steps=1), None
     raise ValueError(f"no coverage configs for {method}")
 
 
@@ -93,9 +114,9 @@ def _token_grid(tiny) -> tuple[int, int] | None:
 
 
 @torch.no_grad()
-def run_loop(model, tiny, *, count=False, cfg=False):
-    """A ``STEPS``-step Euler loop like a pipeline's (context "cond" with the step fields; the clock is
-    diffusers' ``current_timestep``); returns (x0, x_N, FLOPs of the loop or None).
+def run_loop(model, tiny, *, count=False, cfg=False, steps=STEPS):
+    """A ``steps``-step Euler loop like a pipeline's (context "cond" with the step fields, sigma among
+    them; the clock is diffusers' ``current_timestep``); returns (x0, x_N, FLOPs of the loop or None).
 
     With ``count`` the whole loop runs under ``fxcache.flops.count_flops`` (the programs run eagerly,
     only the work that executes is counted): one capture for the loop, where counting a single step
@@ -103,18 +124,19 @@ def run_loop(model, tiny, *, count=False, cfg=False):
     [uncond; cond] in context "cond_uncond", as FasterCache needs."""
     batch = tiny.latent_shape[0]
     start = tiny.noise(seed=0, batch=batch)
-    sigmas = torch.linspace(1.0, 0.0, STEPS + 1).tolist()
+    sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
     clock = getattr(model, "clock", None)
 
-    def steps():
+    def loop():
         x = start
-        for i in range(STEPS):
+        for i in range(steps):
             timestep = sigmas[i] * tiny.timestep_scale
             if clock is not None:
                 clock.timestep = torch.tensor(timestep)
             inputs = batched_inputs(tiny, x, sigmas[i]) if cfg else tiny.inputs(x, sigmas[i])
             name = "cond_uncond" if cfg else "cond"
-            context = model.cache_context(name, step_index=i, num_inference_steps=STEPS, timestep=timestep) \
+            context = model.cache_context(name, step_index=i, num_inference_steps=steps, timestep=timestep,
+                                          sigma=sigmas[i]) \
                 if isinstance(model, fxcache.CachedModel) else model.cache_context(name) \
                 if hasattr(model, "cache_context") else _nothing()
             with context:
@@ -131,16 +153,16 @@ def run_loop(model, tiny, *, count=False, cfg=False):
         return x
 
     if count:
-        x, flops = count_flops(steps)
+        x, flops = count_flops(loop)
         return start, x, flops
-    return start, steps(), None
+    return start, loop(), None
 
 
 @functools.lru_cache(maxsize=None)
-def uncached_run(name: str, cfg: bool = False):
+def uncached_run(name: str, cfg: bool = False, steps: int = STEPS):
     """The uncached loop of a case, once per session (the builds are seeded, so every build is equal)."""
     tiny = BY_NAME[name].build()
-    return run_loop(tiny.model, tiny, count=True, cfg=cfg)
+    return run_loop(tiny.model, tiny, count=True, cfg=cfg, steps=steps)
 
 
 class _nothing:
@@ -212,11 +234,14 @@ def check_skipping(case, method: str) -> tuple[str, str]:
     tiny = case.build()
     ours, theirs = configs(method, skipping=True, tiny=tiny)
     cfg = method == "FasterCache"
+    steps = LOOP_STEPS.get(method, STEPS)
     cached = fxcache.transform(tiny.model, [ours], backend="eager")
-    start, result, flops = run_loop(cached, tiny, count=True, cfg=cfg)
-    _, uncached, full_flops = uncached_run(case.name, cfg)
+    start, result, flops = run_loop(cached, tiny, count=True, cfg=cfg, steps=steps)
+    _, uncached, full_flops = uncached_run(case.name, cfg, steps)
     assert torch.isfinite(result).all(), f"{case.name} x {method}: non-finite latents"
     assert flops < full_flops, f"{case.name} x {method}: the loop ran {flops} FLOPs, uncached {full_flops}"
+    if theirs is None:  # diffusers does not ship the method
+        return "works", ""
     if method in case.not_compared:
         return "works, not compared with diffusers", case.not_compared[method]
     claimed = case.diffusers_hooks
@@ -246,9 +271,10 @@ def check_never_skip(case, method: str) -> None:
     tiny = case.build()
     ours, _ = configs(method, skipping=False, tiny=tiny)
     cfg = method == "FasterCache"
+    steps = LOOP_STEPS.get(method, STEPS)
     cached = fxcache.transform(tiny.model, [ours], backend="eager")
-    _, result, _ = run_loop(cached, tiny, cfg=cfg)
-    _, uncached, _ = uncached_run(case.name, cfg)
+    _, result, _ = run_loop(cached, tiny, cfg=cfg, steps=steps)
+    _, uncached, _ = uncached_run(case.name, cfg, steps)
     assert torch.equal(result, uncached), f"{case.name} x {method}: never-skip differs from uncached"
 
 
@@ -257,7 +283,7 @@ def check_unsupported(case, method: str, expected: Unsupported) -> tuple[str, st
     ours, _ = configs(method, skipping=True, tiny=tiny)
     cached = fxcache.transform(tiny.model, [ours], backend="eager")
     with pytest.raises(_error_class(expected.error), match=expected.match):
-        run_loop(cached, tiny, cfg=method == "FasterCache")
+        run_loop(cached, tiny, cfg=method == "FasterCache", steps=LOOP_STEPS.get(method, STEPS))
     return "unsupported", f"{expected.reason} (`{expected.error}`)"
 
 
@@ -292,6 +318,13 @@ CI_PAIRS = [
     ("hidream", "TaylorSeer"),                        # MoE routing in the blocks runs outside the graph; exact
     ("kandinsky5", "FasterCache"),                    # no attention diffusers hooks: CFG-Cache alone; exact
     ("wan-vace", "FasterCache"),                      # an input of CFG-batch length that is not per sample: clear
+    # methods diffusers does not ship
+    ("flux", "DBCache"),                              # cache-dit's F1B0 on the reference row
+    ("lumina2", "EasyCache"),                         # streams merge by slice writes: the skip value keeps them
+    ("kandinsky5", "TeaCache"),                       # the indicator is moved out of the blocks, not computed twice
+    ("wan", "SeaCache"),                              # the step's sigma comes from the cache context
+    ("flux", "SeaCache"),                             # packed tokens have no grid to filter: a clear error
+    ("z-image", "TeaCache"),                          # split before the blocks, timestep embedded: a clear error
 ]
 PAIRS = ALL_PAIRS if FULL else CI_PAIRS
 

@@ -198,17 +198,20 @@ def find_indicator(block: Block, inputs: dict[str, fx.Node], indicator: str,
     named = [node for name, node in inputs.items() if "timestep" in name]
     scalars = [node for node in inputs.values()
                if isinstance(example_value(node), torch.Tensor) and example_value(node).dim() <= 1]
+    split = (" dynamo splits the forward at a graph break before the blocks (explain() says where), and "
+             "the graph that holds them starts after it, with the timestep already embedded; use "
+             "FirstBlockCache or MagCache on it." if after_a_break else "")
     if not (named or scalars):
-        split = (" dynamo splits the forward at a graph break before the blocks (explain() says where), and "
-                 "the graph that holds them starts after it, with the timestep already embedded; use "
-                 "FirstBlockCache or MagCache on it." if after_a_break else "")
         raise RegionError(f"TeaCache: no input of the model is a timestep (inputs: {list(inputs)}); the "
                           f"indicator is found from the timestep embedding.{split}")
     from_timestep = set().union(*(descendants(node) for node in named or scalars))
     embeddings = [n for n in block.inputs if n in from_timestep and n not in block.stream_inputs.values()
                   and isinstance(example_value(n), torch.Tensor)]
     if not embeddings:
-        raise RegionError(f"TeaCache: no input of {block.name} is computed from the timestep")
+        looked = [node.name for node in named or scalars]
+        raise RegionError(f"TeaCache: no input of {block.name} is computed from the timestep (looked for it "
+                          f"among the inputs {looked}); the indicator is found from the timestep embedding."
+                          + (split or " Use FirstBlockCache or MagCache on this model."))
     embedding = max(embeddings, key=lambda n: example_value(n).numel())
     if indicator == "timestep_embedding":
         return embedding
