@@ -1,12 +1,16 @@
 """Properties over random tiny DiTs, configs and seeds (hypothesis; small profile in CI)."""
 
+import functools
+
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import fxcache
 from fxcache.capture import capture
-from fxcache.passes import FirstBlockCache
+from fxcache.passes import (DBCache, EasyCache, FirstBlockCache, FoCa, HiCache, MagCache, PyramidAttentionBroadcast,
+                            TaylorSeer, TeaCache)
 from tests.dit import TinyDiT, make_inputs
 
 configs = st.fixed_dictionaries({
@@ -63,3 +67,59 @@ def test_state_never_crosses_generations(config, seed_a, seed_b, threshold):
             after_reset = used(*args)
         with fresh.cache_context("cond"):
             assert torch.equal(after_reset, fresh(*args))
+
+
+# every pass that runs on the tests' TinyDiT, each configured to skip or forecast within 4 steps
+# (SeaCache needs spatial latents and FasterCache a CFG batch: their own files check their state)
+SKIPPING = {
+    "FirstBlockCache": lambda: FirstBlockCache(threshold=0.5),
+    "PyramidAttentionBroadcast": lambda: PyramidAttentionBroadcast(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
+        spatial_attention_block_identifiers=("self_attn",)),
+    "TaylorSeer": lambda: TaylorSeer(cache_interval=2, disable_cache_before_step=1,
+                                     cache_identifiers=(r"blocks\.\d+\.self_attn",)),
+    "MagCache": lambda: MagCache(mag_ratios=[1.0] * 4, num_inference_steps=4, threshold=1.0),
+    "DBCache": lambda: DBCache(Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=1,
+                               residual_diff_threshold=0.5),
+    "TeaCache": lambda: TeaCache(threshold=100.0),
+    "EasyCache": lambda: EasyCache(thresh=100.0, ret_steps=1),
+    "FoCa": lambda: FoCa(cache_interval=2, warmup_steps=2),
+    "HiCache": lambda: HiCache(cache_interval=2, warmup_steps=1),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _used_and_fresh(name):
+    """One model and two CachedModels per pass for the whole run: examples reset, never capture again."""
+    model = build({"dim": 16, "heads": 2, "depth": 3, "cross": True}, 0)
+    return model, [fxcache.transform(model, [SKIPPING[name]()], backend="eager") for _ in range(2)]
+
+
+def _generation(cached, calls):
+    outputs = []
+    for i, args in enumerate(calls):
+        timestep = float(args[1][0]) * 1000
+        with cached.cache_context("cond", step_index=i, num_inference_steps=len(calls), timestep=timestep):
+            outputs.append(cached(*args))
+    return outputs
+
+
+@pytest.mark.parametrize("name", sorted(SKIPPING))
+@given(seed_a=st.integers(0, 2**16), seed_b=st.integers(0, 2**16), interrupted_after=st.integers(1, 4))
+def test_no_pass_carries_state_across_a_reset(name, seed_a, seed_b, interrupted_after):
+    """A generation (perhaps interrupted) then ``reset()``: the next generation is what a CachedModel
+    that never ran gives, bit for bit, with the same decisions, for every pass."""
+    model, (used, fresh) = _used_and_fresh(name)
+    used.reset()
+    fresh.reset()
+    with torch.no_grad():
+        _generation(used, trajectory(model, {"batch": 1, "tokens": 9}, seed_a)[:interrupted_after])
+        used.reset()
+        calls = trajectory(model, {"batch": 1, "tokens": 9}, seed_b)
+        after_reset, expected = _generation(used, calls), _generation(fresh, calls)
+        uncached = [model(*args) for args in calls]
+    for got, want in zip(after_reset, expected):
+        assert torch.equal(got, want)
+    assert any(not torch.equal(got, plain) for got, plain in zip(after_reset, uncached)), f"{name} reused nothing"
+    decisions = lambda cached: {k: v for k, v in cached.stats()["contexts"]["cond"].items() if k != "cache_bytes"}
+    assert decisions(used) == decisions(fresh)
