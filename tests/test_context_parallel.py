@@ -22,8 +22,8 @@ import torch
 
 import fxcache
 from fxcache.parallel import ContextParallel, ParallelError, context_parallel
-from fxcache.passes import (DBCache, EasyCache, FasterCache, FirstBlockCache, MagCache, PyramidAttentionBroadcast,
-                            TaylorSeer, TeaCache)
+from fxcache.passes import (DBCache, EasyCache, FasterCache, FirstBlockCache, FoCa, HiCache, MagCache,
+                            PyramidAttentionBroadcast, SeaCache, TaylorSeer, TeaCache)
 from fxcache.testing import models
 from tests.helpers import relative_difference
 
@@ -64,6 +64,14 @@ def make_pass(key: str, tiny: models.TinyDenoiser):
         return DBCache(Fn_compute_blocks=1, residual_diff_threshold=0.3, max_warmup_steps=1)
     if key == "easycache":
         return EasyCache(thresh=0.1, ret_steps=1, num_inference_steps=STEPS)
+    # the passes beyond diffusers that decide without a collective: FoCa and HiCache from the step,
+    # SeaCache from the input latents, which every rank holds whole (Wan splits at blocks.0)
+    if key == "foca":
+        return FoCa(cache_interval=2, warmup_steps=2)
+    if key == "hicache":
+        return HiCache(cache_interval=2, warmup_steps=1)
+    if key == "sea_cache":
+        return SeaCache(threshold=0.3, retention_steps=1, cache_end_steps=1)
     if key == "faster_cache":  # batched CFG only; Flux's output is token-layout on a 4 x 4 grid
         scale = tiny.timestep_scale
         return FasterCache(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 0.95 * scale),
@@ -114,7 +122,8 @@ def loop(model, tiny: models.TinyDenoiser, *, seed: int = 0, contexts=CFG, layou
     sigmas = [1.0 - i / STEPS for i in range(STEPS + 1)]
     decisions = []
     for i in range(STEPS):
-        fields = dict(step_index=i, num_inference_steps=STEPS, timestep=sigmas[i] * tiny.timestep_scale)
+        fields = dict(step_index=i, num_inference_steps=STEPS, timestep=sigmas[i] * tiny.timestep_scale,
+                      sigma=sigmas[i])
         if layout == "batched":
             with model.cache_context("cond_uncond", **fields):
                 out = model(**batched(tiny, x, sigmas[i]))[0]
@@ -354,6 +363,25 @@ def test_the_dynamic_passes_beyond_diffusers_on_ulysses_equal_one_process(ranks)
         name = type(make_pass(keys[0], build("flux"))).__name__
         assert list(results[0][keys]["parallel"]["reduced"]) == [name]
         assert results[0][keys]["explain"].count("all-reduces over the 2 ranks") == 1
+
+
+def test_the_passes_beyond_diffusers_without_a_collective_on_ulysses_equal_one_process(ranks):
+    """FoCa and HiCache decide from the step index, SeaCache from the input latents that every rank
+    holds whole (Wan shards its tokens at blocks.0): no all-reduce, and every rank reuses or
+    forecasts the steps one process does (tiny Wan)."""
+    groups = (("sea_cache",), ("foca",), ("hicache",))
+    ranks.submit("job_passes", "wan", groups)
+    expected = {keys: reference("wan", keys) for keys in groups}
+    results = ranks.collect()
+    for keys in groups:
+        x, decisions, _ = expected[keys]
+        assert_equal_runs([r[keys] for r in results], "wan", x, decisions, f"wan {keys}")
+        figures = decisions[-1]["cond"]
+        reused = any(v < STEPS for k, v in figures.items() if k.endswith("_computed")) or any(
+            isinstance(v, dict) and v["false"] > 0 for v in figures.values())
+        assert reused, f"{keys}: the cache reused nothing, so the comparison proves little ({figures})"
+        assert list(results[0][keys]["parallel"]["reduced"]) == []
+        assert results[0][keys]["explain"].count("all-reduces over the 2 ranks") == 0
 
 
 @pytest.mark.parametrize("name", ["flux", "wan"])
