@@ -70,13 +70,15 @@ class HookedModel:
     def __call__(self, *args, **kwargs):
         context = self.contexts.setdefault(self.active, {"step": -1, "features": {}})
         context["step"] += 1
+        context["calls"] = {}  # per module: a module called twice a step (CogView 4's ff: image, then text)
         return self.model(*args, **kwargs)
 
     def _hook(self, name: str):
         def forecast(module, args, output):
             context = self.contexts[self.active]
+            call = context["calls"][name] = context["calls"].get(name, -1) + 1
             outputs = output if isinstance(output, tuple) else (output,)
-            features = context["features"].setdefault(name, [self.make_feature() for _ in outputs])
+            features = context["features"].setdefault((name, call), [self.make_feature() for _ in outputs])
             step = context["step"]
             if step in self.full:
                 for feature, value in zip(features, outputs):

@@ -676,15 +676,15 @@ def uncovered_classes() -> dict[str, str]:
 # --- the docs table --------------------------------------------------------------------------------
 
 
-def _case_cells(name: str, never_skip: bool = True) -> list[tuple[str, str]]:
-    """Run one case's checks for every documented method: (label, detail) per method. A check that
-    fails gives a "fails" cell with its error, so the table never claims what the run did not show."""
+def _case_cells(name: str, never_skip: bool = True, methods: tuple[str, ...] = METHODS) -> list[tuple[str, str]]:
+    """Run one case's checks for ``methods``: (label, detail) per method. A check that fails gives a
+    "fails" cell with its error, so the table never claims what the run did not show."""
     from tests import test_model_coverage as coverage
 
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     cells = []
-    for method in METHODS:
+    for method in methods:
         try:
             cells.append(coverage.table_cell(BY_NAME[name], method, never_skip=never_skip))
         except BaseException as error:  # noqa: BLE001 - reported in the table and by the exit status
@@ -699,12 +699,13 @@ def _case_cells(name: str, never_skip: bool = True) -> list[tuple[str, str]]:
 
 
 def write_docs(path: str, jobs: int = 1, never_skip: bool = True, resume: bool = False,
-               only: tuple[str, ...] = ()) -> bool:
+               only: tuple[str, ...] = (), methods: tuple[str, ...] = ()) -> bool:
     """Run every case (tests.test_model_coverage's checks) and write the model x method table; the
     file is rewritten as each case finishes (rows not run yet say so). ``resume`` keeps the rows of
     ``path`` that a previous run measured without a failure and runs the others. Returns whether
     every cell is what the registry expects (no "fails" cell). ``only`` runs just the named cases and
-    keeps every other row of ``path`` as it was measured."""
+    keeps every other row of ``path`` as it was measured; ``methods`` runs just those columns and
+    keeps the other cells of each row (a row ``path`` lacks runs whole)."""
     import functools
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -714,17 +715,31 @@ def write_docs(path: str, jobs: int = 1, never_skip: bool = True, resume: bool =
     results: dict[str, list[tuple[str, str]]] = _measured_rows(path) if resume else {}
     if only:
         results = {name: cells for name, cells in _measured_rows(path, keep_failed=True).items() if name not in only}
-    run = functools.partial(run_case, never_skip=never_skip)
+    kept = _measured_rows(path, keep_failed=True) if methods else {}
+
+    def merged(name: str, cells: list) -> list:  # the new cells in the row kept from ``path``
+        if name not in kept:
+            return cells
+        row = list(kept[name])
+        for method, cell in zip(methods, cells):
+            row[METHODS.index(method)] = cell
+        return row
+
+    def run(name: str):
+        return functools.partial(run_case, never_skip=never_skip,
+                                 methods=methods if name in kept else METHODS), name
+
     if jobs > 1:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run, case.name): case.name for case in CASES if case.name not in results}
+            futures = {pool.submit(*run(case.name)): case.name for case in CASES if case.name not in results}
             for future in as_completed(futures):
-                results[futures[future]] = future.result()
+                results[futures[future]] = merged(futures[future], future.result())
                 _write_table(path, results, never_skip)
     else:
         for case in CASES:
             if case.name not in results:
-                results[case.name] = run(case.name)
+                function, name = run(case.name)
+                results[name] = merged(name, function(name))
                 _write_table(path, results, never_skip)
     return not any(label == "**fails**" for cells in results.values() for label, _ in cells)
 
@@ -806,8 +821,10 @@ def _write_table(path: str, results: dict[str, list[tuple[str, str]]], never_ski
         "update). **works, diffusers' hook cannot**: the same checks pass and diffusers' hook fails on this model "
         "(its error is in the note). **works, not compared with diffusers**: the same checks pass; fxcache differs "
         "from diffusers' hook on purpose (the note says how, and which row shows them equal without the "
-        "difference). **works**: (methods diffusers does not ship, second table) the same checks pass; each "
-        "method's own test file compares it with its reference code on Flux and Wan. **unsupported**: fxcache "
+        "difference). **exact vs reference hooks**: (FoCa, HiCache) the same checks pass, and the whole loop equals "
+        "the model with the same modules forecast by forward hooks, with the method's arithmetic written out in "
+        "its test file, within 1e-5. **works**: (the other methods diffusers does not ship, second table) the same "
+        "checks pass; each method's own test file compares it with its reference code on Flux and Wan. **unsupported**: fxcache "
         "raises the error in the note, for the reason given. **fails**: a check failed in this run (an open bug).",
         "",
         "## diffusers' methods",
@@ -846,9 +863,15 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows of the existing table that were measured without a failure")
     parser.add_argument("--only", default="", help="comma-separated case names to run; other rows are kept")
+    parser.add_argument("--methods", default="", help="comma-separated methods to run; other cells are kept")
     args = parser.parse_args(argv)
     only = tuple(name for name in args.only.split(",") if name)
-    if not write_docs(args.write_docs, jobs=args.jobs, never_skip=args.never_skip, resume=args.resume, only=only):
+    methods = tuple(method for method in args.methods.split(",") if method)
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if not write_docs(args.write_docs, jobs=args.jobs, never_skip=args.never_skip, resume=args.resume, only=only,
+                      methods=methods):
         print(f"{args.write_docs}: some checks failed (cells marked **fails**)", file=sys.stderr)
         sys.exit(1)
 

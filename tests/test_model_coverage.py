@@ -6,7 +6,9 @@ loop (counted with the programs run eagerly) and stays finite; where diffusers' 
 model, the whole loop equals it within 1e-5 relative (where the registry says it cannot, it must
 really fail; new cases let the run find out). An unsupported pair raises the documented error. The
 methods diffusers does not ship (DBCache, TeaCache, EasyCache, SeaCache, FoCa, HiCache) get the same
-checks but the comparison, which their own test files make against the reference code.
+checks but the comparison with diffusers; FoCa and HiCache are compared instead with the same modules
+forecast by forward hooks (the method's arithmetic from its test file), the others with their
+reference code in their own test files.
 
 CI runs the pairs in ``CI_PAIRS`` with the skipping config (the diffusers comparison and the FLOP
 count share that loop) and one never-skip check; ``FXCACHE_FULL_COVERAGE=1`` runs every pair and the
@@ -240,6 +242,10 @@ def check_skipping(case, method: str) -> tuple[str, str]:
     _, uncached, full_flops = uncached_run(case.name, cfg, steps)
     assert torch.isfinite(result).all(), f"{case.name} x {method}: non-finite latents"
     assert flops < full_flops, f"{case.name} x {method}: the loop ran {flops} FLOPs, uncached {full_flops}"
+    if method in ("FoCa", "HiCache"):  # module forecasts: the same features forecast by forward hooks
+        difference = relative_difference(result, forecast_by_hooks(tiny, method, cached), start)
+        assert difference <= 1e-5, f"{case.name} x {method}: {difference:.2e} from the reference forecast by hooks"
+        return "exact vs reference hooks", ""
     if theirs is None:  # diffusers does not ship the method
         return "works", ""
     if method in case.not_compared:
@@ -264,6 +270,26 @@ def check_skipping(case, method: str) -> tuple[str, str]:
         raise AssertionError(f"{case.name} x {method}: diffusers' hook was expected to run") from failure
     message = str(failure).splitlines()[0][:160] if str(failure) else ""
     return "works, diffusers' hook cannot", f"diffusers' hook raises `{type(failure).__name__}: {message}`"
+
+
+def forecast_by_hooks(tiny, method: str, cached) -> torch.Tensor:
+    """The loop's result with the modules ``cached`` forecasts (its flag's gates) forecast instead by
+    forward hooks on a copy of the model, with the method's arithmetic written out in its test file
+    (tests/test_foca.py, tests/test_hicache.py), on the schedule of the reference code."""
+    from tests.forecast_reference import HookedModel, reference_schedule
+
+    config = cached.passes[0]
+    if method == "FoCa":
+        from tests.test_foca import FoCaFeature as make_feature
+    else:
+        from tests.test_hicache import HermiteFeature
+
+        def make_feature():
+            return HermiteFeature(config.max_order, config.warmup_steps, config.scale)
+    gates = set(cached.programs()[-1].flags[0].gates)
+    full = reference_schedule(STEPS, config.cache_interval, config.warmup_steps)
+    _, expected, _ = run_loop(HookedModel(tiny.model, gates.__contains__, full, make_feature), tiny)
+    return expected
 
 
 def check_never_skip(case, method: str) -> None:
@@ -325,6 +351,8 @@ CI_PAIRS = [
     ("wan", "SeaCache"),                              # the step's sigma comes from the cache context
     ("flux", "SeaCache"),                             # packed tokens have no grid to filter: a clear error
     ("z-image", "TeaCache"),                          # split before the blocks, timestep embedded: a clear error
+    ("cogview4", "FoCa"),                             # ff runs twice a block (image, text): two forecasts, exact
+    ("hidream", "HiCache"),                           # default features inside a wrapper block, exact vs hooks
 ]
 PAIRS = ALL_PAIRS if FULL else CI_PAIRS
 
