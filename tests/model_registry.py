@@ -615,7 +615,8 @@ CASES: list[ModelCase] = [
 _SEA_PACKED = {"SeaCache": Unsupported(
     "RegionError", "a packed token sequence",
     "SeaCache's indicator filters the input latents in 3-D Fourier space; this model takes them as a packed "
-    "token sequence (B, tokens, C), which has no spatial grid (TeaCache or FirstBlockCache run on it)")}
+    "token sequence (B, tokens, C), which has no spatial grid until `raw_vision_callback` says how to unpack it "
+    "(tests/test_sea_cache.py does for Flux, equal to diffusers' hook with the same callback)")}
 _SEA_SPLIT = {"SeaCache": Unsupported(
     "RegionError", "does not take them",
     "the forward is split at a graph break before the blocks, so the graph that holds them never sees the "

@@ -122,6 +122,40 @@ def test_models_whose_input_is_not_the_latents_alone_are_refused_by_name():
             cached(**inputs)
 
 
+def _flux_latents(model, args, kwargs):
+    """diffusers' ``raw_vision_callback`` for tiny Flux: its packed tokens (B, 16, C) as one frame on
+    their 4 x 4 grid, (C, 1, 4, 4) per sample."""
+    return [tokens.unflatten(0, (4, 4)).permute(2, 0, 1).unsqueeze(1) for tokens in kwargs["hidden_states"]]
+
+
+@pytest.mark.parametrize("lowering", ["host", "cond"])
+def test_a_packed_model_runs_with_diffusers_raw_vision_callback_bit_for_bit(lowering):
+    """Flux takes its latents as a packed token sequence, which SeaCache cannot filter as they are;
+    diffusers' ``raw_vision_callback`` says how to make latents of them. fxcache runs the same
+    callback inside the graph and equals diffusers' hook with it, reuses included."""
+    tiny = models.build("flux")
+    x = tiny.noise(seed=1)
+    hooked = with_diffusers_cache(tiny.model, SeaCacheConfig(threshold=0.3, raw_vision_callback=_flux_latents))
+    reference = _loop(hooked, tiny, x, contexts=("cond", "uncond"))
+    cached = fxcache.transform(tiny.model, [SeaCache(threshold=0.3, raw_vision_callback=_flux_latents,
+                                                     lowering=lowering)],
+                               backend="eager" if lowering == "host" else "aot_eager")
+    assert torch.equal(_loop(cached, tiny, x, contexts=("cond", "uncond")), reference)
+    computed = {name: entry["sea_cache.blocks_computed"] for name, entry in cached.stats()["contexts"].items()}
+    assert all(0 < count < STEPS for count in computed.values()), computed
+
+
+def test_a_callback_that_makes_no_latents_is_refused_with_what_it_returned():
+    tiny = models.build("flux")
+    flat = SeaCache(raw_vision_callback=lambda model, args, kwargs: list(kwargs["hidden_states"]))  # (16, C) each
+    cached = fxcache.transform(tiny.model, [flat], backend="eager")
+    with pytest.raises(RegionError, match=r"raw_vision_callback returned latents of shapes \[\(16, 4\)\]"):
+        with cached.cache_context("cond", step_index=0, sigma=1.0, num_inference_steps=4):
+            cached(**tiny.inputs(tiny.noise(), 1.0))
+    with pytest.raises(ConfigError, match="SeaCache.raw_vision_callback"):
+        SeaCache(raw_vision_callback="unpack")
+
+
 def test_a_model_whose_sizes_come_from_the_data_is_cached_and_a_split_forward_is_refused_by_name():
     """HiDream routes tokens to experts outside the graph, so its output's sizes are read from the
     data: comparing them with the latents' once failed inside torch ("Could not guard on

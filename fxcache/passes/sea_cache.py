@@ -19,7 +19,8 @@ The latents are the model's ``hidden_states`` input: ``(B, C, T, H, W)`` (diffus
 adapter for Wan text-to-video: one latent per batch element), or ``(B, C, H, W)`` images, taken as
 one frame (diffusers needs a callback there). A model whose input holds more channels than it
 returns (Wan image-to-video: latents plus conditioning) or whose input is a packed token sequence
-(Flux) is refused with a clear error; diffusers runs those without skipping ("fail-open").
+(Flux) is refused with a clear error; diffusers runs those without skipping ("fail-open"). For the
+second, ``raw_vision_callback`` (diffusers' field) makes latents of the inputs, inside the graph.
 
 The step's ``sigma`` comes from ``cache_context(name, step_index=i, sigma=s, num_inference_steps=N)``
 (what diffusers' Wan pipelines pass), or from the scheduler handed to ``transform`` (its
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -66,10 +68,16 @@ class SeaCache(CachePass):
     no limit). ``power_exp``: the exponent of the clean-signal power prior. ``num_inference_steps``:
     the generation's length where neither a scheduler nor ``cache_context`` gives it. ``lowering``:
     ``"host"`` (one ``.item()`` per call) or ``"cond"`` (one graph with ``torch.cond``).
+    ``raw_vision_callback``: diffusers' field, ``(model, args, kwargs) -> [latent (C, T, H, W) per
+    sample]``, for a model whose ``hidden_states`` are not the latents as they are (a packed token
+    sequence: Flux, Qwen-Image, LTX); it runs inside the graph, with the call's inputs by name in
+    ``kwargs`` (``args`` is empty), so it must be traceable (reshapes and permutes).
 
     Example::
 
         SeaCache(threshold=0.25, residual_order=1, max_consecutive_cached=2)
+        SeaCache(raw_vision_callback=lambda model, args, kwargs: [   # Flux on a 64 x 64 token grid
+            h.unflatten(0, (64, 64)).permute(2, 0, 1).unsqueeze(1) for h in kwargs["hidden_states"]])
     """
 
     threshold: float = 0.25
@@ -80,6 +88,7 @@ class SeaCache(CachePass):
     power_exp: float = 3.0
     num_inference_steps: int | None = None
     lowering: str = "host"
+    raw_vision_callback: Callable | None = None
 
     scope = "blocks"
     reads_sigma = True
@@ -95,6 +104,9 @@ class SeaCache(CachePass):
         if self.num_inference_steps is not None:
             self._require_integer("num_inference_steps", 1)
         self._require_choice("lowering", ("host", "cond"))
+        if self.raw_vision_callback is not None and not callable(self.raw_vision_callback):
+            self._fail("raw_vision_callback", "must be None or a function (model, args, kwargs) -> a list of "
+                                              "latents (C, T, H, W), one per sample")
 
     # -- the host's part: step, sigma and forced steps ------------------------------------------------
     def forces(self, step: Step) -> bool:
@@ -124,7 +136,11 @@ class SeaCache(CachePass):
     # -- rewrite ------------------------------------------------------------------------------------
     def rewrite(self, g: PassBuilder) -> None:
         blocks = g.regions.blocks
-        latents = find_latents(g)
+        if self.raw_vision_callback is None:
+            latents = find_latents(g)
+            latents_example = example_value(latents)
+        else:
+            latents, latents_example = vision_latents(g, self.raw_vision_callback)
         stack, hidden_position = block_stack(g)
         streams = g.skip_values(stack, blocks)
 
@@ -132,7 +148,7 @@ class SeaCache(CachePass):
         step = g.scalar("step", value=lambda step: float(step.index), dtype=torch.float64)
         force = g.scalar("force_compute", value=lambda step: float(self.forces(step)))
         threshold = g.scalar("threshold", value=self.threshold, dtype=torch.float64)
-        indicator_like = _indicator_example(latents)
+        indicator_like = _indicator_example(latents_example)
         previous = g.state("previous_indicator", shape=indicator_like.shape, dtype=indicator_like.dtype)
         observed = g.state("observed", shape=(), dtype=torch.int64)
         accumulated = g.state("accumulated_distance", shape=(1,), dtype=torch.float64)
@@ -181,8 +197,9 @@ def find_latents(g: PassBuilder) -> fx.Node:
         shape = tuple(value.shape) if value is not None else None
         raise RegionError(
             f"SeaCache filters the input latents in 3-D Fourier space and needs them as (B, C, T, H, W) or "
-            f"(B, C, H, W); this model's hidden_states is {shape} (a packed token sequence?). Use TeaCache or "
-            "FirstBlockCache on it")
+            f"(B, C, H, W); this model's hidden_states is {shape} (a packed token sequence?). Say how to make "
+            "latents of it with raw_vision_callback (diffusers' field: (model, args, kwargs) -> [(C, T, H, W) per "
+            "sample]), or use TeaCache or FirstBlockCache on it")
     sample = example_value(g.sample)
     # a size the graph reads from the data (HiDream's routed experts) may be unknown here: refuse
     # only what is known to differ
@@ -197,8 +214,39 @@ def find_latents(g: PassBuilder) -> fx.Node:
     return node
 
 
-def _indicator_example(latents: fx.Node) -> torch.Tensor:
-    value = example_value(latents)
+def vision_latents(g: PassBuilder, callback: Callable) -> tuple[fx.Node, torch.Tensor]:
+    """The latents ``raw_vision_callback`` makes of the call's inputs, as one ``(B, C, T, H, W)`` node
+    placed after the inputs, with an example of its value (the callback run once on meta tensors of
+    the inputs' shapes, which also checks what it returns)."""
+    if g.captured.is_piece:
+        raise RegionError(
+            f"SeaCache: the graph that holds {type(g.model).__name__}'s blocks starts after a graph break, so "
+            "the model's own inputs, which raw_vision_callback reads, are not among its inputs. Use "
+            "FirstBlockCache or MagCache on it")
+    names = tuple(g.inputs)
+    model = g.model
+
+    def latents_of(*tensors):
+        return torch.stack(list(callback(model, (), dict(zip(names, tensors)))))
+
+    latents_of.__name__ = latents_of.__qualname__ = "sea_cache_raw_vision_latents"
+    examples = [value if not isinstance(value := example_value(node), torch.Tensor)
+                else torch.empty(value.shape, dtype=value.dtype, device="meta") for node in g.inputs.values()]
+    try:
+        returned = callback(model, (), dict(zip(names, examples)))
+        shapes = [tuple(latent.shape) for latent in returned]
+    except Exception as error:  # noqa: BLE001 - said with what the callback was given
+        raise RegionError(f"SeaCache: raw_vision_callback failed on the call's inputs "
+                          f"{ {n: tuple(e.shape) for n, e in zip(names, examples) if isinstance(e, torch.Tensor)} }: "
+                          f"{type(error).__name__}: {error}") from error
+    if not shapes or any(len(shape) != 4 for shape in shapes) or len(set(shapes)) != 1:
+        raise RegionError(f"SeaCache: raw_vision_callback returned latents of shapes {shapes}; it must return a "
+                          "list of latents (C, T, H, W) of one shape, one per sample")
+    node = g.call(latents_of, *g.inputs.values(), after=next(iter(g.inputs.values())))
+    return node, torch.stack(list(returned))
+
+
+def _indicator_example(value: torch.Tensor) -> torch.Tensor:
     frames = value.unsqueeze(2) if value.dim() == 4 else value
     return torch.empty((frames.shape[0], *frames.shape[2:], frames.shape[1]), dtype=value.dtype, device="meta")
 
