@@ -42,8 +42,9 @@ QUALITY_BAR_DB = 35.0
 # FasterCache reuses the unconditional half of batched classifier-free guidance; the frontier's loop
 # runs the digits model without guidance (as docs/benchmarks-quality.md), so it has no point here
 LEFT_OUT = {"FasterCache": "reuses the unconditional branch of batched CFG; the frontier runs without guidance",
-            "SeaCache": "filters the latents as (C, T, H, W) grids, and the digits model takes FLUX's packed token "
-                        "sequence, which SeaCache refuses (diffusers' hook runs such a model uncached)"}
+            "SeaCache": "filters the latents as (C, T, H, W) grids: the digits model takes FLUX's packed token "
+                        "sequence, which needs a raw_vision_callback, and the frontier's loop passes no sigma to "
+                        "cache_context (giving it one would move every other point)"}
 
 
 @dataclass(frozen=True)
