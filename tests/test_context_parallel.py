@@ -348,40 +348,41 @@ def test_every_pass_on_ulysses_equals_one_process_and_every_rank_decides_alike(r
         assert results[0][keys]["cache_bytes"] < cached.stats()["cache_bytes"]
 
 
+def _each_alone_on_ulysses(ranks, name: str, keys: tuple[str, ...]):
+    """Each pass of ``keys`` alone on the ranks, checked equal to one process run by run; yields
+    (its keys, one process's decisions, rank 0's result) for the test's own checks."""
+    groups = tuple((key,) for key in keys)
+    ranks.submit("job_passes", name, groups)
+    expected = {group: reference(name, group) for group in groups}  # while the ranks run
+    results = ranks.collect()
+    for group in groups:
+        x, decisions, _ = expected[group]
+        assert_equal_runs([r[group] for r in results], name, x, decisions, f"{name} {group}")
+        yield group, decisions, results[0][group]
+
+
 def test_the_dynamic_passes_beyond_diffusers_on_ulysses_equal_one_process(ranks):
     """TeaCache, DBCache and EasyCache decide from metrics of sharded tensors too: each all-reduces
     its sums once per decision, so every rank reuses the steps one process reuses (tiny Flux)."""
-    groups = (("teacache",), ("db_cache",), ("easycache",))
-    ranks.submit("job_passes", "flux", groups)
-    expected = {keys: reference("flux", keys) for keys in groups}
-    results = ranks.collect()
-    for keys in groups:
-        x, decisions, _ = expected[keys]
-        assert_equal_runs([r[keys] for r in results], "flux", x, decisions, f"flux {keys}")
+    for keys, decisions, result in _each_alone_on_ulysses(ranks, "flux", ("teacache", "db_cache", "easycache")):
         computed = [v for k, v in decisions[-1]["cond"].items() if k.endswith("_computed")]
         assert computed and 0 < computed[0] < STEPS, f"{keys}: should compute some steps and reuse others"
         name = type(make_pass(keys[0], build("flux"))).__name__
-        assert list(results[0][keys]["parallel"]["reduced"]) == [name]
-        assert results[0][keys]["explain"].count("all-reduces over the 2 ranks") == 1
+        assert list(result["parallel"]["reduced"]) == [name]
+        assert result["explain"].count("all-reduces over the 2 ranks") == 1
 
 
 def test_the_passes_beyond_diffusers_without_a_collective_on_ulysses_equal_one_process(ranks):
     """FoCa and HiCache decide from the step index, SeaCache from the input latents that every rank
     holds whole (Wan shards its tokens at blocks.0): no all-reduce, and every rank reuses or
     forecasts the steps one process does (tiny Wan)."""
-    groups = (("sea_cache",), ("foca",), ("hicache",))
-    ranks.submit("job_passes", "wan", groups)
-    expected = {keys: reference("wan", keys) for keys in groups}
-    results = ranks.collect()
-    for keys in groups:
-        x, decisions, _ = expected[keys]
-        assert_equal_runs([r[keys] for r in results], "wan", x, decisions, f"wan {keys}")
+    for keys, decisions, result in _each_alone_on_ulysses(ranks, "wan", ("sea_cache", "foca", "hicache")):
         figures = decisions[-1]["cond"]
         reused = any(v < STEPS for k, v in figures.items() if k.endswith("_computed")) or any(
             isinstance(v, dict) and v["false"] > 0 for v in figures.values())
         assert reused, f"{keys}: the cache reused nothing, so the comparison proves little ({figures})"
-        assert list(results[0][keys]["parallel"]["reduced"]) == []
-        assert results[0][keys]["explain"].count("all-reduces over the 2 ranks") == 0
+        assert list(result["parallel"]["reduced"]) == []
+        assert result["explain"].count("all-reduces over the 2 ranks") == 0
 
 
 @pytest.mark.parametrize("name", ["flux", "wan"])
