@@ -320,15 +320,22 @@ def shard_changes(name: str, steps: int = STEPS) -> list[tuple[float, float, flo
     return out
 
 
+def _on_ulysses(ranks, name: str, groups):
+    """Each group of passes on the ranks, checked equal to one process run by run; yields (the
+    group, one process's decisions, its CachedModel, each rank's result) for the test's own checks."""
+    ranks.submit("job_passes", name, groups)
+    expected = {keys: reference(name, keys) for keys in groups}  # while the ranks run
+    results = ranks.collect()
+    for keys in groups:
+        x, decisions, cached = expected[keys]
+        assert_equal_runs([r[keys] for r in results], name, x, decisions, f"{name} {keys}")
+        yield keys, decisions, cached, [r[keys] for r in results]
+
+
 # -- the tests ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["flux", "wan"])
 def test_every_pass_on_ulysses_equals_one_process_and_every_rank_decides_alike(ranks, name):
-    ranks.submit("job_passes", name, GROUPS)
-    expected = {keys: reference(name, keys) for keys in GROUPS}  # while the ranks run
-    results = ranks.collect()
-    for keys in GROUPS:
-        x, decisions, cached = expected[keys]
-        assert_equal_runs([r[keys] for r in results], name, x, decisions, f"{name} {keys}")
+    for keys, decisions, cached, results in _on_ulysses(ranks, name, GROUPS):
         last = decisions[-1]["cond"]
         for key in keys:
             namespace = make_pass(key, build(name)).namespace
@@ -336,35 +343,22 @@ def test_every_pass_on_ulysses_equals_one_process_and_every_rank_decides_alike(r
             reused = figures.get(f"{namespace}.tail_computed", STEPS) < STEPS or any(
                 isinstance(v, dict) and v["false"] > 0 for v in figures.values())
             assert reused, f"{name} {key}: the cache reused nothing, so the comparison proves little ({last})"
-        parallel = [r[keys]["parallel"] for r in results]
+        parallel = [r["parallel"] for r in results]
         assert [p["rank"] for p in parallel] == [0, 1] and {p["group_size"] for p in parallel} == {WORLD}
         reduced = {"FirstBlockCache"} if DYNAMIC & set(keys) else set()
         assert set(parallel[0]["reduced"]) == reduced, "only dynamic decisions are reduced"
-        explain = results[0][keys]["explain"]
+        explain = results[0]["explain"]
         assert "context parallel over 2 ranks (ulysses 2)" in explain
         assert explain.count("all-reduces over the 2 ranks") == len(reduced)
         assert explain.count("no collective: decided from the step") == len(keys) - len(reduced)
         # cache state lives per rank on its shard: sequence-shaped state takes half the bytes
-        assert results[0][keys]["cache_bytes"] < cached.stats()["cache_bytes"]
-
-
-def _each_alone_on_ulysses(ranks, name: str, keys: tuple[str, ...]):
-    """Each pass of ``keys`` alone on the ranks, checked equal to one process run by run; yields
-    (its keys, one process's decisions, rank 0's result) for the test's own checks."""
-    groups = tuple((key,) for key in keys)
-    ranks.submit("job_passes", name, groups)
-    expected = {group: reference(name, group) for group in groups}  # while the ranks run
-    results = ranks.collect()
-    for group in groups:
-        x, decisions, _ = expected[group]
-        assert_equal_runs([r[group] for r in results], name, x, decisions, f"{name} {group}")
-        yield group, decisions, results[0][group]
+        assert results[0]["cache_bytes"] < cached.stats()["cache_bytes"]
 
 
 def test_the_dynamic_passes_beyond_diffusers_on_ulysses_equal_one_process(ranks):
     """TeaCache, DBCache and EasyCache decide from metrics of sharded tensors too: each all-reduces
     its sums once per decision, so every rank reuses the steps one process reuses (tiny Flux)."""
-    for keys, decisions, result in _each_alone_on_ulysses(ranks, "flux", ("teacache", "db_cache", "easycache")):
+    for keys, decisions, _, (result, _) in _on_ulysses(ranks, "flux", (("teacache",), ("db_cache",), ("easycache",))):
         computed = [v for k, v in decisions[-1]["cond"].items() if k.endswith("_computed")]
         assert computed and 0 < computed[0] < STEPS, f"{keys}: should compute some steps and reuse others"
         name = type(make_pass(keys[0], build("flux"))).__name__
@@ -376,7 +370,7 @@ def test_the_passes_beyond_diffusers_without_a_collective_on_ulysses_equal_one_p
     """FoCa and HiCache decide from the step index, SeaCache from the input latents that every rank
     holds whole (Wan shards its tokens at blocks.0): no all-reduce, and every rank reuses or
     forecasts the steps one process does (tiny Wan)."""
-    for keys, decisions, result in _each_alone_on_ulysses(ranks, "wan", ("sea_cache", "foca", "hicache")):
+    for keys, decisions, _, (result, _) in _on_ulysses(ranks, "wan", (("sea_cache",), ("foca",), ("hicache",))):
         figures = decisions[-1]["cond"]
         reused = any(v < STEPS for k, v in figures.items() if k.endswith("_computed")) or any(
             isinstance(v, dict) and v["false"] > 0 for v in figures.values())
