@@ -25,7 +25,7 @@ import torch
 import fxcache
 from fxcache.testing import models
 from tests.helpers import relative_difference
-from tests.static_pass_helpers import count_host_reads, run_euler
+from tests.static_pass_helpers import count_graph_breaks, count_host_reads, run_euler
 
 # the features FoCa's and HiCache's reference code caches, by model: attention and feed-forward
 # outputs, a single-stream block's linear2 (proj_out); one block of each kind keeps the tests short
@@ -90,28 +90,6 @@ class HookedModel:
         return forecast
 
 
-@contextlib.contextmanager
-def count_graph_breaks():
-    """The graph breaks dynamo records inside the block (``["count"]``, set on exit)."""
-    counts = {"count": 0}
-    before = sum(torch._dynamo.utils.counters["graph_break"].values())
-    yield counts
-    counts["count"] = sum(torch._dynamo.utils.counters["graph_break"].values()) - before
-
-
-class _Uncached:
-    """The model itself, with the ``cache_context`` the loop enters (not every model has one)."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def cache_context(self, name: str, **fields):
-        return contextlib.nullcontext()
-
-    def __call__(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-
 def assert_equals_reference_with_cfg(name: str, config, num_steps: int, full: list[int], make_feature,
                                      *, tiny: models.TinyDenoiser | None = None, features: str | None = None) -> None:
     """``config`` on tiny ``name`` against :class:`HookedModel` (the reference's features, computed on
@@ -129,7 +107,7 @@ def assert_equals_reference_with_cfg(name: str, config, num_steps: int, full: li
     with count_graph_breaks() as breaks:
         cached = fxcache.transform(tiny.model, [config], backend="eager")
         _, result = run_euler(cached, tiny, num_steps, contexts=contexts)
-    _, uncached = run_euler(_Uncached(tiny.model), tiny, num_steps, contexts=contexts)
+    _, uncached = run_euler(tiny.model, tiny, num_steps, contexts=contexts)
     assert relative_difference(result, expected, start) <= 1e-5
     assert relative_difference(uncached, expected, start) > 1e-4
     assert reference.hooked and set(cached.programs()[-1].flags[0].gates) == set(reference.hooked)
