@@ -233,12 +233,11 @@ def _copy_program(module: fx.GraphModule, edit: Callable[[fx.Graph, fx.GraphModu
     return copy
 
 
-def _storage(node: fx.Node):
-    """Identity of the storage of ``node``'s example value (fake tensors of one capture share
-    storages the way the real ones do)."""
+def _storage(value):
+    """Identity of the storage of ``value``, a node's example value (fake tensors of one capture share
+    storages the way the real ones do); None for anything else."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
-    value = example_value(node)
     if not isinstance(value, torch.Tensor):
         return None
     try:
@@ -298,6 +297,10 @@ def _dead_result(node: fx.Node) -> bool:
     return not name.endswith("_") and isinstance(example_value(node), torch.Tensor)
 
 
+def _tensor_tuple(value) -> bool:
+    return isinstance(value, (tuple, list)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
+
+
 def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> tuple[fx.Node, int] | None:
     """Replace ``run`` by a call of its kind's function; returns the call and its number of activation
     inputs (those before the parameters), or None where nothing was stamped."""
@@ -319,6 +322,10 @@ def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> t
     outputs = [n for n in run if any(user not in members for user in n.users) or _dead_result(n)]
     if not outputs:
         return None
+    # a tuple of tensors (a chunked modulation, part of which a pass moved out of the block) is returned
+    # element by element: dynamo flattens a returned tuple, and its views of one tensor would alias;
+    # as elements, the views after the first are copies like any others
+    elements = {out: range(len(example_value(out))) for out in outputs if _tensor_tuple(example_value(out))}
     inputs = [*activations, *params]
     body = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -333,11 +340,15 @@ def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> t
     # a higher-order op may not return its inputs or views of them (a block that passes a stream
     # through), nor two views of one tensor (a single-stream block's text and image slices): those
     # outputs are copies
-    input_storages = [_storage(node) for node in inputs]
+    input_storages = [_storage(example_value(node)) for node in inputs]
     seen = set(input_storages) - {None}
+    places = [(out, i) for out in outputs for i in elements.get(out, [None])]  # (output, element or None)
     returned = []
-    for out in outputs:
-        value, storage = env[out], _storage(out)
+    for out, i in places:
+        if i is None:
+            value, storage = env[out], _storage(example_value(out))
+        else:
+            value, storage = body.call_function(operator.getitem, (env[out], i)), _storage(example_value(out)[i])
         # an element of a tuple input (the result of a region a pass outlined) is that input too:
         # dynamo flattens tuple inputs into placeholders
         unpacked = value.op == "call_function" and value.target is operator.getitem and value.args[0].op == "placeholder"
@@ -351,7 +362,7 @@ def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> t
         if node.op not in ("placeholder", "output"):
             node._rename(f"v{i}")
     code = body.python_code("self").src
-    key = (code, tuple(key_parts), tuple(outputs.index(o) for o in outputs))
+    key = (code, tuple(key_parts))
     if key not in shared:
         forward = fx.GraphModule(torch.nn.Module(), body, class_name="Block").forward
 
@@ -386,14 +397,24 @@ def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> t
     with graph.inserting_after(run[-1]):
         call = graph.call_function(shared[key], tuple(arguments))
     call.meta[MODULE_STACK] = run[0].meta.get(MODULE_STACK, ())[:1]
-    results = []
+    results: dict[tuple[fx.Node, int | None], fx.Node] = {}
     with graph.inserting_after(call):
-        for i, out in enumerate(outputs):
-            node = graph.call_function(operator.getitem, (call, i))
-            node.meta = {k: v for k, v in out.meta.items() if k != "nn_module_stack"}
-            results.append(node)
-    for out, new in zip(outputs, results):
-        out.replace_all_uses_with(new, delete_user_cb=lambda user: user not in members)
+        for k, (out, i) in enumerate(places):
+            results[out, i] = graph.call_function(operator.getitem, (call, k))
+            value = example_value(out) if i is None else example_value(out)[i]
+            results[out, i].meta = {key: v for key, v in out.meta.items() if key != "nn_module_stack"}
+            results[out, i].meta["example_value"] = value
+    for out in outputs:
+        if out not in elements:
+            out.replace_all_uses_with(results[out, None], delete_user_cb=lambda user: user not in members)
+            continue
+        parts = tuple(results[out, i] for i in elements[out])
+        for user in [u for u in out.users if u not in members]:
+            if user.target is operator.getitem and isinstance(user.args[1], int):  # out[i]: the element
+                user.replace_all_uses_with(parts[user.args[1]])
+                graph.erase_node(user)
+            else:  # the tuple itself (a region a pass outlined takes it whole): the elements, as a tuple
+                user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs), lambda n: parts if n is out else n)
     for node in reversed(run):
         graph.erase_node(node)
     return call, len(activations)

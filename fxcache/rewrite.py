@@ -628,8 +628,7 @@ class ProgramBuilder:
 
             n = norm(h); m = n * (1 + s); [stack: a = attn(m) ...]
 
-        The region's ``outputs`` may change (a moved node that was one is no longer in the region).
-        With ``fxcache.lower.block_regions`` on, the nodes are copied and the region keeps its own."""
+        The region's ``outputs`` may change (a moved node that was one is no longer in the region)."""
         region = self.resolve(region)
         members = set(region.nodes)
         if node not in members:
@@ -650,13 +649,6 @@ class ProgramBuilder:
             with self.graph.inserting_before(first):
                 env[n] = self.graph.node_copy(n, lambda a: env.get(a, a))
             env[n].meta = {k: v for k, v in n.meta.items() if k != "nn_module_stack"}
-        from . import lower
-
-        if lower.block_regions:
-            # opt-in block regions stamp each block as one compiled region, and block 0 reading the
-            # moved values (views of one modulation, chunked) trips invoke_subgraph's aliasing check:
-            # there the region keeps its own nodes and computes them again
-            return env[node]
         for n in reversed(moved):  # users first; a region holding n (the block, the stack) resolves without it
             n.replace_all_uses_with(env[n])
             self.graph.erase_node(n)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import fxcache
-from fxcache.passes import FirstBlockCache, MagCache
+from fxcache.flops import count_flops
+from fxcache.passes import FirstBlockCache, MagCache, TeaCache
 from fxcache.testing import models
 from tests.helpers import relative_difference
 
@@ -155,6 +156,40 @@ def test_opt_in_block_regions_compile_each_block_kind_once_and_change_nothing(mo
              if n.target is torch.ops.higher_order.invoke_subgraph]
     assert len(calls) == blocks
     assert len({call.args[0].target for call in calls}) == traced
+
+
+def test_block_regions_return_a_tuple_of_views_a_pass_moved_out_of_a_block(monkeypatch):
+    """TeaCache moves block 0's modulation in front of the stack it may skip (``g.hoist``), and block
+    0's rest reads the chunks of it. The moved part is stamped as a region of its own, which returns
+    those chunks: views of one tensor, which dynamo refuses as a region's outputs. They are returned
+    one by one, the later ones as copies; the loop equals the flat program, and a computing call
+    executes as many FLOPs (the modulation is computed once, not again inside block 0)."""
+    if not hasattr(torch.compiler, "nested_compile_region"):
+        pytest.skip("this torch has no torch.compiler.nested_compile_region")
+    import fxcache.lower
+
+    tiny = models.build("flux")
+    start, inputs = tiny.noise(seed=0), tiny.inputs(tiny.noise(seed=1), 1.0)
+    config = TeaCache.for_model("flux", threshold=0.6)
+
+    def run():
+        cached = fxcache.transform(tiny.model, [config], backend=_recording_backend(graphs))
+        result = models.euler_sample(cached, tiny, start, 6)
+        cached.reset()
+        with cached.cache_context("cond"):
+            return cached, result, count_flops(cached, **inputs)[1]  # a first call computes
+
+    graphs = []
+    _, flat, flat_flops = run()
+    assert not any(n.target is torch.ops.higher_order.invoke_subgraph for g in graphs for n in g.graph.nodes)
+    monkeypatch.setattr(fxcache.lower, "block_regions", True)
+    graphs = []
+    cached, stamped, stamped_flops = run()
+    assert torch.equal(stamped, flat)
+    assert stamped_flops == flat_flops
+    (program,) = cached._programs.values()
+    assert program.stamped["blocks"] > len(cached.regions().blocks)  # block 0's moved part is one more
+    assert any(n.target is torch.ops.higher_order.invoke_subgraph for g in graphs for n in g.graph.nodes)
 
 
 def test_where_torch_cannot_train_through_block_regions_a_call_with_grad_runs_the_blocks_flat(monkeypatch):
