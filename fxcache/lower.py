@@ -119,6 +119,28 @@ block_regions = os.environ.get("FXCACHE_BLOCK_REGIONS", "0") == "1"
 _regions_train = torch.torch_version.TorchVersion(torch.__version__) >= (2, 13)
 
 
+def regenerate_outside_dynamo(module: fx.GraphModule) -> None:
+    """Give ``module`` a ``forward`` that dynamo will compile, where it was generated inside a dynamo
+    compile (a program built by ``fxcache.backend``, or by the split forward, while dynamo compiles the
+    caller's frame). During a compile dynamo makes FX mark every ``forward`` it generates as code never
+    to compile (its own graphs must not be compiled again), so such a program ran eagerly, only the
+    functions it calls compiled frame by frame. Outside a compile, nothing changes.
+
+    Example::
+
+        regenerate_outside_dynamo(program_module)   # then torch.compile(program_module)
+    """
+    generate = torch.fx.graph_module._forward_from_src
+    original = getattr(generate, "__wrapped__", None)  # dynamo's patch wraps FX's own (functools.wraps)
+    if original is None:
+        return
+    torch.fx.graph_module._forward_from_src = original
+    try:
+        module.recompile()
+    finally:
+        torch.fx.graph_module._forward_from_src = generate
+
+
 def stamp_blocks(gm: fx.GraphModule, block_paths: list[str]) -> tuple[fx.GraphModule, dict[str, int]]:
     """A copy of ``gm`` in which every transformer block (a contiguous run of nodes whose module stack
     names one of ``block_paths``, in the program or inside a region a pass outlined) is one call of a
@@ -535,6 +557,7 @@ class Program:
                 # not across a host read's graph break: the tuple would reach the resumed graph as
                 # frame locals, one guarded input per tensor, checked on every call
                 graph_module = read_tensors_through_dicts(graph_module)
+            regenerate_outside_dynamo(graph_module)
             return graph_module, torch.compile(graph_module, backend=counting_backend, fullgraph=fullgraph,
                                                dynamic=False,
                                                options={"guard_filter_fn": guards_off_the_model(graph_module)})

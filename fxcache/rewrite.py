@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import operator
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -126,29 +127,41 @@ class FlagSpec:
     gates: tuple[str, ...] = ()
 
 
+class _NodeHandle:
+    """A handle names a node of the program being built, and holds it weakly: handles end up inside
+    the functions the program calls (a policy's caches, a forecaster's parameters), those functions
+    in the program's globals, and those globals in dynamo's guards, which live as long as the compiled
+    code. A node held strongly would keep its graph, the program and the model: a model compiled with
+    ``fxcache.backend`` (which holds its own cache) was never freed."""
+
+    @property
+    def node(self) -> fx.Node:
+        return self.node_ref()
+
+
 @dataclass(frozen=True, eq=False)
-class State:
+class State(_NodeHandle):
     """Handle of a state tensor (or counter) declared by a pass."""
 
     name: str
-    node: fx.Node
+    node_ref: weakref.ref
     slot: StateSlot
 
 
 @dataclass(frozen=True, eq=False)
-class Flag:
+class Flag(_NodeHandle):
     """Handle of a host flag declared by a pass."""
 
     name: str
-    node: fx.Node
+    node_ref: weakref.ref
 
 
 @dataclass(frozen=True, eq=False)
-class Scalar:
+class Scalar(_NodeHandle):
     """Handle of a per-call scalar declared by a pass."""
 
     name: str
-    node: fx.Node
+    node_ref: weakref.ref
 
 
 @dataclass(frozen=True, eq=False)
@@ -764,7 +777,7 @@ class PassBuilder:
                                   f"program and {slot.shape} {slot.dtype} in its variant")
         else:
             builder.state.append(slot)
-        handle = State(slot.name, node, slot)
+        handle = State(slot.name, weakref.ref(node), slot)
         builder._handles[slot.name] = handle
         self._record().state.append(slot.name)
         return handle
@@ -796,7 +809,7 @@ class PassBuilder:
         node = self._builder._declare("flag", qualified, self.pass_name)
         if self._builder.parent is None:
             self._builder._flag_specs[qualified] = FlagSpec(qualified, decide, self.pass_name)
-        handle = Flag(qualified, node)
+        handle = Flag(qualified, weakref.ref(node))
         self._builder._handles[qualified] = handle
         self._record().flags.append(qualified)
         return handle
@@ -812,7 +825,7 @@ class PassBuilder:
         node.meta["example_value"] = torch.empty((1,), dtype=dtype, device="meta")
         if self._builder.parent is None:
             self._builder.scalars.append(ScalarSpec(qualified, dtype, self.device, value, self.pass_name))
-        handle = Scalar(qualified, node)
+        handle = Scalar(qualified, weakref.ref(node))
         self._builder._handles[qualified] = handle
         self._record().scalars.append(qualified)
         return handle
@@ -937,21 +950,25 @@ def require_distinct(passes: Sequence["CachePass"]) -> None:
         if namespaces.count(cache_pass.namespace) > 1:
             raise ValueError(f"passes: {type(cache_pass).__name__} is given {namespaces.count(cache_pass.namespace)} "
                              "times; combine its settings into one")
+
+
 def _with_cache_views(fn: Callable, caches: list[tuple[int, int | None, Cache]]) -> Callable:
     """``fn`` with its cache arguments (tensor tuples in the graph) handed over as :class:`CacheView`s."""
+    # what the views need, not the Cache handles: those hold graph nodes, so the program and its model,
+    # and the function is in the program's globals, which dynamo's guards keep
+    views = [(index, inner, len(cache.tensors), cache.update, cache.predict) for index, inner, cache in caches]
 
     @functools.wraps(fn)
     def policy(*args):
         args = list(args)
-        for index, inner, cache in caches:
-            size = len(cache.tensors)
+        for index, inner, size, update, predict in views:
             if inner is None:
                 parts = args[index]
-                args[index] = CacheView(cache.update, cache.predict, parts[:size], parts[size:])
+                args[index] = CacheView(update, predict, parts[:size], parts[size:])
             else:
                 group = list(args[index])
                 parts = group[inner]
-                group[inner] = CacheView(cache.update, cache.predict, parts[:size], parts[size:])
+                group[inner] = CacheView(update, predict, parts[:size], parts[size:])
                 args[index] = tuple(group)
         return fn(*args)
 

@@ -1,6 +1,9 @@
 """Properties over random tiny DiTs, configs and seeds (hypothesis; small profile in CI)."""
 
+import dataclasses
 import functools
+import gc
+import weakref
 
 import pytest
 import torch
@@ -123,3 +126,38 @@ def test_no_pass_carries_state_across_a_reset(name, seed_a, seed_b, interrupted_
     assert any(not torch.equal(got, plain) for got, plain in zip(after_reset, uncached)), f"{name} reused nothing"
     decisions = lambda cached: {k: v for k, v in cached.stats()["contexts"]["cond"].items() if k != "cache_bytes"}
     assert decisions(used) == decisions(fresh)
+
+
+def _compiled_inside_torch_compile(name):
+    """A generation of ``name`` through ``torch.compile(model, backend=fxcache.backend(...))``; returns
+    the model, weakly, and per program whether dynamo compiled its ``forward``."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    model = build({"dim": 16, "heads": 2, "depth": 3, "cross": True}, 0)
+    config = SKIPPING[name]()
+    if name == "PyramidAttentionBroadcast":  # the first call, before the model has a cache_context, needs a timestep
+        config = dataclasses.replace(config, current_timestep_callback=lambda: 500.0)
+    cache = fxcache.backend([config], backend="eager")
+    compiled = torch.compile(model, backend=cache)
+    calls = trajectory(model, {"batch": 1, "tokens": 9}, 0)
+    with torch.no_grad():
+        compiled(*calls[0])  # the first call gives the model its cache_context
+        compiled._reset_stateful_cache()
+        _generation(compiled, calls)
+    compiled_whole = [bool(_debug_get_cache_entry_list(type(program.compiled_module).forward.__code__))
+                      for program in cache.runtime._programs.values()]
+    return weakref.ref(model), compiled_whole
+
+
+@pytest.mark.parametrize("name", sorted(SKIPPING))
+def test_inside_torch_compile_every_pass_compiles_its_program_and_lets_the_model_go(name):
+    """``fxcache.backend`` builds its program while dynamo compiles the caller's frame, where FX marks
+    every ``forward`` it generates as code dynamo must never compile: the program ran eagerly, only the
+    functions it calls compiled frame by frame. Its forward is compiled now; and what that compiled code
+    keeps (the program's globals: the passes' functions and the handles they hold) must not reach the
+    model, which holds its own cache there, or nothing frees it."""
+    model_ref, compiled_whole = _compiled_inside_torch_compile(name)
+    assert compiled_whole and all(compiled_whole), compiled_whole
+    gc.collect()
+    gc.collect()  # what the CachedModel's finalizer let go during the first
+    assert model_ref() is None, f"{name}: the model outlived everything that used it"
