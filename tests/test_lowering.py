@@ -180,6 +180,7 @@ def test_block_regions_return_a_tuple_of_views_a_pass_moved_out_of_a_block(monke
             return cached, result, count_flops(cached, **inputs)[1]  # a first call computes
 
     graphs = []
+    monkeypatch.setattr(fxcache.lower, "block_regions", False)  # also where FXCACHE_BLOCK_REGIONS=1 turns them on
     _, flat, flat_flops = run()
     assert not any(n.target is torch.ops.higher_order.invoke_subgraph for g in graphs for n in g.graph.nodes)
     monkeypatch.setattr(fxcache.lower, "block_regions", True)
