@@ -146,3 +146,43 @@ def test_unknown_method_is_a_clear_error():
         frontier.run_frontier(methods=["FirstBlock"], denoiser=object(), progress=False)
     with pytest.raises(ValueError, match="libraries must be among"):
         frontier.run_frontier(methods=["TeaCache"], libraries=["xdit"], denoiser=object(), progress=False)
+
+
+def test_the_loop_gives_each_call_its_step_and_sigma_and_only_sea_cache_reads_them(monkeypatch):
+    """The frontier's loop passes ``step_index``, ``sigma`` and ``num_inference_steps`` to every
+    ``cache_context``, as diffusers' pipelines do, so SeaCache (fxcache's and diffusers') has what it
+    filters by; every other method's images are those of a loop that passes nothing (so the points
+    measured before the loop passed them stand), and SeaCache's equal diffusers'."""
+    import torch
+
+    from fxcache.demo import digits, quality
+    from fxcache.testing import models
+
+    denoiser, steps, labels = digits.load_digits_denoiser(), 6, torch.arange(digits.NUM_CLASSES)
+    calibration = frontier.Calibration(denoiser, steps)
+    firsts = {}
+    for setting in frontier.settings(steps):
+        if setting.library in ("fxcache", "diffusers") and (setting.method, setting.library) not in firsts:
+            firsts[setting.method, setting.library] = setting
+    chosen = [s for (method, _), s in firsts.items()
+              if method in ("FirstBlockCache", "MagCache", "TaylorSeer", "PyramidAttentionBroadcast")]
+    chosen += [s for s in frontier.settings(steps) if s.method == "SeaCache" and s.label == "threshold=0.8"]
+
+    def images(setting, step_fields):
+        monkeypatch.setattr(quality, "euler_sample", lambda *args, **kwargs: models.euler_sample(
+            *args, **{**kwargs, "step_fields": step_fields}))
+        model = quality._cached(denoiser.model, setting.make(calibration), "eager")
+        with torch.no_grad():
+            return quality.generate(model, denoiser, labels, num_steps=steps, clock=calibration.clock)
+
+    sea = {}
+    for setting in chosen:
+        with_fields = images(setting, True)
+        if setting.method == "SeaCache":
+            sea[setting.library] = with_fields
+        else:
+            assert torch.equal(with_fields, images(setting, False)), setting.name
+    assert set(sea) == {"fxcache", "diffusers"} and torch.equal(sea["fxcache"], sea["diffusers"])
+    with torch.no_grad():
+        uncached = quality.generate(denoiser.model, denoiser, labels, num_steps=steps)
+    assert not torch.equal(sea["fxcache"], uncached), "SeaCache reused nothing"

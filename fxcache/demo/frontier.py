@@ -30,8 +30,8 @@ import torch
 
 from . import digits, quality
 
-__all__ = ["Calibration", "Frontier", "Point", "QUALITY_BAR_DB", "Setting", "best_settings", "pareto_front",
-           "plot_frontier", "run_frontier", "settings"]
+__all__ = ["Calibration", "Frontier", "Point", "QUALITY_BAR_DB", "Setting", "best_settings", "digits_latents",
+           "pareto_front", "plot_frontier", "run_frontier", "settings"]
 
 LIBRARIES = ("fxcache", "diffusers", "cache-dit")
 
@@ -41,10 +41,13 @@ QUALITY_BAR_DB = 35.0
 
 # FasterCache reuses the unconditional half of batched classifier-free guidance; the frontier's loop
 # runs the digits model without guidance (as docs/benchmarks-quality.md), so it has no point here
-LEFT_OUT = {"FasterCache": "reuses the unconditional branch of batched CFG; the frontier runs without guidance",
-            "SeaCache": "filters the latents as (C, T, H, W) grids: the digits model takes FLUX's packed token "
-                        "sequence, which needs a raw_vision_callback, and the frontier's loop passes no sigma to "
-                        "cache_context (giving it one would move every other point)"}
+LEFT_OUT = {"FasterCache": "reuses the unconditional branch of batched CFG; the frontier runs without guidance"}
+
+
+def digits_latents(model, args, kwargs) -> list[torch.Tensor]:
+    """SeaCache's ``raw_vision_callback`` (fxcache's and diffusers') for the digits model: its packed
+    tokens ``(B, 64, 4)`` as the ``(C, T, H, W) = (1, 1, 16, 16)`` image of each sample."""
+    return [image.unsqueeze(1) for image in digits.unpack(kwargs["hidden_states"])]
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,15 @@ def settings(num_steps: int = 20) -> list[Setting]:
     for t in (0.4, 0.8):
         add("TeaCache + TaylorSeer", f"threshold={t}", lambda c, t=t: [fx.TeaCache(
             threshold=t, coefficients=c.teacache_coefficients, num_inference_steps=num_steps), forecast()])
+    # the loop gives each call its step, sigma and length in cache_context, as diffusers' pipelines do;
+    # by default at most 2 steps in a row reuse (diffusers' default), which floors the FLOPs near 0.4
+    for t, run in ((0.1, 2), (0.2, 2), (0.4, 2), (0.8, 2), (0.8, 4), (1.6, 4)):
+        label = f"threshold={t}" + (f", up to {run} reused in a row" if run != 2 else "")
+        add("SeaCache", label,
+            lambda c, t=t, r=run: fx.SeaCache(threshold=t, max_consecutive_cached=r,
+                                              raw_vision_callback=digits_latents),
+            lambda c, t=t, r=run: diffusers.SeaCacheConfig(threshold=t, max_consecutive_cached=r,
+                                                           raw_vision_callback=digits_latents))
     for t in (0.05, 0.1, 0.2, 0.4):
         add("EasyCache", f"thresh={t}", lambda c, t=t: fx.EasyCache(thresh=t, ret_steps=2,
                                                                     num_inference_steps=num_steps))

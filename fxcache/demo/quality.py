@@ -128,8 +128,8 @@ def generate(model: torch.nn.Module, denoiser: TinyDenoiser, labels: Sequence[in
     contexts = ("cond",) if guidance is None else ("cond", "uncond")
     noise = denoiser.noise(seed=seed, batch=labels.numel())
     recorded = model if clock is None else _TimestepRecorder(model, denoiser.timestep_scale, clock)
-    latents = euler_sample(recorded, digits.conditioned_on(denoiser, labels),
-                           noise, num_steps, contexts=contexts, guidance=1.0 if guidance is None else guidance)
+    latents = euler_sample(recorded, digits.conditioned_on(denoiser, labels), noise, num_steps, contexts=contexts,
+                           guidance=1.0 if guidance is None else guidance, step_fields=True)
     end_generation(model)
     return digits.unpack(latents).clamp(-1, 1)
 

@@ -138,16 +138,20 @@ def build(name: str, **config) -> TinyDenoiser:
 
 @torch.no_grad()
 def euler_sample(model: Callable, tiny: TinyDenoiser, latents: torch.Tensor, num_steps: int,
-                 contexts: tuple[str, ...] = ("cond",), guidance: float = 3.0) -> torch.Tensor:
+                 contexts: tuple[str, ...] = ("cond",), guidance: float = 3.0,
+                 step_fields: bool = False) -> torch.Tensor:
     """A flow-matching Euler loop from sigma 1 to 0. With two contexts it runs true CFG: the first is
-    the conditional call, the second the unconditional one (condition 1), each in its own context."""
+    the conditional call, the second the unconditional one (condition 1), each in its own context.
+    ``step_fields``: each ``cache_context`` also gets ``step_index``, ``sigma`` and
+    ``num_inference_steps``, as diffusers' Wan and Flux pipelines pass them (SeaCache reads them)."""
     sigmas = [1.0 - i / num_steps for i in range(num_steps + 1)]
     x = latents
     for i in range(num_steps):
         velocities = []
+        fields = dict(step_index=i, sigma=sigmas[i], num_inference_steps=num_steps) if step_fields else {}
         for condition, name in enumerate(contexts):
             if hasattr(model, "cache_context"):
-                with model.cache_context(name):
+                with model.cache_context(name, **fields):
                     velocities.append(model(**tiny.inputs(x, sigmas[i], condition))[0])
             else:
                 velocities.append(model(**tiny.inputs(x, sigmas[i], condition))[0])
