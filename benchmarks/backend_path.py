@@ -40,7 +40,10 @@ def per_call_ms(model, tiny, repeats: int) -> float:
                     model(**tiny.inputs(x, 1 - i / STEPS))
             if repeat:
                 best = min(best, (time.process_time() - start) / STEPS)
-            model._reset_stateful_cache() if hasattr(model, "_reset_stateful_cache") else model.reset()
+            if hasattr(model, "_reset_stateful_cache"):  # the compiled model; a CachedModel has reset()
+                model._reset_stateful_cache()
+            else:
+                model.reset()
     return best * 1e3
 
 

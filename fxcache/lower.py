@@ -364,13 +364,13 @@ def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> t
     # outputs are copies
     input_storages = [_storage(example_value(node)) for node in inputs]
     seen = set(input_storages) - {None}
-    places = [(out, i) for out in outputs for i in elements.get(out, [None])]  # (output, element or None)
+    # (output, element index or None, its example value), one per returned value
+    places = [(out, i, example_value(out) if i is None else example_value(out)[i])
+              for out in outputs for i in elements.get(out, [None])]
     returned = []
-    for out, i in places:
-        if i is None:
-            value, storage = env[out], _storage(example_value(out))
-        else:
-            value, storage = body.call_function(operator.getitem, (env[out], i)), _storage(example_value(out)[i])
+    for out, i, example in places:
+        value = env[out] if i is None else body.call_function(operator.getitem, (env[out], i))
+        storage = _storage(example)
         # an element of a tuple input (the result of a region a pass outlined) is that input too:
         # dynamo flattens tuple inputs into placeholders
         unpacked = value.op == "call_function" and value.target is operator.getitem and value.args[0].op == "placeholder"
@@ -421,11 +421,10 @@ def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> t
     call.meta[MODULE_STACK] = run[0].meta.get(MODULE_STACK, ())[:1]
     results: dict[tuple[fx.Node, int | None], fx.Node] = {}
     with graph.inserting_after(call):
-        for k, (out, i) in enumerate(places):
+        for k, (out, i, example) in enumerate(places):
             results[out, i] = graph.call_function(operator.getitem, (call, k))
-            value = example_value(out) if i is None else example_value(out)[i]
             results[out, i].meta = {key: v for key, v in out.meta.items() if key != "nn_module_stack"}
-            results[out, i].meta["example_value"] = value
+            results[out, i].meta["example_value"] = example
     for out in outputs:
         if out not in elements:
             out.replace_all_uses_with(results[out, None], delete_user_cb=lambda user: user not in members)

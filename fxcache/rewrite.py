@@ -954,21 +954,19 @@ def require_distinct(passes: Sequence["CachePass"]) -> None:
 
 def _with_cache_views(fn: Callable, caches: list[tuple[int, int | None, Cache]]) -> Callable:
     """``fn`` with its cache arguments (tensor tuples in the graph) handed over as :class:`CacheView`s."""
-    # what the views need, not the Cache handles: those hold graph nodes, so the program and its model,
-    # and the function is in the program's globals, which dynamo's guards keep
-    views = [(index, inner, len(cache.tensors), cache.update, cache.predict) for index, inner, cache in caches]
 
     @functools.wraps(fn)
     def policy(*args):
         args = list(args)
-        for index, inner, size, update, predict in views:
+        for index, inner, cache in caches:
+            size = len(cache.tensors)
             if inner is None:
                 parts = args[index]
-                args[index] = CacheView(update, predict, parts[:size], parts[size:])
+                args[index] = CacheView(cache.update, cache.predict, parts[:size], parts[size:])
             else:
                 group = list(args[index])
                 parts = group[inner]
-                group[inner] = CacheView(update, predict, parts[:size], parts[size:])
+                group[inner] = CacheView(cache.update, cache.predict, parts[:size], parts[size:])
                 args[index] = tuple(group)
         return fn(*args)
 
