@@ -6,6 +6,8 @@ fresh Inductor cache (``TORCHINDUCTOR_CACHE_DIR``): nothing is reused between me
     python benchmarks/compile_time.py                          # CPU: the bench's cpu size, 2 4 8 blocks
     python benchmarks/compile_time.py --blocks 12 57 --device cuda --size gpu --mode reduce-overhead
     python benchmarks/compile_time.py --fxcache-block-regions off   # fxcache as one flat graph
+    python benchmarks/compile_time.py --rows fxcache --fxcache-capture-by-kind both   # capture traced
+                                                                  # whole, and each block kind once
 
 Blocks are split into double- and single-stream FLUX blocks: half and half on the CPU sizes (8
 blocks: 4 + 4), FLUX.1-dev's one to two on the GPU size (12: 4 + 8; 57: 19 + 38). Per row: *warm-up* is the wall time of the first generation (every capture and compile
@@ -70,7 +72,22 @@ def measure_one(args) -> dict:
     else:
         import fxcache.lower
 
+        import fxcache.capture_by_kind
+
+        import fxcache.runtime
+
         fxcache.lower.block_regions = args.fxcache_block_regions == "on"
+        fxcache.capture_by_kind.enabled = args.fxcache_capture_by_kind == "on"
+        capture, capture_seconds = fxcache.runtime.capture, [0.0]
+
+        def timed_capture(*call):  # the capture's own share of the warm-up (wall)
+            began = time.perf_counter()
+            try:
+                return capture(*call)
+            finally:
+                capture_seconds[0] += time.perf_counter() - began
+
+        fxcache.runtime.capture = timed_capture
         model = transform(model, [MagCache(mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=args.steps)],
                           backend="inductor", mode=args.mode)
     generate(model, fixed, start, args.steps)
@@ -82,6 +99,8 @@ def measure_one(args) -> dict:
     if args.row == "fxcache":
         result["compiles"] = model.stats()["compiles"]
         result["block_regions"] = args.fxcache_block_regions
+        result["capture_by_kind"] = args.fxcache_capture_by_kind
+        result["capture_s"] = capture_seconds[0]
         result["stamped"] = next(iter(model._programs.values())).stamped
     return result
 
@@ -120,6 +139,8 @@ def main(argv=None):
     parser.add_argument("--mode", default=None, help="torch.compile mode of every row (reduce-overhead on a GPU)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--fxcache-block-regions", default="both", choices=["on", "off", "both"])
+    parser.add_argument("--fxcache-capture-by-kind", default="off", choices=["on", "off", "both"],
+                        help="trace each block kind once in fxcache's capture (fxcache.capture_by_kind)")
     parser.add_argument("--json", default=None, help="append each row as a JSON line")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child measuring one row
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)
@@ -131,14 +152,17 @@ def main(argv=None):
         return None
     results = []
     regions = ["on", "off"] if args.fxcache_block_regions == "both" else [args.fxcache_block_regions]
+    by_kind = ["off", "on"] if args.fxcache_capture_by_kind == "both" else [args.fxcache_capture_by_kind]
+    variants = [(r, k) for r in regions for k in by_kind]
     for blocks in args.blocks:
         for row in args.rows.split(","):
-            for block_regions in (regions if row == "fxcache" else ["on"]):
+            for block_regions, capture_by_kind in (variants if row == "fxcache" else [("on", "off")]):
                 with tempfile.TemporaryDirectory(prefix="inductor-cold-") as cache:
                     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONUNBUFFERED="1")
                     command = [sys.executable, __file__, "--one", "--row", row, "--blocks", str(blocks),
                                "--device", args.device, "--size", args.size, "--dtype", args.dtype,
-                               "--steps", str(args.steps), "--fxcache-block-regions", block_regions]
+                               "--steps", str(args.steps), "--fxcache-block-regions", block_regions,
+                               "--fxcache-capture-by-kind", capture_by_kind]
                     if args.mode:
                         command += ["--mode", args.mode]
                     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -167,14 +191,16 @@ def format_table(results, args) -> str:
     lines = [f"**{datetime.date.today()}, {platform.machine()}, torch {torch.__version__}, device {args.device}, "
              f"size {args.size}, {args.steps} steps, mode {args.mode}; fresh Inductor cache per row.**", "",
              "| run | blocks (double + single) | warm-up s (wall) | CPU s (process + compiler workers) | dynamo graphs "
-             "| dynamo inlined frames |",
-             "|---|---|---|---|---|---|"]
+             "| dynamo inlined frames | fxcache's capture s (wall) |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         label = LABELS[r["row"]]
         if r["row"] == "fxcache":
             label += ", block regions " + ("stamped once per kind" if r["block_regions"] == "on" else "off (one flat graph)")
+            label += ", capture: " + ("each block kind traced once" if r["capture_by_kind"] == "on" else "every block traced")
         lines.append(f"| {label} | {r['blocks']} ({r['double']} + {r['single']}) | {r['warmup_s']:.1f} | "
-                     f"{r['cpu_s']:.1f} | {r['graphs']} | {r.get('inlined_frames', '')} |")
+                     f"{r['cpu_s']:.1f} | {r['graphs']} | {r.get('inlined_frames', '')} | "
+                     + (f"{r['capture_s']:.1f} |" if r.get("capture_s") is not None else " |"))
     return "\n".join(lines)
 
 

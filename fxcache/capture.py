@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from . import guard_tags
+from . import capture_by_kind, guard_tags
 from .compiled_code import drop_compiled_code
 
 __all__ = ["CaptureError", "CaptureGuard", "CapturedGraph", "InputSignature", "capture", "capture_in_backend",
@@ -36,6 +36,8 @@ __all__ = ["CaptureError", "CaptureGuard", "CapturedGraph", "InputSignature", "c
 MODULE_STACK = "fxcache_module_stack"  # tuple of module paths, outermost first
 MODULE_TYPES = "fxcache_module_types"  # path -> module class, for every path on the stack
 
+
+logger = logging.getLogger(__name__)
 
 class CaptureError(RuntimeError):
     """The module could not be captured as one graph."""
@@ -164,6 +166,8 @@ class CapturedGraph:
     # captured inside a torch.compile backend: positions of the graph's inputs among the backend's
     # inputs (dynamo's guards decide when to capture again, so ``guard`` is None)
     backend_inputs: list[int] | None = None
+    # traced with each repeated block class once (fxcache.capture_by_kind): region calls, bodies traced
+    traced_by_kind: dict[str, int] | None = None
     _output_kind: str | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -327,7 +331,7 @@ def refuse_unsupported_hooks(model: torch.nn.Module) -> None:
                                    f"and {why}.")
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, by_kind: bool | None = None) -> CapturedGraph:
     """Run ``model(*args, **kwargs)`` once under dynamo and return its graph, standalone, with the
     guards that say when a later call needs a new capture.
 
@@ -336,12 +340,22 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
     caller's mode sees the compiled program run. ``warnings.warn`` inside the model (Mochi warns inside
     its autocast regions) is moved after the graph instead of breaking it; ``logging.Logger`` calls
     are left out of the graph.
+
+    ``by_kind`` traces each repeated block class once (:mod:`fxcache.capture_by_kind`; default: its
+    ``enabled``); where that fails, the model is traced whole.
     """
     recorded: dict[str, Any] = {}
+    kinds = None
+    if (capture_by_kind.enabled if by_kind is None else by_kind) and capture_by_kind.supported():
+        kinds = capture_by_kind.ByKind(model, {"model": model, "args": args, "kwargs": kwargs},
+                                       _entry_function.__globals__)
+        kinds = kinds if kinds.classes else None
 
     def record(gm: fx.GraphModule, example_inputs):
         if "gm" in recorded:
             raise CaptureError("the model was captured as more than one graph")
+        if kinds is not None:
+            kinds.rewrite(gm, example_inputs)
         recorded["gm"], recorded["inputs"] = gm, list(example_inputs)
 
         def run(*inputs):  # reads the graph through ``recorded``, which is emptied after the capture
@@ -366,12 +380,17 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
         entry = _entry_function()
         try:
             with _capture_mode(), _outside_dispatch_modes(), quiet_logging(), guard_tags.capture_config(), \
-                    torch._dynamo.config.patch(dont_skip_tracing=True) if into_skipped else contextlib.nullcontext():
+                    torch._dynamo.config.patch(dont_skip_tracing=True) if into_skipped else contextlib.nullcontext(), \
+                    kinds.marked() if kinds is not None else contextlib.nullcontext():
                 compiled = torch.compile(entry, backend=record, fullgraph=True, dynamic=False)
                 result = compiled(model, args, kwargs)
             break
         except Exception as error:  # dynamo reports breaks as several exception types
             recorded.clear()
+            if kinds is not None:  # tracing each block kind once failed: trace the model whole
+                logger.debug("fxcache: %s traced whole: %s", type(model).__name__, error)
+                kinds = None
+                continue
             if not into_skipped and "marked as skipped" in str(error) and hasattr(torch._dynamo.config,
                                                                                  "dont_skip_tracing"):
                 into_skipped = True
@@ -401,6 +420,14 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
         # of the call's tensors it saw
         recorded.clear()
     captured.guard = CaptureGuard(entry, {"model": model, "args": args, "kwargs": kwargs})
+    if kinds is not None:
+        captured.traced_by_kind = kinds.report
+        manager, f_locals = captured.guard._manager, {"model": model, "args": args, "kwargs": kwargs}
+        with _capture_mode(), _outside_dispatch_modes():
+            holds = manager is None or manager.check(f_locals)
+        if not holds:  # a guard copied onto a block that does not hold for it: trace the model whole
+            captured.guard.release()
+            return capture(model, args, kwargs, by_kind=False)
     return captured
 
 

@@ -1,0 +1,190 @@
+"""Tracing each block kind once (fxcache.capture_by_kind) gives the capture a full trace gives: the
+same graph node for node (example values and their aliasing included: block regions decide copies
+by them), the same outputs, and guards that see a change to any block, including
+blocks dynamo never traced (their body was reused from the first block of their kind)."""
+
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.multiprocessing.reductions import StorageWeakRef
+
+import fxcache
+import fxcache.capture_by_kind
+from fxcache.capture import MODULE_STACK, _capture_mode, capture
+from fxcache.passes import FirstBlockCache
+from fxcache.regions import example_value
+from fxcache.testing import models
+
+from .test_guard_tags import _changed, _targets
+
+pytestmark = pytest.mark.skipif(not fxcache.capture_by_kind.supported(),
+                                reason="this torch has no nested compile regions or re-rootable guard sources")
+
+KINDS = {"flux": 2, "wan": 1, "cogvideox": 1, "qwenimage": 1}  # block classes per tiny model
+
+
+def _tiny(name):
+    config = dict(num_layers=3, num_single_layers=3) if name == "flux" else dict(num_layers=3)
+    tiny = models.build(name, **config)
+    return tiny, tiny.inputs(tiny.noise(seed=1), sigma=0.5)
+
+
+def _structure(graph_module: fx.GraphModule) -> list[tuple]:
+    """Each node's op, target, arguments (nodes by position), module stack and example value (shape,
+    strides, offset, dtype, and the first node sharing its storage): a graph up to names."""
+    position = {node: i for i, node in enumerate(graph_module.graph.nodes)}
+    first_on_storage = {}
+
+    def by_position(value):
+        return ("node", position[value]) if isinstance(value, fx.Node) else value
+
+    def described(value, i):
+        if isinstance(value, (tuple, list)):
+            return tuple(described(v, i) for v in value)
+        if not isinstance(value, torch.Tensor):
+            return type(value).__name__
+        storage = first_on_storage.setdefault(StorageWeakRef(value.untyped_storage()), i)
+        return tuple(value.shape), value.stride(), value.storage_offset(), value.dtype, storage
+
+    return [(node.op, str(node.target) if node.op != "placeholder" else "",
+             str(fx.node.map_aggregate(node.args, by_position)), str(fx.node.map_aggregate(node.kwargs, by_position)),
+             node.meta.get(MODULE_STACK), described(example_value(node), i))
+            for i, node in enumerate(graph_module.graph.nodes)]
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_each_block_kind_traced_once_gives_the_full_trace_node_for_node(name):
+    tiny, kwargs = _tiny(name)
+    full = capture(tiny.model, (), kwargs, by_kind=False)
+    by_kind = capture(tiny.model, (), kwargs, by_kind=True)
+    blocks = sum(len(m) for m in tiny.model.children() if isinstance(m, torch.nn.ModuleList))
+    assert full.traced_by_kind is None
+    assert {k: by_kind.traced_by_kind[k] for k in ("blocks", "bodies")} == {"blocks": blocks, "bodies": KINDS[name]}
+    assert _structure(by_kind.graph_module) == _structure(full.graph_module)
+    ours, reference = (c.graph_module(*c.inputs_from((), kwargs)) for c in (by_kind, full))
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference))
+    with _capture_mode():
+        assert by_kind.guard.holds(tiny.model, (), kwargs)
+
+
+@pytest.fixture(scope="module")
+def captured_both():
+    made = {}
+
+    def get(name):
+        if name not in made:
+            tiny, kwargs = _tiny(name)
+            made[name] = (tiny.model, kwargs, capture(tiny.model, (), kwargs, by_kind=False),
+                          capture(tiny.model, (), kwargs, by_kind=True))
+        return made[name]
+
+    return get
+
+
+def _last_blocks(model):
+    return [m[-1] for m in model.children() if isinstance(m, torch.nn.ModuleList)]
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_a_change_to_a_block_dynamo_never_traced_is_seen_as_a_full_trace_sees_it(name, data, captured_both):
+    """Changes to the last block of each list, whose body was reused: the by-kind capture's guards
+    say what the full capture's say. Replacing its processor by a subclass or moving it to float64
+    must fail both (without the guards copied onto reused blocks, the first would hold)."""
+    model, kwargs, full, by_kind = captured_both(name)
+    f_locals = {"model": model, "args": (), "kwargs": kwargs}
+    block = data.draw(st.sampled_from(_last_blocks(model)))
+    kind = data.draw(st.sampled_from(["attribute", "processor class", "dtype", "train", "hook"]))
+    if kind == "attribute":
+        holder, attribute = data.draw(st.sampled_from(_targets(block)))
+        if isinstance(holder, type):
+            return  # a class attribute is shared by every block of the kind, traced or not
+        before = vars(holder)[attribute]
+        setattr(holder, attribute, _changed(before))
+        undo = lambda: setattr(holder, attribute, before)  # noqa: E731
+    elif kind == "processor class":
+        attention = next(m for m in block.modules() if hasattr(m, "processor"))
+        before = attention.processor
+        attention.set_processor(type("UsersProcessor", (type(before),), {})())
+        undo = lambda: attention.set_processor(before)  # noqa: E731
+    elif kind == "dtype":
+        block.to(torch.float64)
+        undo = lambda: block.to(torch.float32)  # noqa: E731
+    elif kind == "train":
+        block.train()
+        undo = block.eval
+    else:
+        handle = next(m for m in block.modules() if isinstance(m, torch.nn.Linear)).register_forward_hook(
+            lambda module, args, output: output * 2)
+        undo = handle.remove
+    try:
+        with _capture_mode():
+            ours = by_kind.guard._manager.check_verbose(f_locals).result
+            reference = full.guard._manager.check_verbose(f_locals).result
+    finally:
+        undo()
+    assert ours == reference, f"{kind}: the by-kind capture's guards say {ours}, the full capture's {reference}"
+    if kind in ("processor class", "dtype"):
+        assert not ours, kind
+
+
+def test_transform_gives_the_same_generation_with_each_block_kind_traced_once(monkeypatch):
+    tiny, _ = _tiny("flux")
+    inputs = tiny.inputs(tiny.noise(seed=2), sigma=0.8)
+    results = {}
+    for on in (False, True):
+        monkeypatch.setattr(fxcache.capture_by_kind, "enabled", on)
+        cached = fxcache.transform(copy.deepcopy(tiny.model), [FirstBlockCache(threshold=0.5)], backend="eager")
+        cached.reset()
+        outs = []
+        for _ in range(3):
+            with cached.cache_context("cond"):
+                outs.append(cached(**inputs)[0])
+        results[on] = outs
+        (program,) = cached._programs.values()
+        assert (program.rewritten.captured.traced_by_kind is not None) == on
+    assert all(torch.equal(a, b) for a, b in zip(results[False], results[True]))
+
+
+@pytest.mark.parametrize("writes", ["into its input", "onto itself"])
+def test_a_block_that_writes_in_place_or_onto_itself(writes):
+    """A block that writes into its input in place is traced once per kind, and the write stays in
+    the graph where a full trace has it. A block that counts its calls on itself cannot be a compile
+    region (dynamo refuses side effects there): the capture traces the model whole instead."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.calls = 0
+
+        def forward(self, x):
+            if writes == "into its input":
+                x.mul_(0.5)
+            else:
+                self.calls += 1
+            q = self.proj(x).unflatten(-1, (2, 4)).transpose(1, 2)
+            return x + torch.nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2).flatten(-2)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            x = x + 1
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    model, x = Model().eval(), torch.randn(1, 4, 8)
+    by_kind, full = capture(model, (x,), {}, by_kind=True), capture(model, (x,), {}, by_kind=False)
+    assert (by_kind.traced_by_kind is None) == (writes == "onto itself")
+    assert _structure(by_kind.graph_module) == _structure(full.graph_module)
+    assert torch.equal(by_kind.graph_module(x)[0], full.graph_module(x)[0])
