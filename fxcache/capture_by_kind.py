@@ -91,7 +91,8 @@ def _edge(value):
 
 def _marked(forward):
     """``forward`` as a compile region with a copy at each tensor it takes and returns: inputs are
-    copied outside the region (dynamo checks the region's operands for aliasing), outputs inside."""
+    copied outside the region (dynamo checks the region's operands for aliasing), outputs inside.
+    pytree, not a recursion of our own: dynamo maps it without stepping into a frame per element."""
 
     def edged_outputs(self, *args, **kwargs):
         return pytree.tree_map(_edge, forward(self, *args, **kwargs))
@@ -244,7 +245,7 @@ class ByKind:
                         copy = env[node] = graph.node_copy(node, lambda n: env[n])
                         copy.meta = dict(node.meta)
                         if "example_value" in node.meta:
-                            copy.meta["example_value"] = example.of(node.meta["example_value"])
+                            copy.meta["example_value"] = example.for_copy(copy, node.meta["example_value"])
                         stack = node.meta.get("nn_module_stack")
                         if stack and old != new:
                             copy.meta["nn_module_stack"] = renamed_stack(stack, f"@{new}", old, new)
@@ -259,13 +260,16 @@ class ByKind:
                 graph.erase_node(user)
             graph.erase_node(call)
             copies.update(env[n] for n in body.graph.nodes if n.op not in ("placeholder", "output"))
+        for node in list(graph.nodes):
+            if node.op == "call_function" and node.target is torch.ops.fxcache.region_edge.default:
+                seen, real = node.meta.get("example_value"), _example(node.args[0])
+                if node not in copies and isinstance(seen, torch.Tensor) and isinstance(real, torch.Tensor):
+                    outer.map(seen, real)  # a block dynamo did not make a region: its views of the copy
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
         for node in graph.nodes:
             if node not in copies and "example_value" in node.meta:
                 node.meta["example_value"] = outer.of(node.meta["example_value"])
-        for node in list(graph.nodes):
-            if node.op == "call_function" and node.target is torch.ops.fxcache.region_edge.default:
-                node.replace_all_uses_with(node.args[0])
-                graph.erase_node(node)
         # what a full trace leaves out as dead: a slice of a block's output no one reads
         for node in reversed(list(graph.nodes)):
             if node.op == "call_function" and node.target is operator.getitem and not node.users:
@@ -288,11 +292,30 @@ class _ExampleValues:
 
     def __init__(self, placeholders: list[fx.Node], operands: list, fresh: bool):
         self.fresh = fresh
+        self.inputs: set = set()  # the storages of the body's inputs
         self.storages: dict = {}  # a body storage -> (the fake tensor whose storage replaces it, byte shift)
         for placeholder, operand in zip(placeholders, operands):
             value, real = placeholder.meta.get("example_value"), _example(operand)
             if isinstance(value, torch.Tensor) and isinstance(real, torch.Tensor):
                 self.map(value, real)
+                self.inputs.add(_storage_key(value))
+
+    def for_copy(self, copy: fx.Node, value):
+        """``value`` for ``copy``, a node of this inlined body. A view of an input (or an op in place on
+        one) runs again on the input the block really takes: its strides follow that input's, which
+        can differ from the edge copy the body was traced on (Chroma's modulation slices)."""
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, FakeTensor) and _storage_key(v) in self.inputs for v in values):
+            args, kwargs = fx.node.map_aggregate((copy.args, copy.kwargs), _example)
+            try:
+                with next(v for v in values if isinstance(v, FakeTensor)).fake_mode:
+                    if copy.op == "call_method":
+                        return getattr(args[0], copy.target)(*args[1:], **kwargs)
+                    if copy.op == "call_function":
+                        return copy.target(*args, **kwargs)
+            except Exception:  # the same view at the same place: storages right, strides the body's
+                pass
+        return self.of(value)
 
     def map(self, seen: torch.Tensor, real: torch.Tensor) -> None:
         """Views of ``seen``'s storage are to be views of ``real``'s, at the same place relative to it."""

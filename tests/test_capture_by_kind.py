@@ -4,6 +4,7 @@ by them), the same outputs, and guards that see a change to any block, including
 blocks dynamo never traced (their body was reused from the first block of their kind)."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -33,27 +34,38 @@ def _tiny(name):
     return tiny, tiny.inputs(tiny.noise(seed=1), sigma=0.5)
 
 
-def _structure(graph_module: fx.GraphModule) -> list[tuple]:
-    """Each node's op, target, arguments (nodes by position), module stack and example value (shape,
-    strides, offset, dtype, and the first node sharing its storage): a graph up to names."""
-    position = {node: i for i, node in enumerate(graph_module.graph.nodes)}
+def _structure(graph_module: fx.GraphModule) -> tuple:
+    """A graph up to names and the order of its inputs: each input by name with its example value, then
+    each other node's op, target, arguments (inputs by name, nodes by position), module stack and
+    example value (shape, strides, offset, dtype, and the first node sharing its storage). Dynamo adds
+    an input to the graph when the code first reads it; a block's inputs are read at its call when it
+    is traced once per kind, deeper inside it when traced in full, so their order may differ."""
+    nodes = list(graph_module.graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    others = [n for n in nodes if n.op != "placeholder"]
+    reference = {node: ("input", node.target) for node in inputs}
+    reference.update({node: ("node", i) for i, node in enumerate(others)})
     first_on_storage = {}
 
-    def by_position(value):
-        return ("node", position[value]) if isinstance(value, fx.Node) else value
+    def by_reference(value):
+        if isinstance(value, str):  # a runtime assertion's message names a node
+            return re.sub(r"on node '[^']*'", "on node", value)
+        return reference[value] if isinstance(value, fx.Node) else value
 
-    def described(value, i):
+    def described(value, owner):
         if isinstance(value, (tuple, list)):
-            return tuple(described(v, i) for v in value)
+            return tuple(described(v, owner) for v in value)
         if not isinstance(value, torch.Tensor):
             return type(value).__name__
-        storage = first_on_storage.setdefault(StorageWeakRef(value.untyped_storage()), i)
+        storage = first_on_storage.setdefault(StorageWeakRef(value.untyped_storage()), owner)
         return tuple(value.shape), value.stride(), value.storage_offset(), value.dtype, storage
 
-    return [(node.op, str(node.target) if node.op != "placeholder" else "",
-             str(fx.node.map_aggregate(node.args, by_position)), str(fx.node.map_aggregate(node.kwargs, by_position)),
-             node.meta.get(MODULE_STACK), described(example_value(node), i))
-            for i, node in enumerate(graph_module.graph.nodes)]
+    described_inputs = [(str(node.target), str(described(example_value(node), reference[node])))
+                        for node in sorted(inputs, key=lambda n: str(n.target))]
+    return described_inputs, [
+        (node.op, str(node.target), str(fx.node.map_aggregate(node.args, by_reference)),
+         str(fx.node.map_aggregate(node.kwargs, by_reference)), node.meta.get(MODULE_STACK),
+         described(example_value(node), reference[node])) for node in others]
 
 
 @pytest.mark.parametrize("name", sorted(KINDS))
