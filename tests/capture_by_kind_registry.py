@@ -17,34 +17,10 @@ import sys
 
 import torch
 
-from fxcache.capture import CaptureError, _capture_mode, capture
+from fxcache.capture import CaptureError, capture
 
 from .model_registry import CASES
-from .test_capture_by_kind import _last_blocks, _structure
-from .test_guard_tags import _changed, _targets
-
-
-def _changes(block):
-    """(name, do, undo) for each change to ``block``: every plain attribute of its modules and
-    processors, its processor replaced by a subclass, float64, train(), a forward hook."""
-    for holder, attribute in _targets(block):
-        if isinstance(holder, type):
-            continue  # a class attribute is shared by every block of the kind
-        before = vars(holder)[attribute]
-        yield (f"{type(holder).__name__}.{attribute}", lambda h=holder, a=attribute, b=before: setattr(h, a, _changed(b)),
-               lambda h=holder, a=attribute, b=before: setattr(h, a, b))
-    attention = next((m for m in block.modules() if hasattr(m, "set_processor")), None)
-    if attention is not None:
-        before = attention.processor
-        yield ("processor subclass", lambda: attention.set_processor(type("UsersProcessor", (type(before),), {})()),
-               lambda: attention.set_processor(before))
-    yield "float64", lambda: block.to(torch.float64), lambda: block.to(torch.float32)
-    yield "train()", block.train, block.eval
-    linear = next((m for m in block.modules() if isinstance(m, torch.nn.Linear)), None)
-    if linear is not None:
-        handles = []
-        yield ("forward hook", lambda: handles.append(linear.register_forward_hook(lambda m, a, o: o)),
-               lambda: handles.pop().remove())
+from .test_capture_by_kind import _last_blocks, _structure, changes, verdicts
 
 
 def check(case) -> dict:
@@ -61,14 +37,8 @@ def check(case) -> dict:
     agree = disagree = seen = 0
     wrong = []
     for block in _last_blocks(tiny.model):
-        for name, do, undo in _changes(block):
-            do()
-            try:
-                with _capture_mode():
-                    ours = by_kind.guard._manager.check_verbose(f_locals).result
-                    reference = full.guard._manager.check_verbose(f_locals).result
-            finally:
-                undo()
+        for name, do, undo in changes(block):
+            ours, reference = verdicts([by_kind, full], f_locals, do, undo)
             agree += ours == reference
             disagree += ours != reference
             seen += not reference

@@ -101,6 +101,39 @@ def _last_blocks(model):
     return [m[-1] for m in model.children() if isinstance(m, torch.nn.ModuleList)]
 
 
+def changes(block):
+    """(name, do, undo) for each change a user can make to ``block``: every plain attribute of its
+    modules and processors, its processor replaced by a subclass, float64, ``train()``, a forward hook."""
+    for holder, attribute in _targets(block):
+        if isinstance(holder, type):
+            continue  # a class attribute is shared by every block of the kind, traced or not
+        before = vars(holder)[attribute]
+        yield (f"{type(holder).__name__}.{attribute}", lambda h=holder, a=attribute, b=before: setattr(h, a, _changed(b)),
+               lambda h=holder, a=attribute, b=before: setattr(h, a, b))
+    attention = next((m for m in block.modules() if hasattr(m, "set_processor")), None)
+    if attention is not None:
+        before = attention.processor
+        yield ("processor subclass", lambda: attention.set_processor(type("UsersProcessor", (type(before),), {})()),
+               lambda: attention.set_processor(before))
+    yield "float64", lambda: block.to(torch.float64), lambda: block.to(torch.float32)
+    yield "train()", block.train, block.eval
+    linear = next((m for m in block.modules() if isinstance(m, torch.nn.Linear)), None)
+    if linear is not None:
+        handles = []
+        yield ("forward hook", lambda: handles.append(linear.register_forward_hook(lambda m, a, o: 2 * o)),
+               lambda: handles.pop().remove())
+
+
+def verdicts(captures, f_locals, do, undo) -> list[bool]:
+    """Whether each capture's guards (checked in full) hold once ``do`` has changed the model."""
+    do()
+    try:
+        with _capture_mode():
+            return [captured.guard._manager.check_verbose(f_locals).result for captured in captures]
+    finally:
+        undo()
+
+
 @pytest.mark.parametrize("name", sorted(KINDS))
 @settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
@@ -109,40 +142,13 @@ def test_a_change_to_a_block_dynamo_never_traced_is_seen_as_a_full_trace_sees_it
     say what the full capture's say. Replacing its processor by a subclass or moving it to float64
     must fail both (without the guards copied onto reused blocks, the first would hold)."""
     model, kwargs, full, by_kind = captured_both(name)
-    f_locals = {"model": model, "args": (), "kwargs": kwargs}
     block = data.draw(st.sampled_from(_last_blocks(model)))
-    kind = data.draw(st.sampled_from(["attribute", "processor class", "dtype", "train", "hook"]))
-    if kind == "attribute":
-        holder, attribute = data.draw(st.sampled_from(_targets(block)))
-        if isinstance(holder, type):
-            return  # a class attribute is shared by every block of the kind, traced or not
-        before = vars(holder)[attribute]
-        setattr(holder, attribute, _changed(before))
-        undo = lambda: setattr(holder, attribute, before)  # noqa: E731
-    elif kind == "processor class":
-        attention = next(m for m in block.modules() if hasattr(m, "processor"))
-        before = attention.processor
-        attention.set_processor(type("UsersProcessor", (type(before),), {})())
-        undo = lambda: attention.set_processor(before)  # noqa: E731
-    elif kind == "dtype":
-        block.to(torch.float64)
-        undo = lambda: block.to(torch.float32)  # noqa: E731
-    elif kind == "train":
-        block.train()
-        undo = block.eval
-    else:
-        handle = next(m for m in block.modules() if isinstance(m, torch.nn.Linear)).register_forward_hook(
-            lambda module, args, output: output * 2)
-        undo = handle.remove
-    try:
-        with _capture_mode():
-            ours = by_kind.guard._manager.check_verbose(f_locals).result
-            reference = full.guard._manager.check_verbose(f_locals).result
-    finally:
-        undo()
-    assert ours == reference, f"{kind}: the by-kind capture's guards say {ours}, the full capture's {reference}"
-    if kind in ("processor class", "dtype"):
-        assert not ours, kind
+    change, do, undo = data.draw(st.sampled_from(list(changes(block))))
+    ours, reference = verdicts([by_kind, full], {"model": model, "args": (), "kwargs": kwargs}, do, undo)
+    assert ours == reference, f"{change}: the by-kind capture's guards say {ours}, the full capture's {reference}"
+    for change, do, undo in changes(block):
+        if change in ("processor subclass", "float64"):
+            assert verdicts([by_kind, full], {"model": model, "args": (), "kwargs": kwargs}, do, undo) == [False] * 2
 
 
 def test_transform_gives_the_same_generation_with_each_block_kind_traced_once(monkeypatch):
