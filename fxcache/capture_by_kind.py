@@ -290,8 +290,8 @@ class _ExampleValues:
     """Example values for one inlined copy of a body, with storages as a full trace has them. A body's
     fake tensors are shared by every block that reuses it, and its inputs are the copies made at the
     region's edge: so each storage the body creates gets a new one per reusing block (``fresh``), and a
-    view of an input becomes the same view of the operand the block really takes. Only storages and
-    aliasing are redone: shapes, strides and dtypes are the body's, which dynamo checked match."""
+    view of an input is run again on the operand the block really takes (:meth:`for_copy`). Other values
+    keep the body's shapes, strides and dtypes, which dynamo checked match before it reused the body."""
 
     def __init__(self, placeholders: list[fx.Node], operands: list, fresh: bool):
         self.fresh = fresh
