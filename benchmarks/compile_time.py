@@ -70,10 +70,8 @@ def measure_one(args) -> dict:
         model = whole_graph(model, "inductor", args.mode)
         model.cache_context = _no_context.__get__(model)
     else:
-        import fxcache.lower
-
         import fxcache.capture_by_kind
-
+        import fxcache.lower
         import fxcache.runtime
 
         fxcache.lower.block_regions = args.fxcache_block_regions == "on"

@@ -47,6 +47,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.multiprocessing.reductions import StorageWeakRef
 
 __all__ = ["ByKind", "enabled", "supported"]
 
@@ -116,7 +117,7 @@ class ByKind:
     :meth:`rewrite` on dynamo's graph first thing. ``f_locals``/``f_globals`` are the captured frame's."""
 
     def __init__(self, model: nn.Module, f_locals: dict, f_globals: dict):
-        self.model, self.scope = model, ({"L": f_locals, "G": f_globals}, {})
+        self.scope = ({"L": f_locals, "G": f_globals}, {})
         self.classes = _repeated_blocks(model)
         self.original = {cls: vars(cls)["forward"] for cls in self.classes}
         self.wrappers: set[int] = set()
@@ -355,9 +356,7 @@ def _example(node):
     return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
 
 
-def _storage_key(value: torch.Tensor):
-    from torch.multiprocessing.reductions import StorageWeakRef
-
+def _storage_key(value: torch.Tensor) -> StorageWeakRef:
     return StorageWeakRef(value.untyped_storage())
 
 
