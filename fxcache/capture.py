@@ -39,6 +39,7 @@ MODULE_TYPES = "fxcache_module_types"  # path -> module class, for every path on
 
 logger = logging.getLogger(__name__)
 
+
 class CaptureError(RuntimeError):
     """The module could not be captured as one graph."""
 
@@ -345,10 +346,10 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, by_kind: bool 
     ``enabled``); where that fails, the model is traced whole.
     """
     recorded: dict[str, Any] = {}
+    f_locals = {"model": model, "args": args, "kwargs": kwargs}  # the captured frame's, as its guards read them
     kinds = None
     if (capture_by_kind.enabled if by_kind is None else by_kind) and capture_by_kind.supported():
-        kinds = capture_by_kind.ByKind(model, {"model": model, "args": args, "kwargs": kwargs},
-                                       _entry_function.__globals__)
+        kinds = capture_by_kind.ByKind(model, f_locals, _entry_function.__globals__)
         kinds = kinds if kinds.classes else None
 
     def record(gm: fx.GraphModule, example_inputs):
@@ -416,13 +417,14 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, by_kind: bool 
     try:
         captured = _standalone(model, recorded, args, kwargs, result)
     finally:
-        # dynamo keeps the recording backend for the life of the process: let go of the graph and
-        # of the call's tensors it saw
+        # dynamo keeps the recording backend for the life of the process: let go of the graph, of the
+        # call's tensors it saw, and of the by-kind capture, which holds the frame (the model)
         recorded.clear()
-    captured.guard = CaptureGuard(entry, {"model": model, "args": args, "kwargs": kwargs})
-    if kinds is not None:
-        captured.traced_by_kind = kinds.report
-        manager, f_locals = captured.guard._manager, {"model": model, "args": args, "kwargs": kwargs}
+        traced_by_kind, kinds = (kinds.report if kinds is not None else None), None
+    captured.guard = CaptureGuard(entry, f_locals)
+    if traced_by_kind is not None:
+        captured.traced_by_kind = traced_by_kind
+        manager = captured.guard._manager
         with _capture_mode(), _outside_dispatch_modes():
             holds = manager is None or manager.check(f_locals)
         if not holds:  # a guard copied onto a block that does not hold for it: trace the model whole

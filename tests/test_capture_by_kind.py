@@ -4,7 +4,9 @@ by them), the same outputs, and guards that see a change to any block, including
 blocks dynamo never traced (their body was reused from the first block of their kind)."""
 
 import copy
+import gc
 import re
+import weakref
 
 import pytest
 import torch
@@ -81,6 +83,19 @@ def test_each_block_kind_traced_once_gives_the_full_trace_node_for_node(name):
     assert all(torch.equal(a, b) for a, b in zip(ours, reference))
     with _capture_mode():
         assert by_kind.guard.holds(tiny.model, (), kwargs)
+
+
+def test_the_capture_lets_the_model_go():
+    """Dynamo keeps the recording backend for the life of the process; the by-kind capture it reads
+    holds the captured frame, so it is let go once the capture is made."""
+    tiny, kwargs = _tiny("wan")
+    captured = capture(tiny.model, (), kwargs, by_kind=True)
+    assert captured.traced_by_kind is not None
+    captured.guard.release()
+    model = weakref.ref(tiny.model)
+    del captured, tiny, kwargs
+    gc.collect()
+    assert model() is None
 
 
 @pytest.fixture(scope="module")
