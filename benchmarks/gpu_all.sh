@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# Every GPU number of issue 16 in one run on a lent H200 (budget: under 9.5 minutes of the session's
-# 15 device minutes, machine start excluded; each part has its own timeout), tables written to $OUT.
+# Every GPU number of issue 16 in one run on a lent H200, inside one call of the `run` tool (the
+# session has 15 device minutes in all, the machine's start included), tables written to $OUT.
 #
 # 1. Here (a machine with pip and the internet), once: fetch the wheels the device lacks into .whl/
 #    (ignored by git; diffusers and cache-dit are not installed there, torch 2.11 is):
 #        bash benchmarks/gpu_all.sh fetch
-# 2. On the device (the `run` tool), carrying .whl:
-#        run(command="bash benchmarks/gpu_all.sh", carry=[".whl"], timeout_s=595)
+# 2. Here, before spending device time: the same parts on the CPU at the dry sizes (a few minutes):
+#        bash benchmarks/gpu_all.sh dry
+# 3. On the device (the `run` tool), carrying .whl:
+#        run(command="bash benchmarks/gpu_all.sh", carry=[".whl"], timeout_s=590)
 #
-# What it measures (each part under its own time limit, rows written as they finish, so a part cut
-# short still leaves its rows and the table is printed from them):
+# The run keeps to GPU_ALL_BUDGET seconds (default 570): each part gets its own limit, cut to what
+# is left of the budget, and writes rows as they finish, so a part cut short still leaves its rows.
+# Everything lands in /tmp/gpu_all and is packed after each part into $OUT/gpu_all.tar.gz beside
+# $OUT/summary.log (the tool brings back at most 8 files).
+#
+#   E. (in the background, on the last 4 CPU cores, GPU hidden) the test suite under the device's
+#      torch (2.11): what CI cannot run, since CI has torch 2.13.
 #   A. full-depth FLUX.1-dev shape (19 double + 38 single blocks, 3072 wide, random bf16, 1024^2 =
 #      4096 image + 512 text tokens, 28 steps): uncached eager, uncached regional compile (diffusers),
 #      uncached whole-graph compile (fullgraph, reduce-overhead: CUDA graphs, the honest limit),
@@ -17,16 +24,17 @@
 #   B. reduced depth 4 + 8 (as the 2026-11-26 table): the same uncached rows, FirstBlockCache
 #      skipping nothing (t=0.08) and skipping every step after the first (t=1e6): fxcache,
 #      diffusers, cache-dit DBCache F1B0 eager and + regional compile.
-#   The warm-up column of A is wall time with one Inductor cache for the part (rows after the first
-#   may reuse kernels of earlier rows); C is the cold compile-time table.
+#   The warm-up column of A and B is wall time with one Inductor cache for the part (rows after the
+#   first may reuse kernels of earlier rows); C is the cold compile-time table.
 #   C. cold compile time at 12 blocks, a fresh process and Inductor cache per row: diffusers' regional
-#      compile, fxcache MagCache with block kinds compiled once (nested_compile_region; opt-in,
-#      FXCACHE_BLOCK_REGIONS=1, until this part has run on torch 2.11 with CUDA graphs) and as one
-#      flat graph (the default).
+#      compile, fxcache MagCache as shipped (one flat graph, every block traced) and with both opt-in
+#      compile-time features (block kinds compiled once, capture by kind).
 #   D. (where time is left) FirstBlockCache skipping nothing, host vs cond lowering vs the uncached
 #      whole graph: where its overhead goes (benchmarks/first_block_split.py).
+#   F. (where time is left) tests/test_gpu.py: CUDA graphs recorded, host syncs counted.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 
 if [[ "${1:-}" == "fetch" ]]; then
     mkdir -p .whl
@@ -40,54 +48,103 @@ if [[ "${1:-}" == "fetch" ]]; then
     exit 0
 fi
 
-OUT="${OUT:-$PWD/out}"
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
+DRY=0
+[[ "${1:-}" == "dry" ]] && DRY=1
+OUT="${OUT:-$ROOT/out}"
+WORK=/tmp/gpu_all
+rm -rf "$WORK"; mkdir -p "$OUT" "$WORK"
+if (( ! DRY )) && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || exit 1
-    export PYTHONPATH="/tmp/site:$PWD"
+    export PYTHONPATH="/tmp/site:$ROOT"
 else
-    export PYTHONPATH="$PWD"
+    export PYTHONPATH="$ROOT"
 fi
 export PYTHONUNBUFFERED=1 CACHE_DIT_LOG_LEVEL=warning
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cold-$$   # cold compiles: the warm-up column is compile time
 started=$(date +%s)
+budget=${GPU_ALL_BUDGET:-570}
+
+pack() {  # what comes back: one archive and the summary, however the run ends
+    tar -czf "$OUT/gpu_all.tar.gz" -C /tmp gpu_all 2>/dev/null
+    cp "$WORK/summary.log" "$OUT/summary.log" 2>/dev/null
+}
+left() { echo $(( budget - ($(date +%s) - started) )); }
+# part NAME SECONDS LOG COMMAND...: COMMAND under min(SECONDS, what is left less 15 s for the packing)
+part() {
+    local name=$1 want=$2 log=$3; shift 3
+    local limit=$(( $(left) - 15 ))
+    (( want < limit )) && limit=$want
+    if (( limit < 20 )); then
+        echo "$name skipped: $(left) s of the budget left" | tee -a "$WORK/summary.log"
+        return
+    fi
+    echo "== $name (limit ${limit} s, started after $(( $(date +%s) - started )) s)" | tee -a "$WORK/summary.log"
+    timeout "$limit" "$@" 2>&1 | grep --line-buffered -v "^W[0-9]" | tee "$WORK/$log" >> "$WORK/summary.log"
+    echo "== $name: exit ${PIPESTATUS[0]} after $(( $(date +%s) - started )) s" | tee -a "$WORK/summary.log"
+    pack
+}
+
 {
     date -u +"%Y-%m-%d %H:%M UTC"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+    echo "CPU cores: $(nproc)"
     python3 -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)"
     python3 -c "from importlib.metadata import version; print('cache-dit', version('cache-dit'))" || echo "cache-dit missing"
     git rev-parse --short HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+} > "$WORK/summary.log" 2>&1
+cat "$WORK/summary.log"
 
-# A: full depth, ~4.5 minutes (each whole-graph compile of 57 blocks is the bulk)
-timeout 260 python3 -m fxcache.demo.bench --double 19 --single 38 --methods mag --peers diffusers --repeats 1 \
-    --json "$OUT/full_depth.json" 2>&1 | grep -v "^W[0-9]" | tee "$OUT/full_depth.log"
-echo "A done after $(( $(date +%s) - started )) s"
-
-# B: reduced depth with cache-dit, ~2.5 minutes
-timeout 150 python3 -m fxcache.demo.bench --double 4 --single 8 --methods fbc,fbc-forced --peers diffusers,cache-dit \
-    --repeats 2 --json "$OUT/reduced_depth.json" 2>&1 | grep -v "^W[0-9]" | tee "$OUT/reduced_depth.log"
-echo "B done after $(( $(date +%s) - started )) s"
-
-# C: cold compile time at 12 blocks (4 + 8), each row in a fresh process with a fresh Inductor cache:
-# diffusers' regional compile, fxcache with each block kind compiled once (nested_compile_region) and
-# fxcache as one flat graph, ~2.5 minutes
-timeout 150 python3 benchmarks/compile_time.py --blocks 12 --device cuda --size gpu --mode reduce-overhead \
-    --rows regional,fxcache --fxcache-block-regions both --json "$OUT/compile_time.jsonl" 2>&1 \
-    | grep -v "^W[0-9]" | tee "$OUT/compile_time.log"
-echo "C done after $(( $(date +%s) - started )) s"
-
-# D, only where time is left: FirstBlockCache skipping nothing, host against cond lowering against the
-# uncached whole graph (reduced depth, as B; B's kernels are in the shared cache), ~1.5 minutes
-if (( $(date +%s) - started < 420 )); then
-    timeout 110 python3 benchmarks/first_block_split.py --device cuda --size gpu --double 4 --single 8 \
-        --mode reduce-overhead --rounds 3 2>&1 | grep -v "^W[0-9]" | tee "$OUT/first_block_split.log"
-    echo "D done after $(( $(date +%s) - started )) s"
+# E, in the background on the last 4 cores with the GPU hidden, the rest pinned to the others
+pin=()
+if (( ! DRY )) && (( $(nproc) >= 12 )) && command -v taskset >/dev/null; then
+    pin=(taskset -c 0-$(( $(nproc) - 5 )))
+    ( CUDA_VISIBLE_DEVICES= TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-tests timeout -s INT 380 \
+        taskset -c $(( $(nproc) - 4 ))-$(( $(nproc) - 1 )) python3 -m pytest -q -n 4 --dist loadgroup \
+        -p no:cacheprovider --durations=10 > "$WORK/tests_torch_device.log" 2>&1
+      echo "== E (test suite, device torch, CPU): exit $? after $(( $(date +%s) - started )) s" >> "$WORK/summary.log" ) &
 fi
 
+if (( DRY )); then
+    bench=(python3 -m fxcache.demo.bench --dry)
+    compile_time=(python3 benchmarks/compile_time.py --blocks 2 --device cpu --size dry --steps 2)
+    split=(python3 benchmarks/first_block_split.py --device cpu --size cpu --double 1 --single 1 --steps 2 --rounds 1)
+else
+    bench=("${pin[@]}" python3 -m fxcache.demo.bench)
+    compile_time=("${pin[@]}" python3 benchmarks/compile_time.py --blocks 12 --device cuda --size gpu --mode reduce-overhead)
+    split=("${pin[@]}" python3 benchmarks/first_block_split.py --device cuda --size gpu --double 4 --single 8
+           --mode reduce-overhead --rounds 3)
+fi
+
+# A: full depth (each whole-graph compile of 57 blocks is the bulk)
+part "A full depth" 300 full_depth.log "${bench[@]}" --double 19 --single 38 --methods mag --peers diffusers \
+    --repeats 1 --json "$WORK/full_depth.json"
+
+# B: reduced depth with cache-dit
+part "B reduced depth" 130 reduced_depth.log "${bench[@]}" --double 4 --single 8 --methods fbc,fbc-forced \
+    --peers diffusers,cache-dit --repeats 2 --json "$WORK/reduced_depth.json"
+
+# C: cold compile time at 12 blocks (4 + 8), each row in a fresh process with a fresh Inductor cache
+part "C compile time, shipped" 80 compile_time.log "${compile_time[@]}" --rows regional,fxcache \
+    --fxcache-block-regions off --json "$WORK/compile_time.jsonl"
+part "C compile time, opt-in" 45 compile_time_opt_in.log "${compile_time[@]}" --rows fxcache \
+    --fxcache-block-regions on --fxcache-capture-by-kind on --json "$WORK/compile_time.jsonl"
+
+# D, where time is left: FirstBlockCache skipping nothing, host vs cond lowering vs the whole graph
+part "D first block split" 100 first_block_split.log "${split[@]}"
+
+# F, where time is left: the GPU tests (CUDA graphs recorded, host syncs counted), skipped on the CPU
+(( DRY )) || part "F GPU tests" 90 tests_gpu.log "${pin[@]}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+
 # the tables, from the rows each part wrote (complete or cut short)
-rows=$(ls "$OUT"/full_depth.rows.jsonl "$OUT"/reduced_depth.rows.jsonl 2>/dev/null)
-[[ -n "$rows" ]] && python3 -m fxcache.demo.bench --table-from $rows 2>/dev/null | tee "$OUT/gpu_table.md"
-echo "total $(( $(date +%s) - started )) s"
+rows=$(ls "$WORK"/full_depth.rows.jsonl "$WORK"/reduced_depth.rows.jsonl 2>/dev/null)
+[[ -n "$rows" ]] && python3 -m fxcache.demo.bench --table-from $rows 2>/dev/null | tee "$WORK/gpu_table.md" >> "$WORK/summary.log"
+wait_for=$(( budget - ($(date +%s) - started) - 5 ))
+for _ in $(seq 1 $(( wait_for > 0 ? wait_for : 0 ))); do  # E, if it still runs, until the budget ends
+    jobs -r | grep -q . || break
+    sleep 1
+done
+tail -3 "$WORK/tests_torch_device.log" >> "$WORK/summary.log" 2>/dev/null
+echo "total $(( $(date +%s) - started )) s" >> "$WORK/summary.log"
+pack
+cat "$WORK/summary.log" | tail -60
