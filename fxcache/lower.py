@@ -30,7 +30,7 @@ import torch.utils._pytree as pytree
 
 from .capture import MODULE_STACK, quiet_logging
 from .compiled_code import drop_compiled_code
-from .regions import example_value
+from .regions import example_value, storage_of
 from .rewrite import RewrittenProgram
 from .state import CacheState
 
@@ -255,19 +255,6 @@ def _copy_program(module: fx.GraphModule, edit: Callable[[fx.Graph, fx.GraphModu
     return copy
 
 
-def _storage(value):
-    """Identity of the storage of ``value``, a node's example value (fake tensors of one capture share
-    storages the way the real ones do); None for anything else."""
-    from torch.multiprocessing.reductions import StorageWeakRef
-
-    if not isinstance(value, torch.Tensor):
-        return None
-    try:
-        return StorageWeakRef(value.untyped_storage())
-    except Exception:  # a tensor without storage: nothing to alias
-        return None
-
-
 def _block_of(node: fx.Node, paths: set[str]) -> str | None:
     for path in node.meta.get(MODULE_STACK, ()):
         if path in paths:
@@ -362,7 +349,7 @@ def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> t
     # a higher-order op may not return its inputs or views of them (a block that passes a stream
     # through), nor two views of one tensor (a single-stream block's text and image slices): those
     # outputs are copies
-    input_storages = [_storage(example_value(node)) for node in inputs]
+    input_storages = [storage_of(example_value(node)) for node in inputs]
     seen = set(input_storages) - {None}
     # (output, element index or None, its example value), one per returned value
     places = [(out, i, example_value(out) if i is None else example_value(out)[i])
@@ -370,7 +357,7 @@ def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> t
     returned = []
     for out, i, example in places:
         value = env[out] if i is None else body.call_function(operator.getitem, (env[out], i))
-        storage = _storage(example)
+        storage = storage_of(example)
         # an element of a tuple input (the result of a region a pass outlined) is that input too:
         # dynamo flattens tuple inputs into placeholders
         unpacked = value.op == "call_function" and value.target is operator.getitem and value.args[0].op == "placeholder"

@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .capture import MODULE_STACK, CapturedGraph
 
@@ -49,6 +50,17 @@ class RegionError(ValueError):
 
 def example_value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
+
+
+def storage_of(value):
+    """Identity of the storage of ``value``, a node's example value (fake tensors of one capture share
+    storages the way the real ones do); None for anything else."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    try:
+        return StorageWeakRef(value.untyped_storage())
+    except Exception:  # a tensor without storage: nothing to alias
+        return None
 
 
 def _is_value(node: fx.Node) -> bool:

@@ -43,13 +43,13 @@ import torch.fx as fx
 from .capture import MODULE_STACK, CapturedGraph, capture
 from .parallel import ContextParallel, context_parallel
 from .regions import (HIDDEN, Attention, Block, BlockRange, ModelRegions, Region, RegionError, WholeModel,
-                      example_value, find_regions)
+                      example_value, find_regions, storage_of)
 
 if TYPE_CHECKING:
     from .passes.base import CachePass, Step
 
 __all__ = ["INPUTS", "REGION", "Cache", "CacheView", "Flag", "FlagSpec", "PassBuilder", "ProgramBuilder",
-           "RewrittenProgram", "Scalar", "ScalarSpec", "State", "StateSlot", "call_variant", "copy_into",
+           "RewrittenProgram", "Scalar", "ScalarSpec", "State", "StateSlot", "call_variant", "cond_policy", "copy_into",
            "require_distinct"]
 
 # Note [Replacement order]
@@ -526,6 +526,8 @@ class ProgramBuilder:
         target = _with_cache_views(fn, caches) if caches else fn
         with self.graph.inserting_after(module):
             call = self.graph.call_function(target, tuple(flat))
+        if getattr(fn, "branches_with_cond", False):
+            call.args = _distinct_storages(self.graph, call, call.args)
         call.meta[MODULE_STACK] = _common_prefix([n.meta.get(MODULE_STACK, ()) for n in region.nodes])
         results = []
         with self.graph.inserting_after(call):
@@ -950,6 +952,42 @@ def require_distinct(passes: Sequence["CachePass"]) -> None:
         if namespaces.count(cache_pass.namespace) > 1:
             raise ValueError(f"passes: {type(cache_pass).__name__} is given {namespaces.count(cache_pass.namespace)} "
                              "times; combine its settings into one")
+
+
+def cond_policy(fn: Callable) -> Callable:
+    """Mark a policy that branches with ``torch.cond``: :meth:`PassBuilder.replace` then hands it
+    operands that share no storage. torch 2.11's ``cond`` rejects two operands that alias (Chroma's
+    blocks take two slices of one modulation tensor), so a later operand that views an earlier one's
+    storage is passed as a copy; the same node passed twice stays one operand.
+
+    Example::
+
+        @cond_policy
+        def run_or_reuse_cond(compute, blocks, *inputs):
+            return torch.cond(compute, lambda *x: blocks(*x), lambda *x: ..., inputs)"""
+    fn.branches_with_cond = True
+    return fn
+
+
+def _distinct_storages(graph: fx.Graph, call: fx.Node, args: tuple) -> tuple:
+    """``args`` of ``call`` (tuples searched too) with each tensor node that shares storage with an
+    earlier, different one replaced by a ``clone`` of it, inserted just before ``call``."""
+    owners: dict = {}
+    copies: dict[fx.Node, fx.Node] = {}
+
+    def distinct(arg):
+        if isinstance(arg, (tuple, list)):
+            return type(arg)(distinct(a) for a in arg)
+        storage = storage_of(example_value(arg)) if isinstance(arg, fx.Node) else None
+        if storage is None or owners.setdefault(storage, arg) is arg:
+            return arg
+        if arg not in copies:
+            with graph.inserting_before(call):
+                copies[arg] = graph.call_method("clone", (arg,))
+            copies[arg].meta = {k: v for k, v in arg.meta.items() if k not in ("example_value", "val")}
+        return copies[arg]
+
+    return distinct(args)
 
 
 def _with_cache_views(fn: Callable, caches: list[tuple[int, int | None, Cache]]) -> Callable:

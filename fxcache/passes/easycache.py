@@ -43,7 +43,7 @@ import torch
 
 from ..parallel import mean_ratio
 from ..regions import HIDDEN, RegionError
-from ..rewrite import INPUTS, REGION, PassBuilder, copy_into
+from ..rewrite import INPUTS, REGION, PassBuilder, cond_policy, copy_into
 from .base import CachePass
 from .block_residual import run_or_add_residual, run_or_add_residual_cond
 
@@ -111,10 +111,12 @@ class EasyCache(CachePass):
                                "computed step also sum |y - y_last| and sum |x - x_last| for the rate k")
         compute = g.call(predict_and_decide, x, previous_input, last_output, rate, accumulated, computed_steps,
                          thresh, force, group, after=x)
-        host = self.lowering == "host"
-        decision = g.host_bool(compute) if host else compute
-        g.replace(stack, run_and_measure_rate, host, decision, compute, REGION, transformation, position, streams,
-                  counter, (last_input, last_output, rate, computed_steps, group), INPUTS)
+        if self.lowering == "host":
+            policy, decision = run_and_measure_rate, g.host_bool(compute)
+        else:
+            policy, decision = run_and_measure_rate_cond, compute
+        g.replace(stack, policy, decision, compute, REGION, transformation, position, streams, counter,
+                  (last_input, last_output, rate, computed_steps, group), INPUTS)
 
 
 def predict_and_decide(x: torch.Tensor, previous_input: torch.Tensor, last_output: torch.Tensor, rate: torch.Tensor,
@@ -147,13 +149,22 @@ def measure_rate(compute: torch.Tensor, x: torch.Tensor, y: torch.Tensor, last_i
     copy_into(computed_steps, computed_steps + compute.to(computed_steps.dtype))
 
 
-def run_and_measure_rate(host: bool, decision, compute: torch.Tensor, blocks, transformation, position: int,
-                         streams, counter, rate_state, *inputs):
-    """The policy: run the blocks and store ``y - x``, or add the stored transformation vector to
-    ``x`` (``block_residual``'s policies; ``decision`` a host bool or, for ``torch.cond``, a 0-d
-    tensor), then update the transformation rate on computed steps."""
-    policy = run_or_add_residual if host else run_or_add_residual_cond
-    outputs = policy(decision, blocks, transformation, position, streams, counter, *inputs)
-    if not host or decision:
+def run_and_measure_rate(decision: bool, compute: torch.Tensor, blocks, transformation, position: int, streams,
+                         counter, rate_state, *inputs):
+    """The host policy: run the blocks and store ``y - x``, or add the stored transformation vector to
+    ``x`` (``block_residual``'s policy, ``decision`` read back), then, on a computed step, update the
+    transformation rate."""
+    outputs = run_or_add_residual(decision, blocks, transformation, position, streams, counter, *inputs)
+    if decision:
         measure_rate(compute, streams[position], outputs[position], *rate_state)
+    return outputs
+
+
+@cond_policy
+def run_and_measure_rate_cond(decision: torch.Tensor, compute: torch.Tensor, blocks, transformation, position: int,
+                              streams, counter, rate_state, *inputs):
+    """The ``torch.cond`` policy: as :func:`run_and_measure_rate` with ``decision`` a 0-d tensor; the
+    rate's update runs unbranched, masked by ``compute``."""
+    outputs = run_or_add_residual_cond(decision, blocks, transformation, position, streams, counter, *inputs)
+    measure_rate(compute, streams[position], outputs[position], *rate_state)
     return outputs
