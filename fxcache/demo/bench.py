@@ -6,7 +6,7 @@ What ``python -m fxcache bench`` and ``benchmarks/speed.py`` run (it ships with 
     python -m fxcache bench --device cpu       # a small CPU variant (minutes, Inductor)
     python -m fxcache bench --dry              # the GPU script's logic on a CPU, tiny and fast
 
-Rows:
+Rows (``--uncached`` picks which of the first three run):
 
 - uncached eager;
 - uncached regional compile (diffusers' ``compile_repeated_blocks``, one compiled block per kind);
@@ -278,6 +278,9 @@ def parse(argv=None):
     parser.add_argument("--table-from", type=Path, nargs="+", metavar="ROWS_JSONL",
                         help="print the table of rows an earlier run wrote (--json X leaves X.rows.jsonl row by row, "
                              "so a run cut short still has a table) and exit")
+    parser.add_argument("--uncached", default="eager,regional,whole",
+                        help="comma-separated uncached rows: eager, regional, whole (the limits need regional and "
+                             "whole; leaving eager out saves a row's time on a lent GPU)")
     parser.add_argument("--no-regional", action="store_true",
                         help="skip the regionally compiled peer rows (the uncached regional row stays)")
     return parser.parse_args(argv)
@@ -326,14 +329,18 @@ def main(argv=None):
     for key in methods:
         if key not in METHODS:
             raise SystemExit(f"fxcache bench: unknown method {key!r}; choose from {', '.join(METHODS)}")
+    uncached = {u for u in args.uncached.split(",") if u}
+    if uncached - {"eager", "regional", "whole"}:
+        raise SystemExit(f"fxcache bench: unknown uncached rows {sorted(uncached - {'eager', 'regional', 'whole'})}; "
+                         "choose from eager, regional, whole")
     if args.device == "cpu":
         torch.set_num_threads(1)
     with torch.no_grad():
-        return run_benchmark(args, backend, methods, peers)
+        return run_benchmark(args, backend, methods, peers, uncached)
 
 
-def run_benchmark(args, backend: str, methods: list[str], peers: set[str]) -> list[Row]:
-    """Every row of the table for the options :func:`main` parsed: the uncached rows, then each of
+def run_benchmark(args, backend: str, methods: list[str], peers: set[str], uncached: set[str]) -> list[Row]:
+    """Every row of the table for the options :func:`main` parsed: the ``uncached`` rows, then each of
     ``methods`` with fxcache and with ``peers``; prints them as they come and the table at the end."""
     config = flux_config(args)
     timestep = CurrentTimestep()  # this run's: every generation sets it, PAB and FasterCache read it
@@ -356,17 +363,21 @@ def run_benchmark(args, backend: str, methods: list[str], peers: set[str]) -> li
         print("  cache-dit is not installed (pip install cache-dit, or the bench extra): its rows are left out")
 
     _, full_flops = count_flops(generate, model, fixed, start, args.steps, timestep)
-    rows = [measure("uncached eager", model, fixed, start, args, full_flops, timestep)]
+    rows = []
+    if "eager" in uncached:
+        rows.append(measure("uncached eager", model, fixed, start, args, full_flops, timestep))
     compile_regional = backend == "inductor"  # the dry run's eager backend has nothing to compile per block
-    compiled = regional(copy.deepcopy(model)) if compile_regional else model
-    rows.append(measure("uncached regional compile (diffusers compile_repeated_blocks)" if compile_regional
-                        else "uncached regional compile (dry: eager backend, nothing compiled)", compiled, fixed,
-                        start, args, full_flops, timestep))
-    del compiled
-    torch._dynamo.reset()
-    rows.append(measure(f"uncached whole-graph compile (fullgraph, {backend} {args.mode or ''}".rstrip() + ")",
-                        whole_graph(model, backend, args.mode), fixed, start, args, full_flops, timestep))
-    torch._dynamo.reset()
+    if "regional" in uncached:
+        compiled = regional(copy.deepcopy(model)) if compile_regional else model
+        rows.append(measure("uncached regional compile (diffusers compile_repeated_blocks)" if compile_regional
+                            else "uncached regional compile (dry: eager backend, nothing compiled)", compiled, fixed,
+                            start, args, full_flops, timestep))
+        del compiled
+        torch._dynamo.reset()
+    if "whole" in uncached:
+        rows.append(measure(f"uncached whole-graph compile (fullgraph, {backend} {args.mode or ''}".rstrip() + ")",
+                            whole_graph(model, backend, args.mode), fixed, start, args, full_flops, timestep))
+        torch._dynamo.reset()
     compile_options = dict(backend=backend, mode=args.mode)
 
     from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
