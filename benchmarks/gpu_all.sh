@@ -122,11 +122,11 @@ else
 fi
 
 # A: full depth, MagCache (about 100 s per whole-graph compile of 57 blocks; fxcache compiles two)
-part "A full depth" 330 full_depth.log "${bench[@]}" --double 19 --single 38 --uncached regional,whole \
+part "A full depth" 370 full_depth.log "${bench[@]}" --double 19 --single 38 --uncached regional,whole \
     --methods mag --peers diffusers --repeats 1 --json "$WORK/full_depth.json"
 
 # B: reduced depth, FirstBlockCache skipping nothing beside diffusers and cache-dit
-part "B reduced depth" 150 reduced_depth.log "${bench[@]}" --double 4 --single 8 --uncached regional,whole \
+part "B reduced depth" 140 reduced_depth.log "${bench[@]}" --double 4 --single 8 --uncached regional,whole \
     --methods fbc --peers diffusers,cache-dit --repeats 2 --json "$WORK/reduced_depth.json"
 
 # F, where time is left: the GPU tests (CUDA graphs recorded, host syncs counted), skipped on the CPU

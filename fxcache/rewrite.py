@@ -49,8 +49,8 @@ if TYPE_CHECKING:
     from .passes.base import CachePass, Step
 
 __all__ = ["INPUTS", "REGION", "Cache", "CacheView", "Flag", "FlagSpec", "PassBuilder", "ProgramBuilder",
-           "RewrittenProgram", "Scalar", "ScalarSpec", "State", "StateSlot", "call_variant", "cond_policy", "copy_into",
-           "require_distinct"]
+           "RewrittenProgram", "Scalar", "ScalarSpec", "State", "StateSlot", "call_variant", "cond_policy",
+           "copy_into", "require_distinct"]
 
 # Note [Replacement order]
 # ~~~~~~~~~~~~~~~~~~~~~~~~
