@@ -104,7 +104,10 @@ class CaptureGuard:
     def holds(self, model, args: tuple, kwargs: dict) -> bool:
         if self._manager is None:
             return True
-        f_locals = {"model": model, "args": args, "kwargs": kwargs}
+        return self._check({"model": model, "args": args, "kwargs": kwargs})
+
+    def _check(self, f_locals: dict) -> bool:
+        """The guard tree on the captured frame's locals, under the capture's global state."""
         if _instrumented():  # checked as captured: without the caller's modes and global hooks
             with _capture_mode(), _outside_dispatch_modes():
                 return self._manager.check(f_locals)
@@ -424,9 +427,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, by_kind: bool 
     captured.guard = CaptureGuard(entry, f_locals)
     if traced_by_kind is not None:
         captured.traced_by_kind = traced_by_kind
-        manager = captured.guard._manager
-        with _capture_mode(), _outside_dispatch_modes():
-            holds = manager is None or manager.check(f_locals)
+        # the guard tree itself, not holds(): this check is part of the capture, not a call's
+        holds = captured.guard._manager is None or captured.guard._check(f_locals)
         if not holds:  # a guard copied onto a block that does not hold for it: trace the model whole
             captured.guard.release()
             return capture(model, args, kwargs, by_kind=False)

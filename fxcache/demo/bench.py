@@ -52,6 +52,7 @@ from .peers import apply_cache_dit, cache_dit_available, end_generation
 __all__ = ["Row", "format_table", "main"]
 
 METHODS = ("mag", "fbc", "fbc-forced", "pab", "taylorseer", "faster")
+UNCACHED = ("eager", "regional", "whole")
 
 
 @dataclass
@@ -278,9 +279,9 @@ def parse(argv=None):
     parser.add_argument("--table-from", type=Path, nargs="+", metavar="ROWS_JSONL",
                         help="print the table of rows an earlier run wrote (--json X leaves X.rows.jsonl row by row, "
                              "so a run cut short still has a table) and exit")
-    parser.add_argument("--uncached", default="eager,regional,whole",
-                        help="comma-separated uncached rows: eager, regional, whole (the limits need regional and "
-                             "whole; leaving eager out saves a row's time on a lent GPU)")
+    parser.add_argument("--uncached", default=",".join(UNCACHED),
+                        help="comma-separated uncached rows: " + ", ".join(UNCACHED) + " (the limits need regional "
+                             "and whole; leaving eager out saves a row's time on a lent GPU)")
     parser.add_argument("--no-regional", action="store_true",
                         help="skip the regionally compiled peer rows (the uncached regional row stays)")
     return parser.parse_args(argv)
@@ -330,9 +331,9 @@ def main(argv=None):
         if key not in METHODS:
             raise SystemExit(f"fxcache bench: unknown method {key!r}; choose from {', '.join(METHODS)}")
     uncached = {u for u in args.uncached.split(",") if u}
-    if uncached - {"eager", "regional", "whole"}:
-        raise SystemExit(f"fxcache bench: unknown uncached rows {sorted(uncached - {'eager', 'regional', 'whole'})}; "
-                         "choose from eager, regional, whole")
+    if uncached - set(UNCACHED):
+        raise SystemExit(f"fxcache bench: unknown uncached rows {sorted(uncached - set(UNCACHED))}; "
+                         f"choose from {', '.join(UNCACHED)}")
     if args.device == "cpu":
         torch.set_num_threads(1)
     with torch.no_grad():

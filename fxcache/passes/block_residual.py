@@ -31,7 +31,7 @@ import torch
 
 from ..parallel import mean_ratio
 from ..regions import HIDDEN, BlockRange, RegionError
-from ..rewrite import INPUTS, REGION, CacheView, PassBuilder, copy_into, cond_policy
+from ..rewrite import INPUTS, REGION, CacheView, PassBuilder, cond_policy, copy_into
 
 __all__ = ["DualBlockPlan", "block_stack", "compute_or_reuse_range", "compute_or_reuse_range_cond", "gate_reuse",
            "relative_l1_change", "rewrite_dual_blocks", "run_or_add_residual", "run_or_add_residual_cond"]
