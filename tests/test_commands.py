@@ -87,3 +87,14 @@ def test_bench_dry_prints_the_side_by_side_table(tmp_path):
     assert "process time" in done.stdout
     whole_limit = table[0].split("|").index(" whole-graph limit s ")
     assert all(row.split("|")[whole_limit].strip() != "-" for row in table[1:])
+
+
+def test_bench_runs_only_the_uncached_rows_asked_for_and_names_an_unknown_one():
+    from fxcache.demo import bench
+
+    rows = bench.main(["--dry", "--steps", "2", "--repeats", "1", "--methods", "", "--peers", "",
+                       "--uncached", "whole"])
+    assert [row.label for row in rows] == ["uncached whole-graph compile (fullgraph, eager)"]
+    assert rows[0].whole_graph_limit_seconds == rows[0].seconds and rows[0].regional_limit_seconds is None
+    with pytest.raises(SystemExit, match=r"unknown uncached rows \['warm'\]; choose from eager, regional, whole"):
+        bench.main(["--dry", "--uncached", "whole,warm"])
