@@ -108,10 +108,10 @@ def guards_off_the_model(module: fx.GraphModule) -> Callable[[list], list[bool]]
     return keep
 
 
-# Compile each kind of transformer block once (torch.compiler.nested_compile_region): opt-in with
-# FXCACHE_BLOCK_REGIONS=1 or ``fxcache.lower.block_regions = True``. Off by default until it has run
-# on torch 2.11 with CUDA graphs; on 2.13 (CPU) the full suite passes with it on (docs/benchmarks.md)
-block_regions = os.environ.get("FXCACHE_BLOCK_REGIONS", "0") == "1"
+# Compile each kind of transformer block once (torch.compiler.nested_compile_region, see stamp_blocks):
+# on by default where torch has it; FXCACHE_BLOCK_REGIONS=0 or ``fxcache.lower.block_regions = False``
+# compiles every block's copy of the graph (the flat program, slower to compile, the same result)
+block_regions = os.environ.get("FXCACHE_BLOCK_REGIONS", "1") != "0"
 
 # Before torch 2.13 ``invoke_subgraph`` cannot run under autograd: 2.11 refuses a region whose
 # schema writes an input, and its backward fails on the eager backend ("fake_mode should be enabled

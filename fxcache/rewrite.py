@@ -49,8 +49,8 @@ if TYPE_CHECKING:
     from .passes.base import CachePass, Step
 
 __all__ = ["INPUTS", "REGION", "Cache", "CacheView", "Flag", "FlagSpec", "PassBuilder", "ProgramBuilder",
-           "RewrittenProgram", "Scalar", "ScalarSpec", "State", "StateSlot", "call_variant", "cond_policy",
-           "copy_into", "require_distinct"]
+           "RewrittenProgram", "Scalar", "ScalarSpec", "State", "StateSlot", "call_variant", "copy_into",
+           "require_distinct"]
 
 # Note [Replacement order]
 # ~~~~~~~~~~~~~~~~~~~~~~~~
@@ -319,6 +319,11 @@ class _PassRecord:
     host_reads: int = 0
     forecasts: bool = False
     reduces: list[str] = field(default_factory=list)
+    calls: list[fx.Node] = field(default_factory=list)  # the policy calls ``replace`` placed
+
+    def rewrite(self, name: str) -> PassRewrite:
+        return PassRewrite(name, tuple(self.replaced), tuple(self.flags), tuple(self.scalars), tuple(self.state),
+                           self.host_reads, tuple(self.reduces))
 
 
 class ProgramBuilder:
@@ -369,6 +374,7 @@ class ProgramBuilder:
                 if str(error).startswith(name):
                     raise
                 raise type(error)(f"{name}: {error}") from error
+            self._separate_cond_operands(g)
             self._check(g)
         if self._forecaster is not None and not self._forecast_caches:
             raise RegionError(f"{self._forecaster[0].pass_name} forecasts the values other passes reuse, and no "
@@ -380,11 +386,22 @@ class ProgramBuilder:
         self.graph_module.recompile()
         flags = tuple(FlagSpec(spec.name, spec.decide, spec.owner, tuple(self._gates.get(spec.name, ())))
                       for spec in self._flag_specs.values())
-        records = tuple(PassRewrite(type(p).__name__, tuple(r.replaced), tuple(r.flags), tuple(r.scalars),
-                                    tuple(r.state), r.host_reads, tuple(r.reduces))
-                        for p in passes if (r := self._records.get(p.namespace)) is not None)
+        records = tuple(r.rewrite(type(p).__name__) for p in passes if (r := self._records.get(p.namespace)) is not None)
         return RewrittenProgram(self.captured, self.found, self.graph_module, tuple(self.state),
                                 tuple(self.scalars), flags, records, self.parallel)
+
+    def _separate_cond_operands(self, g: "PassBuilder") -> None:
+        """After a pass that decides in the graph without reading the decision back (its policies
+        branch with ``torch.cond``): give each policy call it placed operands that share no storage.
+        torch 2.11's ``cond`` rejects two operands that alias (Chroma's blocks take two slices of one
+        modulation tensor), so a later operand that views an earlier one's storage is passed as a
+        copy; the same node passed twice stays one operand. Done here, after the pass and before a
+        later one outlines its calls, so a new pass needs to know nothing of it."""
+        record = self._records[g.namespace]
+        if record.rewrite(g.pass_name).branches_with_cond:
+            for call in record.calls:
+                if not call._erased:  # outlined since by this pass: its copy was handled with it
+                    call.args = _distinct_storages(self.graph, call, call.args)
 
     def _check(self, g: "PassBuilder") -> None:
         """After each pass: the graph is well formed, and everything the pass declared is read."""
@@ -488,7 +505,8 @@ class ProgramBuilder:
         self.graph_module.add_submodule(name, sub)
         return sub
 
-    def replace(self, region: Region, fn: Callable, args: Sequence[Any], owner: str, scope: str) -> list[fx.Node]:
+    def replace(self, region: Region, fn: Callable, args: Sequence[Any], owner: str,
+                scope: str) -> tuple[fx.Node, list[fx.Node]]:
         # Note [Policies]: ``fn`` runs inside the traced program. With a host flag it branches in
         # Python and dynamo specialises on the flag; with a tensor decision it branches on .item()
         # (after g.host_bool) or calls torch.cond itself.
@@ -526,8 +544,6 @@ class ProgramBuilder:
         target = _with_cache_views(fn, caches) if caches else fn
         with self.graph.inserting_after(module):
             call = self.graph.call_function(target, tuple(flat))
-        if getattr(fn, "branches_with_cond", False):
-            call.args = _distinct_storages(self.graph, call, call.args)
         call.meta[MODULE_STACK] = _common_prefix([n.meta.get(MODULE_STACK, ()) for n in region.nodes])
         results = []
         with self.graph.inserting_after(call):
@@ -556,7 +572,7 @@ class ProgramBuilder:
         for glue in self._glue.pop(id(region), []):  # each lands just before the call: keep their order
             module.prepend(glue)
         self._replacements.append(_Replacement(owner, region.name, region.scope, set(new_nodes)))
-        return results
+        return call, results
 
     def _resolve_arg(self, arg):
         if isinstance(arg, (State, Flag, Scalar)):
@@ -896,8 +912,9 @@ class PassBuilder:
             out = fn(flag, region_R, state, x)  # the policy: compute R, or reuse/predict
             y = out[0]; z = h(y)
         """
-        results = self._builder.replace(region, fn, args, self.pass_name, self._pass.scope)
+        call, results = self._builder.replace(region, fn, args, self.pass_name, self._pass.scope)
         self._record().replaced.append(region.name)
+        self._record().calls.append(call)
         return results
 
     def skip_values(self, region: Region, skipped: Sequence[Block]) -> list[fx.Node]:
@@ -952,21 +969,6 @@ def require_distinct(passes: Sequence["CachePass"]) -> None:
         if namespaces.count(cache_pass.namespace) > 1:
             raise ValueError(f"passes: {type(cache_pass).__name__} is given {namespaces.count(cache_pass.namespace)} "
                              "times; combine its settings into one")
-
-
-def cond_policy(fn: Callable) -> Callable:
-    """Mark a policy that branches with ``torch.cond``: :meth:`PassBuilder.replace` then hands it
-    operands that share no storage. torch 2.11's ``cond`` rejects two operands that alias (Chroma's
-    blocks take two slices of one modulation tensor), so a later operand that views an earlier one's
-    storage is passed as a copy; the same node passed twice stays one operand.
-
-    Example::
-
-        @cond_policy
-        def run_or_reuse_cond(compute, blocks, *inputs):
-            return torch.cond(compute, lambda *x: blocks(*x), lambda *x: ..., inputs)"""
-    fn.branches_with_cond = True
-    return fn
 
 
 def _distinct_storages(graph: fx.Graph, call: fx.Node, args: tuple) -> tuple:

@@ -43,11 +43,20 @@ def syncs_during(fn):
     return result, sum("called a synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
+@pytest.mark.parametrize("block_regions", [True, False], ids=["block-kinds-once", "flat"])
 @pytest.mark.parametrize("cache_pass, max_syncs_per_step", [
     (FirstBlockCache(threshold=0.3), 1),
     (MagCache(mag_ratios=[1.0] + [0.99] * 9, num_inference_steps=10, threshold=0.1), 0),
 ])
-def test_reduce_overhead_records_cuda_graphs_and_skips_none(cache_pass, max_syncs_per_step):
+def test_reduce_overhead_records_cuda_graphs_and_skips_none(monkeypatch, cache_pass, max_syncs_per_step,
+                                                            block_regions):
+    """Whole-program CUDA graphs, with each block kind compiled once (``nested_compile_region``, the
+    default) and with the blocks flat: no graph skipped, no sync beyond the pass's host reads, and
+    the generation equals the eager backend's."""
+    import fxcache.lower
+
+    monkeypatch.setattr(fxcache.lower, "block_regions", block_regions)
+    torch._dynamo.utils.counters.clear()
     tiny = on_cuda("flux")
     start = tiny.noise(seed=0).cuda()
     eager = fxcache.transform(tiny.model, [cache_pass], backend="eager")
@@ -62,3 +71,5 @@ def test_reduce_overhead_records_cuda_graphs_and_skips_none(cache_pass, max_sync
     assert syncs <= max_syncs_per_step * 10
     update, expected_update = result - start, expected - start
     assert float((update - expected_update).norm() / expected_update.norm()) <= 1e-3
+    stamped = block_regions and hasattr(torch.compiler, "nested_compile_region")
+    assert [bool(p.stamped) for p in cached._programs.values()] == [stamped] * len(cached._programs)

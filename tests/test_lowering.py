@@ -129,8 +129,8 @@ def _recording_backend(graphs: list):
     # reuse the region for the next block, which takes slices of block 0's output: it traces it twice
     ("cogvideox", 1, 1 if torch.__version__ >= (2, 12) else 2),
 ])
-def test_opt_in_block_regions_compile_each_block_kind_once_and_change_nothing(monkeypatch, name, kinds, traced):
-    """``fxcache.lower.block_regions`` (opt-in): every block becomes one call of a function shared by
+def test_block_regions_compile_each_block_kind_once_and_change_nothing(monkeypatch, name, kinds, traced):
+    """``fxcache.lower.block_regions`` (on by default): every block becomes one call of a function shared by
     its kind, marked ``nested_compile_region``; the loop is bit-identical to the flat program, also
     where two inputs of a block share storage (dynamo refuses aliased inputs to the region). Dynamo
     traces each kind once: the compiled graph holds one subgraph per kind, also where the first block
@@ -142,6 +142,7 @@ def test_opt_in_block_regions_compile_each_block_kind_once_and_change_nothing(mo
     tiny = models.build(name)
     start = tiny.noise(seed=0)
     config = MagCache(mag_ratios=[1.0] * 6, num_inference_steps=6, threshold=0.1, retention_ratio=0.0)
+    monkeypatch.setattr(fxcache.lower, "block_regions", False)
     flat = models.euler_sample(fxcache.transform(tiny.model, [config], backend="eager"), tiny, start, 6)
     monkeypatch.setattr(fxcache.lower, "block_regions", True)
     graphs = []
@@ -180,7 +181,7 @@ def test_block_regions_return_a_tuple_of_views_a_pass_moved_out_of_a_block(monke
             return cached, result, count_flops(cached, **inputs)[1]  # a first call computes
 
     graphs = []
-    monkeypatch.setattr(fxcache.lower, "block_regions", False)  # also where FXCACHE_BLOCK_REGIONS=1 turns them on
+    monkeypatch.setattr(fxcache.lower, "block_regions", False)
     _, flat, flat_flops = run()
     assert not any(n.target is torch.ops.higher_order.invoke_subgraph for g in graphs for n in g.graph.nodes)
     monkeypatch.setattr(fxcache.lower, "block_regions", True)

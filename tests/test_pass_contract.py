@@ -113,15 +113,36 @@ def test_the_repro_file_runs_on_its_own(tmp_path):
     assert "max |cached - uncached|" in result.stdout and "first_block_cache.tail_computed" in result.stdout
 
 
+def run_blocks_under_cond(blocks, *inputs):
+    """Decides in the graph (both branches run the blocks: only the branching matters here)."""
+    def run(*inputs):
+        return tuple(o.clone(memory_format=torch.contiguous_format) for o in blocks(*inputs))
+
+    decision = next(x for x in inputs if isinstance(x, torch.Tensor)).isfinite().all()
+    return tuple(torch.cond(decision, run, run, inputs))
+
+
+@dataclass(frozen=True)
+class BranchesInTheGraph(CachePass):
+    """A pass written in a test whose policy calls ``torch.cond``, with nothing to say so."""
+
+    scope = "blocks"
+
+    def rewrite(self, g):
+        g.replace(g.block_range(g.regions.blocks, "all"), run_blocks_under_cond, REGION, INPUTS)
+
+
 @pytest.mark.parametrize("cache_pass", [
     fxcache.passes.FirstBlockCache(threshold=0.0, lowering="cond"),
     fxcache.passes.EasyCache(thresh=0.0, ret_steps=1, lowering="cond"),
     fxcache.passes.DBCache(Fn_compute_blocks=1, Bn_compute_blocks=0, lowering="cond"),
+    BranchesInTheGraph(),
 ], ids=lambda p: type(p).__name__)
 def test_cond_policies_get_operands_that_share_no_storage(cache_pass):
     """torch 2.11's ``torch.cond`` rejects two operands that alias. Chroma's blocks take two slices of
-    one modulation tensor; ``replace`` passes the later one as a copy (``@cond_policy``), and the
-    program still equals the uncached model when nothing is skipped."""
+    one modulation tensor; after a pass that decides in the graph without reading the decision back,
+    the builder passes the later one to each policy call as a copy (a pass written outside fxcache
+    too), and the program still equals the uncached model when nothing is skipped."""
     from fxcache.regions import example_value, storage_of
     from tests.model_registry import BY_NAME
 
@@ -132,9 +153,12 @@ def test_cond_policies_get_operands_that_share_no_storage(cache_pass):
         cached = fxcache.transform(tiny.model, [cache_pass], backend="eager")
         with cached.cache_context("cond", step_index=0, num_inference_steps=4):
             assert torch.equal(cached(**tiny.inputs(x, 1.0))[0], expected)
-    graph = cached.programs()[-1].graph_module.graph
-    calls = [n for n in graph.nodes if n.op == "call_function" and getattr(n.target, "branches_with_cond", False)]
-    assert calls, "no policy marked @cond_policy in the program"
+    program = cached.programs()[-1]
+    assert [r.branches_with_cond for r in program.passes] == [True]
+    # a policy call takes its outlined region (a ``region_*`` attribute) among its operands
+    calls = [n for n in program.graph_module.graph.nodes if n.op == "call_function"
+             and any(a.op == "get_attr" and a.target.startswith("region_") for a in n.all_input_nodes)]
+    assert calls, "no policy call in the program"
     copies = 0
     for call in calls:
         operands, owners = [], {}

@@ -31,7 +31,7 @@ import torch
 
 from ..parallel import mean_ratio
 from ..regions import HIDDEN, BlockRange, RegionError
-from ..rewrite import INPUTS, REGION, CacheView, PassBuilder, cond_policy, copy_into
+from ..rewrite import INPUTS, REGION, CacheView, PassBuilder, copy_into
 
 __all__ = ["DualBlockPlan", "block_stack", "compute_or_reuse_range", "compute_or_reuse_range_cond", "gate_reuse",
            "relative_l1_change", "rewrite_dual_blocks", "run_or_add_residual", "run_or_add_residual_cond"]
@@ -61,7 +61,6 @@ def run_or_add_residual(compute: bool, blocks, residual: CacheView, hidden_posit
     return tuple(hidden_in + residual.load() if i == hidden_position else s for i, s in enumerate(streams))
 
 
-@cond_policy
 def run_or_add_residual_cond(compute: torch.Tensor, blocks, residual: CacheView, hidden_position: int, streams,
                              computed, *inputs):
     """``torch.cond`` on a 0-d bool tensor: both branches return the outputs and the new state."""
@@ -225,7 +224,6 @@ def compute_or_reuse_range(compute: bool, blocks, front_residual, reference, fro
     return tuple(front + cache.load() for front, cache in zip(front_outputs, residuals))
 
 
-@cond_policy
 def compute_or_reuse_range_cond(compute: torch.Tensor, blocks, front_residual, reference, front_outputs,
                                 residuals: tuple[CacheView, ...], computed, *inputs):
     """``torch.cond`` lowering: functional branches (both return outputs and new state), one copy after."""

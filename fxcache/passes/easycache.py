@@ -43,7 +43,7 @@ import torch
 
 from ..parallel import mean_ratio
 from ..regions import HIDDEN, RegionError
-from ..rewrite import INPUTS, REGION, PassBuilder, cond_policy, copy_into
+from ..rewrite import INPUTS, REGION, PassBuilder, copy_into
 from .base import CachePass
 from .block_residual import run_or_add_residual, run_or_add_residual_cond
 
@@ -160,7 +160,6 @@ def run_and_measure_rate(decision: bool, compute: torch.Tensor, blocks, transfor
     return outputs
 
 
-@cond_policy
 def run_and_measure_rate_cond(decision: torch.Tensor, compute: torch.Tensor, blocks, transformation, position: int,
                               streams, counter, rate_state, *inputs):
     """The ``torch.cond`` policy: as :func:`run_and_measure_rate` with ``decision`` a 0-d tensor; the

@@ -52,7 +52,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ..regions import RegionError, example_value
-from ..rewrite import INPUTS, REGION, PassBuilder, cond_policy, copy_into
+from ..rewrite import INPUTS, REGION, PassBuilder, copy_into
 from .base import CachePass, ConfigError, Step
 from .block_residual import block_stack
 
@@ -339,7 +339,6 @@ def _extrapolated(step, latest, previous, steps, runs):
     return torch.where((runs >= 2) & (latest_step != previous_step), latest + (latest - previous) * scale, latest)
 
 
-@cond_policy
 def run_or_extrapolate_cond(compute: torch.Tensor, blocks, hidden_position: int, streams, step: torch.Tensor,
                             history: tuple, kept, consecutive, computed, *inputs):
     """``torch.cond`` lowering of :func:`run_or_extrapolate`: both branches return the outputs and the
