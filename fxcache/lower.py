@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 import torch.utils._pytree as pytree
 
 from .capture import MODULE_STACK, quiet_logging
@@ -141,21 +142,24 @@ def regenerate_outside_dynamo(module: fx.GraphModule) -> None:
         torch.fx.graph_module._forward_from_src = generate
 
 
-def stamp_blocks(gm: fx.GraphModule, block_paths: list[str]) -> tuple[fx.GraphModule, dict[str, int]]:
+def stamp_blocks(gm: fx.GraphModule, block_paths: list[str], *,
+                 match_strides: bool = True) -> tuple[fx.GraphModule, dict[str, int]]:
     """A copy of ``gm`` in which every transformer block (a contiguous run of nodes whose module stack
     names one of ``block_paths``, in the program or inside a region a pass outlined) is one call of a
     function shared by all blocks of the same code: the block's graph with its parameters as
     arguments, marked ``torch.compiler.nested_compile_region``. Dynamo then traces it as
     ``invoke_subgraph`` and Inductor compiles each distinct block once and calls it per block,
-    instead of compiling every block's copy of the same kernels. Returns the copy and counts
-    (``blocks`` stamped, ``kinds`` compiled)."""
+    instead of compiling every block's copy of the same kernels. ``match_strides``: copy a block's
+    input whose strides differ from its kind's other calls (see ``_match_strides``), so the kind is
+    compiled once, not once per layout. Returns the copy and counts (``blocks`` stamped, ``kinds``)."""
     shared: dict[tuple, Callable] = {}
     counts = {"blocks": 0, "kinds": 0}
     paths = set(block_paths)
 
     def stamp(graph: fx.Graph, module: fx.GraphModule) -> None:
-        calls = [call for run in _block_runs(graph, paths) if (call := _stamp(graph, run, shared, counts))]
-        _match_strides(graph, calls)
+        calls = [call for run in _block_runs(graph, paths) if (call := _stamp(graph, module, run, shared, counts))]
+        if match_strides:
+            _match_strides(graph, calls)
 
     return _copy_program(gm, stamp), counts
 
@@ -306,15 +310,37 @@ def _dead_result(node: fx.Node) -> bool:
     return not name.endswith("_") and isinstance(example_value(node), torch.Tensor)
 
 
+def _sizes_from_data(nodes, module: torch.nn.Module | None) -> bool:
+    """Whether any of ``nodes``, or of the graphs they call (a pass's outlined region, read with
+    ``get_attr``), computes a value whose size (or, for a number, whose value) is read from the data."""
+    for node in nodes:
+        try:
+            if free_unbacked_symbols(example_value(node)):
+                return True
+        except Exception:  # not a tensor, number or sequence of them
+            pass
+        for arg in node.all_input_nodes:
+            called = getattr(module, arg.target, None) if arg.op == "get_attr" and "." not in arg.target else None
+            if isinstance(called, fx.GraphModule) and _sizes_from_data(called.graph.nodes, called):
+                return True
+    return False
+
+
 def _tensor_tuple(value) -> bool:
     return isinstance(value, (tuple, list)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
 
 
-def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> tuple[fx.Node, int] | None:
-    """Replace ``run`` by a call of its kind's function; returns the call and its number of activation
-    inputs (those before the parameters), or None where nothing was stamped."""
+def _stamp(graph: fx.Graph, module: fx.GraphModule, run: list[fx.Node], shared: dict,
+           counts: dict) -> tuple[fx.Node, int] | None:
+    """Replace ``run`` (in ``graph``, a copy of ``module``'s) by a call of its kind's function; returns
+    the call and its number of activation inputs (those before the parameters), or None where nothing
+    was stamped."""
     if all(node.op == "call_function" and node.target is operator.getitem for node in run):
         return None  # only unpacks what a pass's call returned for the block: nothing to compile
+    if _sizes_from_data(run, module):
+        # dynamo traces a region only whole, and an op whose output size is read from the data
+        # (Mochi's attention takes ``nonzero`` of the text mask) breaks it: such a block stays flat
+        return None
     # the views a block ends with stay outside its region: a block's last copy whose unused output
     # was dead code (Flux's last single-stream block returns no text slice) is then the same kind as
     # the others, and the region returns the one tensor, not two views of it that would need a copy
@@ -391,18 +417,42 @@ def _stamp(graph: fx.Graph, run: list[fx.Node], shared: dict, counts: dict) -> t
         counts["kinds"] += 1
     counts["blocks"] += 1
     # nor take two views of one tensor (CogVideoX's first block gets its text and video streams as
-    # slices of one concatenation): the later one enters as a copy
+    # slices of one concatenation), nor a tuple of views of one tensor (the chunks of a modulation a
+    # pass moved in front of a lone block): the later one enters as a copy
     arguments, taken = [], set()
-    for node, storage in zip(inputs, input_storages):
-        if storage is not None and storage in taken:
-            with graph.inserting_before(run[0]):
-                copy = graph.call_method("clone", (node,))
-            copy.meta = {k: v for k, v in node.meta.items() if k != "nn_module_stack"}
-            copy.meta["example_value"] = example_value(node).clone()  # the copy's own strides and storage
-            node = copy
-        elif storage is not None:
+
+    def distinct(node: fx.Node, value) -> fx.Node:
+        storage = storage_of(value)
+        if storage is None:
+            return node
+        if storage not in taken:
             taken.add(storage)
-        arguments.append(node)
+            return node
+        with graph.inserting_before(run[0]):
+            copy = graph.call_method("clone", (node,))
+        copy.meta = {k: v for k, v in node.meta.items() if k != "nn_module_stack"}
+        copy.meta["example_value"] = value.clone()  # the copy's own strides and storage
+        return copy
+
+    for node in inputs:
+        value = example_value(node)
+        if not _tensor_tuple(value):
+            arguments.append(distinct(node, value))
+            continue
+        with graph.inserting_before(run[0]):
+            elements = [graph.call_function(operator.getitem, (node, i)) for i in range(len(value))]
+        for element, element_value in zip(elements, value):
+            element.meta = {"example_value": element_value}
+        kept = [distinct(element, element_value) for element, element_value in zip(elements, value)]
+        if kept == elements:  # no element aliases: the tuple goes in as it is
+            for element in elements:
+                graph.erase_node(element)
+            arguments.append(node)
+            continue
+        with graph.inserting_before(run[0]):
+            rebuilt = graph.call_function(tuple, (kept,))
+        rebuilt.meta = {"example_value": tuple(example_value(k) for k in kept)}
+        arguments.append(rebuilt)
     with graph.inserting_after(run[-1]):
         call = graph.call_function(shared[key], tuple(arguments))
     call.meta[MODULE_STACK] = run[0].meta.get(MODULE_STACK, ())[:1]
@@ -555,7 +605,11 @@ class Program:
         if block_regions and hasattr(torch.compiler, "nested_compile_region") and not with_cond:
             if not _regions_train:
                 program.flat_module, program._compiled_flat = compile_(graph_module)
-            graph_module, program.stamped = stamp_blocks(graph_module, [b.name for b in rewritten.regions.blocks])
+            # under the eager backends, which promise eager's numbers to the bit, no copy changes a
+            # block's input layout (ops may round differently on another layout: Sana's blocks do);
+            # there a kind traced twice costs no compile
+            graph_module, program.stamped = stamp_blocks(graph_module, [b.name for b in rewritten.regions.blocks],
+                                                         match_strides=backend not in ("eager", "aot_eager"))
         program.compiled_module, program._compiled = compile_(graph_module)
         program.code = CompiledCode([weakref.ref(type(module).forward) for module in
                                      (program.compiled_module, program.flat_module) if module is not None],

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-import fxcache
+import fxcache.lower  # fxcache.transform, and the block_regions switch
 from fxcache.passes import FirstBlockCache, MagCache
 from fxcache.testing import models
 
@@ -53,8 +53,6 @@ def test_reduce_overhead_records_cuda_graphs_and_skips_none(monkeypatch, cache_p
     """Whole-program CUDA graphs, with each block kind compiled once (``nested_compile_region``, the
     default) and with the blocks flat: no graph skipped, no sync beyond the pass's host reads, and
     the generation equals the eager backend's."""
-    import fxcache.lower
-
     monkeypatch.setattr(fxcache.lower, "block_regions", block_regions)
     torch._dynamo.utils.counters.clear()
     tiny = on_cuda("flux")

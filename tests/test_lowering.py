@@ -194,6 +194,49 @@ def test_block_regions_return_a_tuple_of_views_a_pass_moved_out_of_a_block(monke
     assert any(n.target is torch.ops.higher_order.invoke_subgraph for g in graphs for n in g.graph.nodes)
 
 
+@pytest.mark.parametrize("name, method", [
+    ("mochi", "FirstBlockCache"),            # attention takes `nonzero` of the text mask: stays flat
+    ("sana", "MagCache"),                    # blocks of one kind take inputs of two layouts: no copy
+    ("cogvideox-one-block", "TeaCache"),     # a lone block takes the moved modulation's chunks: copies
+])
+def test_blocks_that_resist_stamping_run_as_the_flat_program_does(monkeypatch, name, method):
+    """Three things the model registry found when block regions became the default, each checked
+    against the flat program to the bit (never-skip configs, eager backend):
+    - a block with an op whose output size is read from the data (also inside a pass's outlined
+      region) is left flat: dynamo traces a region only whole;
+    - under the eager backends an input whose strides differ from its kind's other calls is not
+      copied to match (another layout may round differently: Sana's blocks do); the kind is traced
+      once per layout instead;
+    - a tuple input whose elements view one tensor enters with the later views as copies (dynamo
+      refuses aliased region inputs)."""
+    if not hasattr(torch.compiler, "nested_compile_region"):
+        pytest.skip("this torch has no torch.compiler.nested_compile_region")
+    import fxcache.lower
+    from tests.model_registry import BY_NAME
+    from tests.test_model_coverage import configs, run_loop
+
+    def loop(block_regions):
+        monkeypatch.setattr(fxcache.lower, "block_regions", block_regions)
+        tiny = BY_NAME[name].build()
+        ours, _ = configs(method, skipping=False, tiny=tiny)
+        cached = fxcache.transform(tiny.model, [ours], backend="eager")
+        return cached, run_loop(cached, tiny)[1]
+
+    _, flat = loop(False)
+    cached, stamped = loop(True)
+    assert torch.equal(stamped, flat)
+    programs = list(cached._programs.values())
+    nodes = [n for p in programs for m in p.compiled_module.modules() if isinstance(m, torch.fx.GraphModule)
+             for n in m.graph.nodes]
+    if name == "mochi":
+        assert all(p.stamped["blocks"] == 0 for p in programs)
+    else:
+        assert all(p.stamped["blocks"] >= 1 for p in programs)
+        assert not any(n.target == "new_empty_strided" for n in nodes)
+    if name == "cogvideox-one-block":
+        assert any(n.target is tuple for n in nodes)
+
+
 def test_where_torch_cannot_train_through_block_regions_a_call_with_grad_runs_the_blocks_flat(monkeypatch):
     """Before torch 2.13 ``invoke_subgraph`` cannot run under autograd (2.11 refuses a region that
     writes an input, and its backward fails on the eager backend). There a program with stamped
