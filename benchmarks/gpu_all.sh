@@ -35,8 +35,12 @@
 #   F. (where time is left) tests/test_gpu.py: CUDA graphs recorded, host syncs counted.
 #   D. (where time is left) FirstBlockCache skipping nothing, host vs cond lowering vs the uncached
 #      whole graph: where its overhead goes (benchmarks/first_block_split.py).
+#   H. (where time is left) the runtime's host overhead per call in situ: tiny FLUX, MagCache,
+#      Inductor + CUDA graphs, so the CPU's caches are not flushed by the program between calls
+#      (benchmarks/host_overhead.py; on the CPU box the in-situ number was 127-134 µs, target 50).
 #   C. (where time is left) cold compile time at 57 blocks, a fresh process and Inductor cache per
-#      row: diffusers' regional compile, fxcache MagCache as shipped and with block kinds compiled once.
+#      row: diffusers' regional compile, fxcache MagCache with block kinds compiled once (the default
+#      since 2026-12-04) and flat.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -114,11 +118,13 @@ if (( DRY )); then
     bench=(python3 -m fxcache.demo.bench --dry)
     compile_time=(python3 benchmarks/compile_time.py --blocks 2 --device cpu --size dry --steps 2)
     split=(python3 benchmarks/first_block_split.py --device cpu --size cpu --double 1 --single 1 --steps 2 --rounds 1)
+    host=(python3 benchmarks/host_overhead.py --steps 4)
 else
     bench=("${pin[@]}" python3 -m fxcache.demo.bench)
     compile_time=("${pin[@]}" python3 benchmarks/compile_time.py --blocks 57 --device cuda --size gpu --mode reduce-overhead)
     split=("${pin[@]}" python3 benchmarks/first_block_split.py --device cuda --size gpu --double 4 --single 8
            --mode reduce-overhead --rounds 3)
+    host=("${pin[@]}" python3 benchmarks/host_overhead.py --device cuda --backend inductor --mode reduce-overhead)
 fi
 
 # A: full depth, MagCache (about 100 s per whole-graph compile of 57 blocks; fxcache compiles two)
@@ -134,6 +140,9 @@ part "B reduced depth" 140 reduced_depth.log "${bench[@]}" --double 4 --single 8
 
 # D, where time is left: FirstBlockCache skipping nothing, host vs cond lowering vs the whole graph
 part "D first block split" 100 first_block_split.log "${split[@]}"
+
+# H, where time is left: the runtime's host overhead per call in situ (graphs replayed on the GPU)
+part "H host overhead" 90 host_overhead.log "${host[@]}" --generations 10 --rounds 5 --profile 15
 
 # C, where time is left: cold compile time at 57 blocks, each row in a fresh process and Inductor cache
 part "C compile time" 240 compile_time.log "${compile_time[@]}" --rows regional,fxcache \

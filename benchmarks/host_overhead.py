@@ -3,6 +3,8 @@ graph it runs, and where that time goes.
 
     python benchmarks/host_overhead.py                     # ~1 min on a CPU
     python benchmarks/host_overhead.py --method TaylorSeer --profile 40
+    python benchmarks/host_overhead.py --device cuda --backend inductor --mode reduce-overhead   # in situ:
+        # the program's graphs replay on the GPU, so the CPU's caches are not flushed between calls
 
 On a tiny FLUX transformer (the speed benchmark's ``--dry`` size) with a static pass and the eager
 backend: after two warm-up generations, each model call of a generation is timed as
@@ -64,7 +66,9 @@ def time_host_work(cached_generation, program, recorded: list, rounds: int) -> d
     """µs per call of a CachedModel whose compiled program only returns what it returned at that step
     (what is left is host work), per round of 10 generations: under the default stance (every call
     checks that the model is unchanged) and under ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``."""
-    compiled, outputs = program._compiled, [program._compiled(*flat) for flat in recorded]
+    # copies: a CUDA graph's next replay overwrites the outputs of the last
+    compiled = program._compiled
+    outputs = [tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in compiled(*flat)) for flat in recorded]
     calls = iter(range(1 << 62))
 
     def replay(*flat):
@@ -149,13 +153,20 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=20, help="rounds of the host-work-only timing")
     parser.add_argument("--blocks", type=int, default=4,
                         help="transformer blocks, half double-stream and half single-stream (FLUX.1-dev: 57)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="eager", help="of the cached and the uncached model")
+    parser.add_argument("--mode", default=None, help="torch.compile mode (reduce-overhead: CUDA graphs)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)
-    size = argparse.Namespace(size="dry", device="cpu", dtype=torch.float32)
+    size = argparse.Namespace(size="dry", device=args.device, dtype=torch.float32)
     config = dict(flux_config(size), num_layers=args.blocks // 2, num_single_layers=args.blocks - args.blocks // 2)
     model, fixed, start = build(size, config)
-    cached = transform(model, [make_pass(args.method, args.steps)], backend="eager")
+    cached = transform(model, [make_pass(args.method, args.steps)], backend=args.backend, mode=args.mode)
+
+    def drain():  # between generations, outside the timed calls: the device's queue never fills
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
     sigmas = [1.0 - i / args.steps for i in range(args.steps)]
     # inputs fixed per step (the Euler update is not what is measured): the same tensors every time
     inputs = [step_inputs(fixed, start, s) for s in sigmas]
@@ -167,6 +178,7 @@ def main(argv=None):
             with cached.cache_context("cond"):
                 cached(**kwargs)
             timed.append(time.process_time_ns() - began)
+        drain()
 
     for _ in range(2):  # capture, compile every decision tuple
         cached_generation([])
@@ -188,18 +200,20 @@ def main(argv=None):
             began = time.process_time_ns()
             compiled(*flat)
             timed.append(time.process_time_ns() - began)
+        drain()
 
     host_only = time_host_work(cached_generation, program, recorded, args.rounds)
     # before the uncached model is compiled: torch.compile(model) sets model._is_torch_compile, a
     # change to a dict the guards recorded, and such a root is walked in full from then on
     guard_checks = time_guard_checks(cached, program, recorded, inputs)
-    uncached = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+    uncached = torch.compile(model, backend=args.backend, mode=args.mode, fullgraph=True, dynamic=False)
 
     def uncached_generation(timed):
         for kwargs in inputs:
             began = time.process_time_ns()
             uncached(**kwargs)
             timed.append(time.process_time_ns() - began)
+        drain()
 
     uncached_generation([])
     times = {"CachedModel": [], "graph direct": [], "uncached compiled": []}
@@ -212,7 +226,9 @@ def main(argv=None):
     flags = sorted({tuple(bool(f) for f in flat[-len(specs.flags):]) if specs.flags else ()
                     for flat in recorded})
     print(f"# fxcache host overhead, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, tiny FLUX (bench --dry size, {args.blocks} blocks), {args.method}, eager backend, "
+          f"torch {torch.__version__}, {args.device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, "
+          f"tiny FLUX (bench --dry size, {args.blocks} blocks), {args.method}, backend {args.backend}, mode {args.mode}, "
           f"{args.steps} calls x {args.generations} generations each, process time; {len(flags)} decision tuples, "
           f"{len(specs.flags)} flags, {len(specs.state)} state tensors, "
           f"{len(specs.scalars)} scalars")
