@@ -31,7 +31,7 @@ import torch.utils._pytree as pytree
 
 from .capture import MODULE_STACK, quiet_logging
 from .compiled_code import drop_compiled_code
-from .regions import example_value, storage_of
+from .regions import example_value, separate_storages, storage_of, tensor_tuple
 from .rewrite import RewrittenProgram
 from .state import CacheState
 
@@ -326,10 +326,6 @@ def _sizes_from_data(nodes, module: torch.nn.Module | None) -> bool:
     return False
 
 
-def _tensor_tuple(value) -> bool:
-    return isinstance(value, (tuple, list)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
-
-
 def _stamp(graph: fx.Graph, module: fx.GraphModule, run: list[fx.Node], shared: dict,
            counts: dict) -> tuple[fx.Node, int] | None:
     """Replace ``run`` (in ``graph``, a copy of ``module``'s) by a call of its kind's function; returns
@@ -360,7 +356,7 @@ def _stamp(graph: fx.Graph, module: fx.GraphModule, run: list[fx.Node], shared: 
     # a tuple of tensors (a chunked modulation, part of which a pass moved out of the block) is returned
     # element by element: dynamo flattens a returned tuple, and its views of one tensor would alias;
     # as elements, the views after the first are copies like any others
-    elements = {out: range(len(example_value(out))) for out in outputs if _tensor_tuple(example_value(out))}
+    elements = {out: range(len(example_value(out))) for out in outputs if tensor_tuple(example_value(out))}
     inputs = [*activations, *params]
     body = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -419,40 +415,7 @@ def _stamp(graph: fx.Graph, module: fx.GraphModule, run: list[fx.Node], shared: 
     # nor take two views of one tensor (CogVideoX's first block gets its text and video streams as
     # slices of one concatenation), nor a tuple of views of one tensor (the chunks of a modulation a
     # pass moved in front of a lone block): the later one enters as a copy
-    arguments, taken = [], set()
-
-    def distinct(node: fx.Node, value) -> fx.Node:
-        storage = storage_of(value)
-        if storage is None:
-            return node
-        if storage not in taken:
-            taken.add(storage)
-            return node
-        with graph.inserting_before(run[0]):
-            copy = graph.call_method("clone", (node,))
-        copy.meta = {k: v for k, v in node.meta.items() if k != "nn_module_stack"}
-        copy.meta["example_value"] = value.clone()  # the copy's own strides and storage
-        return copy
-
-    for node in inputs:
-        value = example_value(node)
-        if not _tensor_tuple(value):
-            arguments.append(distinct(node, value))
-            continue
-        with graph.inserting_before(run[0]):
-            elements = [graph.call_function(operator.getitem, (node, i)) for i in range(len(value))]
-        for element, element_value in zip(elements, value):
-            element.meta = {"example_value": element_value}
-        kept = [distinct(element, element_value) for element, element_value in zip(elements, value)]
-        if kept == elements:  # no element aliases: the tuple goes in as it is
-            for element in elements:
-                graph.erase_node(element)
-            arguments.append(node)
-            continue
-        with graph.inserting_before(run[0]):
-            rebuilt = graph.call_function(tuple, (kept,))
-        rebuilt.meta = {"example_value": tuple(example_value(k) for k in kept)}
-        arguments.append(rebuilt)
+    arguments = separate_storages(graph, inputs, before=run[0], between_modules=True)
     with graph.inserting_after(run[-1]):
         call = graph.call_function(shared[key], tuple(arguments))
     call.meta[MODULE_STACK] = run[0].meta.get(MODULE_STACK, ())[:1]

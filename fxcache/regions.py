@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import operator
 import re
 from collections import deque
 from dataclasses import dataclass, field
@@ -61,6 +62,67 @@ def storage_of(value):
         return StorageWeakRef(value.untyped_storage())
     except Exception:  # a tensor without storage: nothing to alias
         return None
+
+
+def tensor_tuple(value) -> bool:
+    """Whether ``value``, a node's example value, is a non-empty tuple or list of tensors."""
+    return isinstance(value, (tuple, list)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
+
+
+def separate_storages(graph: fx.Graph, nodes: list, before: fx.Node, *, between_modules: bool = False) -> list:
+    """``nodes`` (graph nodes, or tuples and lists of them) with each tensor that shares storage with
+    an earlier, different one replaced by a ``clone`` inserted before ``before``: what a higher-order
+    op (``torch.cond``, ``invoke_subgraph``) needs of its operands, which may not alias. A node whose
+    value is a tuple of tensors (the chunks of one modulation) is taken element by element and, where
+    an element was copied, passed as a rebuilt tuple. The same node given twice stays one operand.
+    Each copy has its own example value (a clone: its own storage and strides) and the module stack
+    of the value it copies, or none where ``between_modules`` (inserted between two blocks' code).
+
+    >>> args = separate_storages(graph, [text, video], before=call)   # video a slice of text's tensor
+    >>> args[1].target
+    'clone'
+    """
+    owners: dict = {}
+    copies: dict[fx.Node, fx.Node] = {}
+
+    def copy_of(node: fx.Node, value) -> fx.Node:
+        if node not in copies:
+            with graph.inserting_before(before):
+                copies[node] = graph.call_method("clone", (node,))
+            dropped = ("example_value", "val", MODULE_STACK) if between_modules else ("example_value", "val")
+            copies[node].meta = {k: v for k, v in node.meta.items() if k not in dropped}
+            copies[node].meta["example_value"] = value.clone()
+        return copies[node]
+
+    def distinct(arg):
+        if isinstance(arg, (tuple, list)):
+            return type(arg)(distinct(a) for a in arg)
+        if not isinstance(arg, fx.Node):
+            return arg
+        value = example_value(arg)
+        if tensor_tuple(value):
+            return distinct_elements(arg, value)
+        storage = storage_of(value)
+        if storage is None or owners.setdefault(storage, arg) is arg:
+            return arg
+        return copy_of(arg, value)
+
+    def distinct_elements(node: fx.Node, value) -> fx.Node:
+        with graph.inserting_before(before):
+            elements = [graph.call_function(operator.getitem, (node, i)) for i in range(len(value))]
+        for element, element_value in zip(elements, value):
+            element.meta = {"example_value": element_value}
+        kept = [distinct(element) for element in elements]
+        if kept == elements:  # no element aliases: the tuple goes in as it is
+            for element in elements:
+                graph.erase_node(element)
+            return node
+        with graph.inserting_before(before):
+            rebuilt = graph.call_function(tuple, (kept,))
+        rebuilt.meta = {"example_value": tuple(example_value(k) for k in kept)}
+        return rebuilt
+
+    return [distinct(node) for node in nodes]
 
 
 def _is_value(node: fx.Node) -> bool:

@@ -43,7 +43,7 @@ import torch.fx as fx
 from .capture import MODULE_STACK, CapturedGraph, capture
 from .parallel import ContextParallel, context_parallel
 from .regions import (HIDDEN, Attention, Block, BlockRange, ModelRegions, Region, RegionError, WholeModel,
-                      example_value, find_regions, storage_of)
+                      example_value, find_regions, separate_storages)
 
 if TYPE_CHECKING:
     from .passes.base import CachePass, Step
@@ -403,7 +403,7 @@ class ProgramBuilder:
                 # a call the same pass then outlined into a larger region of its own is skipped:
                 # its copy inside that region is not separated (no pass does this today)
                 if not call._erased:
-                    call.args = _distinct_storages(self.graph, call, call.args)
+                    call.args = tuple(separate_storages(self.graph, call.args, before=call))
 
     def _check(self, g: "PassBuilder") -> None:
         """After each pass: the graph is well formed, and everything the pass declared is read."""
@@ -971,27 +971,6 @@ def require_distinct(passes: Sequence["CachePass"]) -> None:
         if namespaces.count(cache_pass.namespace) > 1:
             raise ValueError(f"passes: {type(cache_pass).__name__} is given {namespaces.count(cache_pass.namespace)} "
                              "times; combine its settings into one")
-
-
-def _distinct_storages(graph: fx.Graph, call: fx.Node, args: tuple) -> tuple:
-    """``args`` of ``call`` (tuples searched too) with each tensor node that shares storage with an
-    earlier, different one replaced by a ``clone`` of it, inserted just before ``call``."""
-    owners: dict = {}
-    copies: dict[fx.Node, fx.Node] = {}
-
-    def distinct(arg):
-        if isinstance(arg, (tuple, list)):
-            return type(arg)(distinct(a) for a in arg)
-        storage = storage_of(example_value(arg)) if isinstance(arg, fx.Node) else None
-        if storage is None or owners.setdefault(storage, arg) is arg:
-            return arg
-        if arg not in copies:
-            with graph.inserting_before(call):
-                copies[arg] = graph.call_method("clone", (arg,))
-            copies[arg].meta = {k: v for k, v in arg.meta.items() if k not in ("example_value", "val")}
-        return copies[arg]
-
-    return distinct(args)
 
 
 def _with_cache_views(fn: Callable, caches: list[tuple[int, int | None, Cache]]) -> Callable:

@@ -1,11 +1,15 @@
 """Regions read off the graph: blocks in order, streams, attention kinds, no class registry."""
 
+import operator
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fxcache import RegionError
 from fxcache.capture import capture
-from fxcache.regions import ENCODER, HIDDEN, example_value, find_regions
+from fxcache.regions import ENCODER, HIDDEN, example_value, find_regions, separate_storages, storage_of
 from fxcache.testing import models
 from tests.dit import TinyDiT, make_inputs
 
@@ -328,3 +332,69 @@ def test_a_skipped_stack_keeps_the_in_place_writes_that_merge_its_streams():
             x = x + (sigmas[i + 1] - sigmas[i]) * velocity
             expected_x = expected_x + (sigmas[i + 1] - sigmas[i]) * expected
     assert cached.stats()["contexts"]["cond"]["mag_cache.compute_blocks"] == {"true": 1, "false": 2}
+
+
+def _flat(*operands):
+    """What a higher-order op sees of its operands: the tensors, tuples flattened."""
+    return tuple(t for o in operands for t in (o if isinstance(o, tuple) else (o,)))
+
+
+@settings(max_examples=60)
+@given(st.lists(st.tuples(st.integers(0, 2), st.sampled_from(["row", "whole", "chunks"]), st.integers(0, 2)),
+                min_size=1, max_size=6))
+def test_operands_that_share_storage_are_separated_and_keep_their_values(picks):
+    """``separate_storages`` (what ``torch.cond`` and block regions need of their operands): after it,
+    every storage the operands reach belongs to one operand node (a node given twice stays one
+    operand; a tuple-valued node's elements count one by one), each value is what it was, and an
+    operand that aliased nothing is passed unchanged."""
+    bases = [torch.arange(24.0).reshape(4, 6) + 100 * i for i in range(3)]
+    graph = torch.fx.Graph()
+    placeholders = []
+    for i, base in enumerate(bases):
+        placeholders.append(graph.placeholder(f"base_{i}"))
+        placeholders[-1].meta["example_value"] = base
+    operands, expected = [], []
+    for base, kind, row in picks:
+        if kind == "row":
+            node, value = graph.call_function(operator.getitem, (placeholders[base], row)), bases[base][row]
+        elif kind == "whole":
+            node, value = placeholders[base], bases[base]
+        else:  # a tuple of views of one tensor (a chunked modulation)
+            node, value = graph.call_function(torch.chunk, (placeholders[base], 2)), torch.chunk(bases[base], 2)
+        node.meta["example_value"] = value
+        operands.append(node)
+        expected.append(value)
+    call = graph.call_function(_flat, tuple(operands))
+    graph.output(call)
+    separated = separate_storages(graph, list(call.args), before=call)
+    call.args = tuple(separated)
+    graph.lint()
+    results = torch.fx.GraphModule(torch.nn.Module(), graph)(*bases)
+    assert all(torch.equal(r, e) for r, e in zip(results, _flat(*expected)))
+    owners: dict = {}
+    for node, value in zip(separated, results_by_operand(results, expected)):
+        for tensor in value:
+            owner = owners.setdefault(tensor.untyped_storage().data_ptr(), node)
+            assert owner is node, f"{node} shares storage with {owner}"
+    # an operand is replaced exactly when it reaches a storage an earlier operand node (or an earlier
+    # element of its own tuple, each element being a node of its own) reached first
+    first_reached: dict = {}  # storage -> what reached it first
+    for before, after, value in zip(operands, separated, expected):
+        if isinstance(value, tuple):  # its elements are operands of their own, each a new node
+            changed = False
+            for element in value:
+                changed |= storage_of(element) in first_reached
+                first_reached.setdefault(storage_of(element), element)
+        else:
+            changed = first_reached.setdefault(storage_of(value), before) is not before
+        assert (after is not before) == changed, (before, after)
+
+
+def results_by_operand(results, expected):
+    """``results`` (flat) cut back into one tuple of tensors per operand."""
+    cut, at = [], 0
+    for value in expected:
+        width = len(value) if isinstance(value, tuple) else 1
+        cut.append(results[at:at + width])
+        at += width
+    return cut
