@@ -97,7 +97,9 @@ def measure_one(args) -> dict:
     if args.row == "fxcache":
         result["compiles"] = model.stats()["compiles"]
         result["block_regions"] = args.fxcache_block_regions
-        result["capture_by_kind"] = args.fxcache_capture_by_kind
+        # what the capture did: where this torch cannot trace by kind (before 2.13), it traced whole
+        traced_by_kind = next(iter(model._programs.values())).rewritten.captured.traced_by_kind
+        result["capture_by_kind"] = "on" if traced_by_kind is not None else "off"
         result["capture_s"] = capture_seconds[0]
         result["stamped"] = next(iter(model._programs.values())).stamped
     return result
@@ -137,7 +139,7 @@ def main(argv=None):
     parser.add_argument("--mode", default=None, help="torch.compile mode of every row (reduce-overhead on a GPU)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--fxcache-block-regions", default="both", choices=["on", "off", "both"])
-    parser.add_argument("--fxcache-capture-by-kind", default="off", choices=["on", "off", "both"],
+    parser.add_argument("--fxcache-capture-by-kind", default="on", choices=["on", "off", "both"],
                         help="trace each block kind once in fxcache's capture (fxcache.capture_by_kind)")
     parser.add_argument("--json", default=None, help="append each row as a JSON line")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child measuring one row

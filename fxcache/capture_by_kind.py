@@ -25,14 +25,16 @@ fingerprint, guard re-check and parameter lifting): at 56 FLUX blocks the captur
 Any failure (a class dynamo will not put in a region, a block with no parameters to tell it by, a torch
 without ``Source.clone``) falls back to the full trace: :func:`fxcache.capture.capture` retries without it.
 
-Opt-in: ``FXCACHE_CAPTURE_BY_KIND=1`` or ``fxcache.capture_by_kind.enabled = True``.
+On by default where this torch supports it (:func:`supported`: 2.13 and later); ``FXCACHE_CAPTURE_BY_KIND=0``
+or ``fxcache.capture_by_kind.enabled = False`` traces every block. While a capture runs, the block
+classes' ``forward`` is the marked one for every instance in the process: another thread calling the
+same class at that moment runs it eagerly, with the same result plus the edge copies.
 
 Example::
 
-    import fxcache.capture_by_kind
-    fxcache.capture_by_kind.enabled = True
     captured = fxcache.capture.capture(model, (), inputs)   # each block class traced once
     captured.traced_by_kind     # {'blocks': 57, 'bodies': 2, 'guards copied': ...}; None if traced whole
+    fxcache.capture.capture(model, (), inputs, by_kind=False).traced_by_kind   # None: every block traced
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 __all__ = ["ByKind", "enabled", "supported"]
 
-enabled = os.environ.get("FXCACHE_CAPTURE_BY_KIND", "0") == "1"
+enabled = os.environ.get("FXCACHE_CAPTURE_BY_KIND", "1") != "0"
 
 
 @torch.library.custom_op("fxcache::region_edge", mutates_args=())
