@@ -6,7 +6,7 @@ capture marks each repeated block class's ``forward`` as a ``torch.compiler.nest
 while dynamo runs: dynamo traces the first block of a kind and reuses that body for every other block
 whose guards hold. Inside the recording backend, before dynamo builds the capture's guards:
 
-1. the guards that read the marking itself (the wrapper's closure) are dropped, and the original
+1. the guards that read the marking itself (the wrapper's closure, this module) are dropped, and the original
    ``forward`` of each class is put back, so the guards are built on the user's unchanged classes;
 2. every guard dynamo installed under the traced block is copied onto each block that reused its
    body (source ``...blocks[0].attn.processor`` becomes ``...blocks[3].attn.processor``): dynamo checked
@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import operator
 import os
+import sys
 
 import torch
 import torch.fx as fx
@@ -160,8 +161,12 @@ class ByKind:
                 yield source
                 source = getattr(source, "base", None)
 
+        def reads_the_marking(source) -> bool:  # a marked forward, or this module (read by its code only)
+            return (source.name.endswith("['forward']") and id(value(source)) in self.wrappers) or \
+                value(source) is sys.modules[__name__]
+
         for guard in [g for g in guards if g.originating_source is not None and any(
-                s.name.endswith("['forward']") and id(value(s)) in self.wrappers for s in chain(g.originating_source))]:
+                reads_the_marking(s) for s in chain(g.originating_source))]:
             guards.inner.discard(guard)
             guards.source_to_guards[guard.originating_source].remove(guard)
 
