@@ -95,13 +95,13 @@ def measure_one(args) -> dict:
                   warmup_s=time.perf_counter() - began_wall, cpu_s=cpu_seconds() - began_cpu,
                   graphs=int(torch._dynamo.utils.counters["stats"]["unique_graphs"]), inlined_frames=inlined[0])
     if args.row == "fxcache":
+        program = next(iter(model._programs.values()))
         result["compiles"] = model.stats()["compiles"]
         result["block_regions"] = args.fxcache_block_regions
         # what the capture did: where this torch cannot trace by kind (before 2.13), it traced whole
-        traced_by_kind = next(iter(model._programs.values())).rewritten.captured.traced_by_kind
-        result["capture_by_kind"] = "on" if traced_by_kind is not None else "off"
+        result["capture_by_kind"] = "on" if program.rewritten.captured.traced_by_kind is not None else "off"
         result["capture_s"] = capture_seconds[0]
-        result["stamped"] = next(iter(model._programs.values())).stamped
+        result["stamped"] = program.stamped
     return result
 
 

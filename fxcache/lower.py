@@ -371,8 +371,7 @@ def _stamp(graph: fx.Graph, module: fx.GraphModule, run: list[fx.Node], shared: 
     # a higher-order op may not return its inputs or views of them (a block that passes a stream
     # through), nor two views of one tensor (a single-stream block's text and image slices): those
     # outputs are copies
-    input_storages = [storage_of(example_value(node)) for node in inputs]
-    seen = set(input_storages) - {None}
+    seen = {storage_of(example_value(node)) for node in inputs} - {None}
     # (output, element index or None, its example value), one per returned value
     places = [(out, i, example_value(out) if i is None else example_value(out)[i])
               for out in outputs for i in elements.get(out, [None])]

@@ -78,9 +78,11 @@ def separate_storages(graph: fx.Graph, nodes: list, before: fx.Node, *, between_
     Each copy has its own example value (a clone: its own storage and strides) and the module stack
     of the value it copies, or none where ``between_modules`` (inserted between two blocks' code).
 
-    >>> args = separate_storages(graph, [text, video], before=call)   # video a slice of text's tensor
-    >>> args[1].target
-    'clone'
+    Example::
+
+        # ``video`` is a slice of ``text``'s tensor: it is passed as a copy
+        text, copy_of_video = separate_storages(graph, [text, video], before=call)
+        call.args = (text, copy_of_video)
     """
     owners: dict = {}
     copies: dict[fx.Node, fx.Node] = {}
