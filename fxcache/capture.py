@@ -15,6 +15,8 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import logging
 import re
 import types
@@ -128,6 +130,29 @@ class CaptureGuard:
         with _capture_mode():
             info = self._manager.check_verbose({"model": model, "args": args, "kwargs": kwargs})
         return "; ".join(part.split("  #")[0].strip() for part in info.verbose_code_parts)
+
+
+@contextlib.contextmanager
+def cyclic_gc_paused():
+    """Python's cyclic garbage collector off while fxcache captures, rewrites or compiles, and back
+    as it was after. A cold compile allocates millions of short-lived objects, and each full
+    collection they set off walks the whole heap, the model's modules and dynamo's graphs among them:
+    at 32 FLUX blocks that was 0.6 s of a 5 s capture on a CPU. Nothing is freed late that a
+    generation needs: reference counting frees what is not in a cycle, and the collector catches up
+    once it is back on.
+
+    Example::
+
+        with cyclic_gc_paused():
+            captured = capture(model, (), inputs)
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @contextlib.contextmanager
@@ -258,6 +283,7 @@ class _InputLeaf:
 _HOOK_INDIRECTION = re.compile(r"(\.forward\.func\.__closure__\[\d+\]\.cell_contents)*\.forward\.__self__")
 
 
+@functools.lru_cache(maxsize=16384)  # a pure function of a string, called per node and module stack entry
 def normalize_module_path(dynamo_path: str) -> str:
     """``L['self'].__dict__['_modules']['blocks'].1.attn`` -> ``blocks.1.attn``."""
     # a module whose forward diffusers' hooks wrap (context parallelism) is reached through them:
@@ -335,6 +361,7 @@ def refuse_unsupported_hooks(model: torch.nn.Module) -> None:
                                    f"and {why}.")
 
 
+@cyclic_gc_paused()
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *, by_kind: bool | None = None) -> CapturedGraph:
     """Run ``model(*args, **kwargs)`` once under dynamo and return its graph, standalone, with the
     guards that say when a later call needs a new capture.

@@ -29,7 +29,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 import torch.utils._pytree as pytree
 
-from .capture import MODULE_STACK, quiet_logging
+from .capture import MODULE_STACK, cyclic_gc_paused, quiet_logging
 from .compiled_code import drop_compiled_code
 from .regions import example_value, separate_storages, storage_of, tensor_tuple
 from .rewrite import RewrittenProgram
@@ -71,8 +71,9 @@ def _compiling_decision_tuple(num_flags: int):
     """The dynamo config a new decision tuple's graph compiles under. The recompile limit counts
     graphs per code object, so allow one per tuple. The model's warnings and log calls stay out of the
     way as at capture. Entered only for a tuple not seen before: a config patch on every call kept
-    Python heap per call."""
-    with torch._dynamo.config.patch(recompile_limit=max(64, 2 ** min(num_flags, 10))), quiet_logging():
+    Python heap per call. The cyclic garbage collector waits meanwhile (see ``cyclic_gc_paused``)."""
+    with cyclic_gc_paused(), torch._dynamo.config.patch(recompile_limit=max(64, 2 ** min(num_flags, 10))), \
+            quiet_logging():
         yield
 
 

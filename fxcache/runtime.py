@@ -32,7 +32,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .capture import CaptureError, InputSignature, capture, input_signature
+from .capture import CaptureError, InputSignature, capture, cyclic_gc_paused, input_signature
 from .lower import CompiledCode, Program
 from .opaque import describe_opaque
 from .passes.base import CachePass, Step
@@ -296,7 +296,8 @@ class CachedModel(torch.nn.Module):
                 return program
         if self._captures and _stance().stance == "eager_on_recompile":
             return None  # as dynamo runs a frame eagerly instead of compiling it again
-        return self._build(signature, args, kwargs)
+        with cyclic_gc_paused():  # the capture, the rewrite and the stamping
+            return self._build(signature, args, kwargs)
 
     def _what_changed(self, signature: InputSignature, args, kwargs) -> str:
         """The first guard of the latest program of ``signature`` that fails for this call, in

@@ -221,3 +221,80 @@ def test_a_block_that_writes_in_place_or_onto_itself(writes):
     assert (by_kind.traced_by_kind is None) == (writes == "onto itself")
     assert _structure(by_kind.graph_module) == _structure(full.graph_module)
     assert torch.equal(by_kind.graph_module(x)[0], full.graph_module(x)[0])
+
+
+_LEAVES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(-2, 2, allow_nan=False), st.text(max_size=3),
+                    st.builds(lambda n: torch.randn(n), st.integers(1, 3)))
+_FLAT_VALUES = st.one_of(_LEAVES, st.lists(_LEAVES, max_size=3).map(tuple))
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+@settings(max_examples=60, deadline=None)
+@given(args=st.lists(_FLAT_VALUES, max_size=3),
+       kwargs=st.dictionaries(st.from_regex(r"[a-z]{1,6}", fullmatch=True), _FLAT_VALUES, max_size=4),
+       unflat=st.sampled_from([None, {"scale": 1.0}, [torch.ones(1)], (torch.ones(1), (None,))]))
+def test_a_block_call_reaches_its_region_as_flat_leaves_and_is_rebuilt_as_it_was(args, kwargs, unflat):
+    """The header of constants says how to rebuild the call; a value that is neither a leaf nor a
+    tuple of leaves (a dict, a list, a nested tuple) leaves the call to pytree (None)."""
+    from fxcache.capture_by_kind import _flat_call, _rebuilt_call
+
+    flat = _flat_call(tuple(args), kwargs)
+    assert flat is not None
+    assert all(v is None or isinstance(v, (torch.Tensor, bool, int, float, str)) for v in flat)
+    rebuilt_args, rebuilt_kwargs = _rebuilt_call(len(args), len(kwargs), flat)
+    assert _same(list(args), rebuilt_args) and _same(kwargs, rebuilt_kwargs)
+    if unflat is not None:
+        assert _flat_call((*args, unflat), kwargs) is None
+        assert _flat_call(tuple(args), {**kwargs, "other": unflat}) is None
+
+
+@pytest.mark.parametrize("call", ["flat", "with a dict"])
+def test_blocks_called_with_keywords_tuples_and_constants_are_traced_once_per_kind(call, monkeypatch):
+    """Diffusers calls its blocks with keywords, a tuple (rotary embeddings) and None: the region then
+    takes flat leaves, so dynamo fingerprints each reused block without pytree (20 ms a block on a
+    CPU). A dict among the arguments takes pytree's way. Either way: one body, the full trace's graph."""
+    import torch._dynamo.variables.invoke_subgraph as invoke_subgraph
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x, *, rotary, mask=None, scale=1.0, options=None):
+            q = self.proj(x * rotary[0] + rotary[1]).unflatten(-1, (2, 4)).transpose(1, 2)
+            out = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+            return x + scale * out.transpose(1, 2).flatten(-2) * (options or {}).get("gain", 1.0)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block(), Block(), Block()])
+
+        def forward(self, x, cos, sin):
+            options = {"gain": 2.0} if call == "with a dict" else None
+            for block in self.blocks:
+                x = block(x, rotary=(cos, sin), mask=None, scale=0.5, options=options)
+            return x
+
+    pytree_fingerprints = []
+    if hasattr(invoke_subgraph, "build_fingerprint_with_pytree"):  # the counter, where this torch has it
+        original = invoke_subgraph.build_fingerprint_with_pytree
+        monkeypatch.setattr(invoke_subgraph, "build_fingerprint_with_pytree",
+                            lambda *a, **k: pytree_fingerprints.append(1) or original(*a, **k))
+    torch.manual_seed(0)
+    model, inputs = Model().eval(), (torch.randn(1, 4, 8), torch.randn(4, 8), torch.randn(4, 8))
+    by_kind, full = capture(model, inputs, {}, by_kind=True), capture(model, inputs, {}, by_kind=False)
+    assert by_kind.traced_by_kind is not None and by_kind.traced_by_kind["bodies"] == 1
+    assert _structure(by_kind.graph_module) == _structure(full.graph_module)
+    assert torch.equal(by_kind.graph_module(*inputs)[0], full.graph_module(*inputs)[0])
+    if hasattr(invoke_subgraph, "build_fingerprint_with_pytree"):
+        assert (len(pytree_fingerprints) == 0) == (call == "flat")

@@ -160,3 +160,39 @@ def test_stats_count_calls_computed_steps_and_cache_bytes(flux):
     assert stats["cache_bytes"] == per_context
     assert stats["cache_bytes_by_pass"] == {"FirstBlockCache": per_context}
     assert relative_difference(result, models.euler_sample(flux.model, flux, start, 5), start) == 0.0
+
+
+@pytest.mark.parametrize("collector", ["on", "off before"])
+def test_the_cyclic_garbage_collector_waits_while_a_program_is_captured_and_compiled(flux, collector, monkeypatch):
+    """A cold compile's full collections walk the whole heap (about 10% of a capture at depth): the
+    collector is off while fxcache captures, rewrites and compiles each decision tuple, and back as the
+    user had it after, also where the user had it off."""
+    import gc
+
+    import fxcache.capture
+    from fxcache.passes import MagCache
+
+    seen = []
+    standalone = fxcache.capture._standalone
+    monkeypatch.setattr(fxcache.capture, "_standalone",
+                        lambda *a: seen.append(("capture", gc.isenabled())) or standalone(*a))
+
+    def backend(graph_module, example_inputs):
+        seen.append(("compile", gc.isenabled()))
+        return graph_module.forward
+
+    was_enabled = gc.isenabled()
+    if collector == "off before":
+        gc.disable()
+    try:
+        cached = fxcache.transform(flux.model, [MagCache(mag_ratios=[1.0, 1.0, 0.5, 0.5], num_inference_steps=4,
+                                                         threshold=1.0, max_skip_steps=2, retention_ratio=0.0)],
+                                   backend=backend)
+        models.euler_sample(cached, flux, flux.noise(), 4)
+        after = gc.isenabled()
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert [what for what, _ in seen].count("capture") == 1 and [what for what, _ in seen].count("compile") >= 2
+    assert not any(enabled for _, enabled in seen)
+    assert after == (collector == "on")
