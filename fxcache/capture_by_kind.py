@@ -152,9 +152,9 @@ def _flat_call(args: tuple, kwargs: dict) -> tuple | None:
 
 def _rebuilt_call(positional: int, named: int, header_and_leaves: tuple) -> tuple[list, dict]:
     """The ``(args, kwargs)`` :func:`_flat_call` flattened: ``positional`` and ``named`` values."""
-    names = header_and_leaves[:named]
-    sizes = header_and_leaves[named:named + positional + named]
-    leaves = header_and_leaves[named + positional + named:]
+    values = positional + named
+    names, sizes, leaves = (header_and_leaves[:named], header_and_leaves[named:named + values],
+                            header_and_leaves[named + values:])
     rebuilt, at = [], 0
     for size in sizes:
         if size == -1:
