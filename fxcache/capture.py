@@ -19,6 +19,7 @@ import functools
 import gc
 import logging
 import re
+import sys
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -134,25 +135,39 @@ class CaptureGuard:
 
 @contextlib.contextmanager
 def cyclic_gc_paused():
-    """Python's cyclic garbage collector off while fxcache captures, rewrites or compiles, and back
-    as it was after. A cold compile allocates millions of short-lived objects, and each full
-    collection they set off walks the whole heap, the model's modules and dynamo's graphs among them:
-    at 32 FLUX blocks that was 0.6 s of a 5 s capture on a CPU. Nothing is freed late that a
-    generation needs: reference counting frees what is not in a cycle, and the collector catches up
-    once it is back on.
+    """Python's full garbage collections held off while fxcache captures, rewrites or compiles, and
+    the collector's settings back as they were after. A cold compile allocates millions of
+    long-lived objects, and each full collection they set off walks the whole heap, the model's
+    modules and dynamo's graphs among them: at 32 FLUX blocks that was 0.6 s of a 5 s capture on a
+    CPU. Young collections go on: they are cheap while the young generations stay small. With the
+    collector wholly off they did not, and dynamo's own ``gc.collect(1)`` after each compile then
+    walked every object allocated since the pause began (0.7 s at 32 blocks). Python 3.14 collects
+    its one old generation in increments no threshold holds off, so there the collector is off.
 
     Example::
 
         with cyclic_gc_paused():
             captured = capture(model, (), inputs)
     """
-    was_enabled = gc.isenabled()
-    gc.disable()
+    if sys.version_info >= (3, 14):
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            yield
+        finally:
+            if was_enabled:
+                gc.enable()
+        return
+    thresholds = gc.get_threshold()
+    gc.set_threshold(*thresholds[:2], _NO_FULL_COLLECTION)
     try:
         yield
     finally:
-        if was_enabled:
-            gc.enable()
+        gc.set_threshold(*thresholds)
+
+
+# a full collection waits for this many collections of the middle generation: never, within a compile
+_NO_FULL_COLLECTION = 1 << 30
 
 
 @contextlib.contextmanager
@@ -570,8 +585,6 @@ def _standalone_graph(model, dynamo_gm: fx.GraphModule, example_inputs: list, le
     is an error when ``strict``, else it stays an input with leaf -1 (a value computed before a
     graph break). Also returns, per input of the new graph, its position among ``example_inputs``."""
     attribute_names = _tensor_attributes(model)
-    root = torch.nn.Module()
-    root.model = model
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     input_leaves, input_names, positions = [], [], []
@@ -628,9 +641,37 @@ def _standalone_graph(model, dynamo_gm: fx.GraphModule, example_inputs: list, le
             stack.pop()
         node.meta[MODULE_STACK] = tuple(stack)
     graph.lint()
-    gm = fx.GraphModule(root, graph, class_name="CapturedGraph")
-    gm.model = model  # GraphModule copied a skeleton of the get_attr paths; hold the real module
-    return gm, input_leaves, input_names, module_types, positions
+    return graph_module_over(model, graph, "CapturedGraph"), input_leaves, input_names, module_types, positions
+
+
+def graph_module_over(model: torch.nn.Module, graph: fx.Graph, class_name: str,
+                      attributes: dict[str, Any] | None = None) -> fx.GraphModule:
+    """``graph`` as a GraphModule that holds ``model`` itself as ``model``, and ``attributes``
+    (name -> module or tensor) for the other names its ``get_attr`` and ``call_module`` nodes read.
+
+    Why not ``fx.GraphModule(root, graph)``: fx first builds a skeleton of empty modules along every
+    path the graph reads (``model.transformer_blocks.3.attn.to_q.weight``), only for the model to
+    replace it: about 0.13 s a graph module at 32 FLUX blocks, and a cold compile builds several.
+
+    Example::
+
+        gm = graph_module_over(model, graph, "CachedProgram")
+        gm.model is model   # True
+    """
+    attributes = attributes or {}
+    read = {node.target.split(".")[0] for node in graph.nodes if node.op in ("get_attr", "call_module")}
+    missing = read - {"model", *attributes}
+    if missing:
+        raise AttributeError(f"the graph reads {sorted(missing)}, which neither the model nor the attributes hold")
+    module = fx.GraphModule(torch.nn.Module(), fx.Graph(), class_name=class_name)
+    module.model = model
+    for name, value in attributes.items():
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+            module.register_buffer(name, value)  # as fx holds a tensor that is not a parameter
+        else:
+            setattr(module, name, value)
+    module.graph = graph
+    return module
 
 
 def _is_numpy_constant(node: fx.Node) -> bool:

@@ -29,7 +29,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 import torch.utils._pytree as pytree
 
-from .capture import MODULE_STACK, cyclic_gc_paused, quiet_logging
+from .capture import MODULE_STACK, cyclic_gc_paused, graph_module_over, quiet_logging
 from .compiled_code import drop_compiled_code
 from .regions import example_value, separate_storages, storage_of, tensor_tuple
 from .rewrite import RewrittenProgram
@@ -246,18 +246,12 @@ def _copy_program(module: fx.GraphModule, edit: Callable[[fx.Graph, fx.GraphModu
         new.meta = dict(old.meta)
     edit(graph, module)
     graph.lint()
-    root = torch.nn.Module()
-    root.model = module.model
-    for name, child in module.named_children():
-        if name != "model":
-            root.add_module(name, _copy_program(child, edit) if isinstance(child, fx.GraphModule) else child)
+    attributes = {name: _copy_program(child, edit) if isinstance(child, fx.GraphModule) else child
+                  for name, child in module.named_children() if name != "model"}
     for node in graph.nodes:
-        if node.op == "get_attr" and not node.target.startswith("model.") and "." not in node.target \
-                and not hasattr(root, node.target):
-            setattr(root, node.target, getattr(module, node.target))
-    copy = fx.GraphModule(root, graph, class_name=type(module).__name__)
-    copy.model = module.model
-    return copy
+        if node.op == "get_attr" and "." not in node.target and node.target not in (*attributes, "model"):
+            attributes[node.target] = getattr(module, node.target)
+    return graph_module_over(module.model, graph, type(module).__name__, attributes)
 
 
 def _block_of(node: fx.Node, paths: set[str]) -> str | None:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .capture import MODULE_STACK, CapturedGraph, capture
+from .capture import MODULE_STACK, CapturedGraph, capture, graph_module_over
 from .parallel import ContextParallel, context_parallel
 from .regions import (HIDDEN, Attention, Block, BlockRange, ModelRegions, Region, RegionError, WholeModel,
                       example_value, find_regions, separate_storages)
@@ -502,9 +502,11 @@ class ProgramBuilder:
                     env[arg] = graph.get_attr(arg.target)
             env[node] = graph.node_copy(node, lambda n: env[n])
         graph.output(tuple(env[o] for o in region.outputs))
-        sub = fx.GraphModule(self.graph_module, graph, class_name="Region")
-        sub.model = self.graph_module.model
-        self.graph_module.add_submodule(name, sub)
+        program = self.graph_module
+        sub = graph_module_over(program.model, graph, "Region", {
+            top: getattr(program, top) for top in {node.target.split(".")[0] for node in graph.nodes
+                                                    if node.op in ("get_attr", "call_module")} - {"model"}})
+        program.add_submodule(name, sub)
         return sub
 
     def replace(self, region: Region, fn: Callable, args: Sequence[Any], owner: str,
@@ -1018,11 +1020,7 @@ def _copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node
     graph.output(output)
     for old, new in node_map.items():
         new.meta = dict(old.meta)
-    root = torch.nn.Module()
-    root.model = gm.model
-    copy = fx.GraphModule(root, graph, class_name="CachedProgram")
-    copy.model = gm.model
-    return copy, node_map
+    return graph_module_over(gm.model, graph, "CachedProgram"), node_map
 
 
 def _map_regions(regions: ModelRegions, node_map: dict[fx.Node, fx.Node], gm: fx.GraphModule) -> ModelRegions:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fxcache import CaptureError
-from fxcache.capture import MODULE_STACK, capture
+from fxcache.capture import MODULE_STACK, capture, graph_module_over
 from fxcache.testing import models
 
 MODELS = sorted(models.MODELS)
@@ -79,3 +79,19 @@ def test_numpy_on_constants_is_folded_so_the_rewritten_program_compiles():
     assert not any("wrapped" in node.name for node in captured.graph_module.graph.nodes)
     cached = fxcache.transform(scaled, [FirstBlockCache(threshold=0.0)], backend="eager")  # never reuses
     assert all(torch.equal(cached(*call), scaled(*call)) for call in calls)
+
+
+def test_a_graph_module_over_the_model_holds_the_model_itself_and_names_what_no_one_holds():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    weight, offset = graph.get_attr("model.0.weight"), graph.get_attr("offset")
+    projected = graph.call_function(torch.nn.functional.linear, (x, weight))
+    graph.output(graph.call_function(torch.add, (projected, offset)))
+    offset_value = torch.ones(3)
+    gm = graph_module_over(model, graph, "Program", {"offset": offset_value})
+    assert gm.model is model and dict(gm.named_buffers())["offset"] is offset_value
+    x_value = torch.randn(2, 3)
+    assert torch.equal(gm(x_value), torch.nn.functional.linear(x_value, model[0].weight) + offset_value)
+    with pytest.raises(AttributeError, match=r"\['offset'\]"):
+        graph_module_over(model, graph, "Program")
