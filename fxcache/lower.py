@@ -29,7 +29,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 import torch.utils._pytree as pytree
 
-from .capture import MODULE_STACK, cyclic_gc_paused, graph_module_over, quiet_logging
+from .capture import MODULE_STACK, cyclic_gc_paused, graph_module_over, names_read, quiet_logging
 from .compiled_code import drop_compiled_code
 from .regions import example_value, separate_storages, storage_of, tensor_tuple
 from .rewrite import RewrittenProgram
@@ -248,9 +248,8 @@ def _copy_program(module: fx.GraphModule, edit: Callable[[fx.Graph, fx.GraphModu
     graph.lint()
     attributes = {name: _copy_program(child, edit) if isinstance(child, fx.GraphModule) else child
                   for name, child in module.named_children() if name != "model"}
-    for node in graph.nodes:
-        if node.op == "get_attr" and "." not in node.target and node.target not in (*attributes, "model"):
-            attributes[node.target] = getattr(module, node.target)
+    for name in names_read(graph) - {*attributes, "model"}:
+        attributes[name] = getattr(module, name)
     return graph_module_over(module.model, graph, type(module).__name__, attributes)
 
 

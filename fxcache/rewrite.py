@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .capture import MODULE_STACK, CapturedGraph, capture, graph_module_over
+from .capture import MODULE_STACK, CapturedGraph, capture, graph_module_over, names_read
 from .parallel import ContextParallel, context_parallel
 from .regions import (HIDDEN, Attention, Block, BlockRange, ModelRegions, Region, RegionError, WholeModel,
                       example_value, find_regions, separate_storages)
@@ -503,9 +503,8 @@ class ProgramBuilder:
             env[node] = graph.node_copy(node, lambda n: env[n])
         graph.output(tuple(env[o] for o in region.outputs))
         program = self.graph_module
-        sub = graph_module_over(program.model, graph, "Region", {
-            top: getattr(program, top) for top in {node.target.split(".")[0] for node in graph.nodes
-                                                    if node.op in ("get_attr", "call_module")} - {"model"}})
+        sub = graph_module_over(program.model, graph, "Region",
+                                {name: getattr(program, name) for name in names_read(graph) - {"model"}})
         program.add_submodule(name, sub)
         return sub
 
