@@ -133,6 +133,10 @@ class CaptureGuard:
         return "; ".join(part.split("  #")[0].strip() for part in info.verbose_code_parts)
 
 
+# a full collection waits for this many collections of the middle generation: never, within a compile
+_NO_FULL_COLLECTION = 1 << 30
+
+
 @contextlib.contextmanager
 def cyclic_gc_paused():
     """Python's full garbage collections held off while fxcache captures, rewrites or compiles, and
@@ -164,10 +168,6 @@ def cyclic_gc_paused():
         yield
     finally:
         gc.set_threshold(*thresholds)
-
-
-# a full collection waits for this many collections of the middle generation: never, within a compile
-_NO_FULL_COLLECTION = 1 << 30
 
 
 @contextlib.contextmanager

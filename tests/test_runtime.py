@@ -189,7 +189,12 @@ def test_full_collections_wait_while_a_program_is_captured_and_compiled(flux, co
         return kept
 
     standalone = fxcache.capture._standalone
-    monkeypatch.setattr(fxcache.capture, "_standalone", lambda *a: allocating("capture") and standalone(*a))
+
+    def allocating_standalone(*args):
+        allocating("capture")
+        return standalone(*args)
+
+    monkeypatch.setattr(fxcache.capture, "_standalone", allocating_standalone)
 
     def backend(graph_module, example_inputs):
         allocating("compile")
